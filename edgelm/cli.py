@@ -1,0 +1,193 @@
+"""The `edgelm` command. Each subcommand parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from edgelm.errors import EdgelmError
+
+DESCRIPTION = """\
+edgelm: train a small Llama-style model, export it to ONNX and GGUF, and run and check every format.
+
+  edgelm train --out runs/tiny              train the tiny preset on the built-in corpus (a few minutes, CPU)
+  edgelm generate runs/tiny --prompt "def "  continue a prompt
+  edgelm info runs/tiny                     parameters, context and export sizes
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgelm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"edgelm {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model on a corpus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a Llama-style model and its tokenizer. The output folder is a checkpoint "
+        "(Hugging Face layout) that every other command accepts. Several processes or GPUs: "
+        "torchrun --nproc_per_node N -m edgelm train ...",
+    )
+    train.add_argument(
+        "--corpus",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="text files, folders or globs (.txt .md .py .jsonl with a 'text' field); "
+        "default: the Python standard library's source files",
+    )
+    train.add_argument(
+        "--preset",
+        default="tiny",
+        help="model size: tiny (~1.3M parameters, CPU minutes), small (~22M), base (~100M, GPU)",
+    )
+    train.add_argument("--out", default=None, help="run folder (default: runs/PRESET)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    train.add_argument("--batch-size", type=int, help="sequences per micro-step and process")
+    train.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--warmup", type=int, help="warm-up steps before the cosine decay")
+    train.add_argument("--context", type=int, help="context length (default: the preset's)")
+    train.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (default: the preset's)")
+    train.add_argument("--eval-every", type=int, help="steps between validation and checkpoints")
+    train.add_argument("--val-fraction", type=float, help="share of documents held out for validation")
+    train.add_argument("--seed", type=int, help="seed for initialisation and batches")
+    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    mode.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser(
+        "generate",
+        help="continue a prompt",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate text from a checkpoint directory (an ONNX folder or GGUF file once those "
+        "runtimes are installed), streamed to standard output.",
+    )
+    generate.add_argument("model", help="checkpoint directory, ONNX folder or .gguf file")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0 = all)")
+    generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+    generate.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    generate.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    generate.add_argument("--runtime", default="auto", help="auto, torch, or an installed plugin's name")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    generate.set_defaults(run=_generate)
+
+    info = commands.add_parser(
+        "info",
+        help="describe a model",
+        description="Architecture, parameter count, context length and the size "
+        "each export type (fp32, fp16, int8, int4) would take.",
+    )
+    info.add_argument("model", help="checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from edgelm.train import TrainConfig, train
+
+    flags = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "context": args.context,
+        "vocab_size": args.vocab_size,
+        "eval_every": args.eval_every,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+    }
+    cfg = TrainConfig.for_preset(
+        args.preset,
+        out=args.out or f"runs/{args.preset}",
+        corpus=tuple(args.corpus),
+        device=args.device,
+        **{k: v for k, v in flags.items() if v is not None},
+    )
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(
+        f"trained {result.step} steps ({result.tokens:,} tokens): train loss {result.train_loss:.3f}, "
+        f"validation loss {result.val_loss:.3f}; checkpoint in {cfg.out}"
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import edgelm
+
+    with edgelm.load(args.model, runtime=args.runtime, device=args.device) as model:
+        pieces = model.stream(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+        )
+        sys.stdout.write(args.prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from edgelm.info import describe_checkpoint, human_size
+
+    summary = describe_checkpoint(args.model)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=summary["path"], show_header=False)
+    for key, value in summary.items():
+        if key in ("path", "export_sizes"):
+            continue
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.2f} M)"
+        elif key == "file_size" and value is not None:
+            value = human_size(value)
+        table.add_row(key.replace("_", " "), str(value))
+    for kind, size in summary["export_sizes"].items():
+        table.add_row(f"{kind} export", f"≈ {human_size(size)}")
+    Console().print(table)
+
+
+def _version() -> str:
+    from edgelm import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; an EdgelmError becomes one line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except EdgelmError as e:
+        print(f"edgelm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgelm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

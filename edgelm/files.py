@@ -1,0 +1,37 @@
+"""Small file helpers: JSON that fails with a clear message, and writes that never leave half a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, turning every failure into an EdgelmError that names the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EdgelmError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgelmError(f"{path}: cannot be read ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EdgelmError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name beside `path` to write to before renaming into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")

@@ -1,0 +1,396 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, evaluation, checkpoints, resume, DDP.
+
+One process: `edgelm train ...`. Several (GPUs or nodes): `torchrun --nproc_per_node N -m edgelm train ...`;
+DDP uses NCCL on CUDA and gloo on CPU. The run folder is itself a checkpoint directory, plus
+`trainer_state.json`, `optimizer.safetensors` (for --resume), `log.jsonl`, `loss.png` and the token cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from edgelm.checkpoint import WEIGHTS, read_metadata, save_checkpoint
+from edgelm.config import ModelConfig, preset
+from edgelm.data import TokenData, batch_windows, load_tokens, prepare_tokens, validation_windows
+from edgelm.errors import EdgelmError
+from edgelm.files import read_json, temporary_sibling, write_json_atomic
+from edgelm.model import Transformer, load_weights, weights_of
+from edgelm.runtimes.torch import resolve_device
+
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.safetensors"
+LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run (the model's shape comes from `preset` and the overrides)."""
+
+    out: str
+    corpus: tuple[str, ...] = ()  # files, folders or globs; empty = the built-in corpus
+    preset: str = "tiny"
+    vocab_size: int | None = None  # default: the preset's
+    context: int | None = None  # default: the preset's max_position_embeddings
+    steps: int = 400
+    batch_size: int = 16  # sequences per micro-step and process
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = 32
+    val_fraction: float = 0.05
+    seed: int = 1337
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise EdgelmError(f"{name.replace('_', '-')}={getattr(self, name)} must be at least 1")
+        if self.warmup < 0 or not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise EdgelmError("lr must be > 0, warmup >= 0, min-lr-ratio in [0, 1], grad-clip >= 0")
+
+    @classmethod
+    def for_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The training defaults that suit a model preset, with some fields replaced."""
+        preset(name)  # an unknown name fails here, with the list of presets
+        return cls(**{"preset": name, **PRESET_DEFAULTS.get(name, {}), **overrides})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The preset's model with the run's context length and its tokenizer's vocabulary size."""
+        overrides: dict[str, Any] = {"vocab_size": vocab_size}
+        if self.context:
+            overrides["max_position_embeddings"] = self.context
+        return preset(self.preset, **overrides)
+
+
+# what differs from TrainConfig's defaults (which suit "tiny") for the larger presets
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "small": {"lr": 1e-3, "steps": 2000, "warmup": 100, "eval_every": 200},
+    "base": {"lr": 6e-4, "steps": 10000, "batch_size": 32, "warmup": 500, "eval_every": 500},
+}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: float
+    tokens: int
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step (counting from 1)."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    )
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only: not on norms, not on embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _start_distributed(device: str) -> tuple[_Distributed, str]:
+    """Join the torchrun process group when launched by torchrun; resolve this process's device."""
+    if "RANK" not in os.environ:
+        return _Distributed(), resolve_device(device)
+    ddp = _Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, device
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train (or continue training) the model of `cfg` and save it as a checkpoint in `cfg.out`."""
+    out = Path(cfg.out)
+    if resume:
+        cfg = _resumed_config(out, cfg)
+    elif (out / STATE).exists() and not overwrite:
+        raise EdgelmError(
+            f"{out} already holds a training run; pass --resume to continue it or --overwrite to start again"
+        )
+    ddp, device = _start_distributed(cfg.device)
+    try:
+        return _train(cfg, out, resume, ddp, device, on_step)
+    finally:
+        if ddp.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    ddp: _Distributed,
+    device: str,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    data = _prepare_data(cfg, out, ddp)
+    config = cfg.model_config(data.tokenizer.vocab_size)
+    seq_len = config.max_position_embeddings
+    val = validation_windows(data.val, seq_len, cfg.eval_windows)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(config)
+    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    if resume:
+        step = _load_training_state(out, model, optimizer, device)
+    ddp_model = DistributedDataParallel(model) if ddp.world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * ddp.world * seq_len
+
+    log = _open_log(out / LOG, step) if ddp.main else None
+    train_loss, val_loss = float("nan"), float("nan")
+    with _progress(ddp.main, cfg.steps, step) as advance:
+        while step < cfg.steps:
+            step += 1
+            started = time.perf_counter()
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                x, y = batch_windows(
+                    data.train, seq_len, cfg.batch_size, cfg.seed, step, micro, ddp.rank, ddp.world
+                )
+                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                last = micro == cfg.grad_accum - 1
+                sync = nullcontext() if last or ddp.world == 1 else ddp_model.no_sync()
+                with sync, autocast:
+                    loss = _loss(ddp_model, x, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ddp.world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss = loss_sum.item()
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens": step * tokens_per_step,
+                "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
+            }
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = evaluate(model, val, device, autocast)
+                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                if ddp.main:
+                    _save(out, cfg, model, optimizer, data, step)
+            if ddp.main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if "val_loss" in record:
+                    plot_loss_curve(out / LOG, out / "loss.png")
+                advance(record)
+            if on_step:
+                on_step(record)
+    if log:
+        log.close()
+    return TrainResult(step, train_loss, val_loss, step * tokens_per_step)
+
+
+def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)  # (B, T, vocab)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, windows: np.ndarray, device: str, autocast: Any = None) -> float:
+    """Mean next-token cross-entropy (nats) over validation windows (n, L+1)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), 8):
+        chunk = torch.from_numpy(windows[start : start + 8]).to(device)
+        with autocast or nullcontext():
+            logits = model(chunk[:, :-1])
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+        )
+        total += losses.item()
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def _prepare_data(cfg: TrainConfig, out: Path, ddp: _Distributed) -> TokenData:
+    """Tokenize once (on the main process; the others wait and then read the cache)."""
+    vocab_size = cfg.vocab_size or preset(cfg.preset).vocab_size
+    cache = out / "data"
+    if ddp.main:
+        data = prepare_tokens(cache, cfg.corpus, vocab_size, cfg.val_fraction)
+    if ddp.world > 1:
+        dist.barrier()
+    return data if ddp.main else load_tokens(cache)
+
+
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    data: TokenData,
+    step: int,
+) -> None:
+    """Write the checkpoint, the optimizer, and trainer_state.json last: its step marks a complete save."""
+    save_checkpoint(out, model.config, weights_of(model), data.tokenizer, metadata={"step": str(step)})
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.contiguous()
+        for index, slots in state["state"].items()
+        for key, value in slots.items()
+    }
+    tmp = temporary_sibling(out / OPTIMIZER)
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.replace(out / OPTIMIZER)
+    write_json_atomic(
+        out / STATE,
+        {"step": step, "train_config": dataclasses.asdict(cfg), "param_groups": state["param_groups"]},
+    )
+
+
+def _resumed_config(out: Path, cfg: TrainConfig) -> TrainConfig:
+    """The saved run's settings, keeping only the new `steps` and `device`."""
+    if not (out / STATE).is_file():
+        raise EdgelmError(f"{out}: nothing to resume (no {STATE}); start a run without --resume")
+    saved = read_json(out / STATE)["train_config"]
+    saved["corpus"] = tuple(saved["corpus"])
+    return TrainConfig(**{**saved, "out": cfg.out, "steps": cfg.steps, "device": cfg.device})
+
+
+def _load_training_state(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, device: str) -> int:
+    """Restore weights and optimizer moments; refuse a save that was interrupted half-way."""
+    state = read_json(out / STATE)
+    step = state["step"]
+    for path in (out / WEIGHTS, out / OPTIMIZER):
+        if read_metadata(path).get("step") != str(step):
+            raise EdgelmError(
+                f"{path} is not from step {step} of {out / STATE}: the last save was "
+                "interrupted; start again with --overwrite"
+            )
+    load_weights(model, {k: v.numpy() for k, v in load_file(str(out / WEIGHTS)).items()})
+    tensors = load_file(str(out / OPTIMIZER), device=device)
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        slots.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    return step
+
+
+def _open_log(path: Path, step: int) -> Any:
+    """Open the JSONL log for appending, first dropping records past `step` (left by an interrupted run)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a", encoding="utf-8")
+
+
+def plot_loss_curve(log_path: Path, png_path: Path) -> None:
+    """Draw training and validation loss against tokens seen into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label="train", lw=1)
+    val = [r for r in records if "val_loss" in r]
+    ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="tokens", ylabel="cross-entropy (nats)", title=f"{log_path.parent.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = temporary_sibling(png_path)
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+class _progress:
+    """A rich progress bar with loss and tokens/s on the main process; nothing elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda record: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s  {task.fields[val]}"),
+            TimeRemainingColumn(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(
+            "train", total=self.total, completed=self.done, loss="-", speed="-", val=""
+        )
+        return self._advance
+
+    def _advance(self, record: dict[str, Any]) -> None:
+        fields = {"loss": f"{record['loss']:.3f}", "speed": f"{record['tokens_per_s']:,.0f}"}
+        if "val_loss" in record:
+            fields["val"] = f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f})"
+            self.bar.console.print(
+                f"step {record['step']}: val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f}"
+            )
+        self.bar.update(self.task, completed=record["step"], **fields)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()

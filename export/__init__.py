@@ -1,0 +1,1 @@
+"""Exporters: checkpoint → ONNX folder, checkpoint → GGUF file."""

@@ -1,0 +1,1 @@
+"""Runtimes: one small protocol, one module per inference engine."""

@@ -1,0 +1,122 @@
+"""The Runtime protocol, the registry of runtimes, and the automatic choice of runtime by artifact.
+
+A plugin adds a runtime through the entry-point group `edgelm.runtimes` (name = "module:Class"); the
+class follows `Runtime` and is constructed as `Class(path, device=..., **options)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.tokenizer import Tokenizer
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A model loaded for inference that keeps one sequence (its KV cache) between calls."""
+
+    name: ClassVar[str]  # "torch", "onnxruntime", "llamacpp"
+    artifacts: ClassVar[tuple[str, ...]]  # the artifact kinds it opens, see `artifact_kind`
+    config: ModelConfig
+    tokenizer: Tokenizer
+    device: str  # resolved: "cpu", "cuda", "mps", ...
+
+    def reset(self) -> None:
+        """Forget the sequence: the next `forward` starts at position 0."""
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
+
+    def close(self) -> None:
+        """Release the model's memory; the runtime is not used afterwards."""
+
+
+# name → (module, class, the pip extra that installs its dependency)
+BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
+    "torch": ("edgelm.runtimes.torch", "TorchRuntime", "torch"),
+}
+# which built-in runtime opens each artifact kind when none is named
+DEFAULT_RUNTIME = {"checkpoint": "torch"}
+
+
+def artifact_kind(path: Path) -> str:
+    """ "checkpoint" (a Hugging Face-layout directory), "onnx" (a folder with model.onnx) or "gguf"."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return "onnx"
+        if (path / "config.json").is_file():
+            return "checkpoint"
+        raise EdgelmError(f"{path}: neither a checkpoint (no config.json) nor an ONNX folder (no model.onnx)")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise EdgelmError(
+            f"{path}: not a GGUF file (bad magic); give a .gguf file, a checkpoint "
+            "directory or an ONNX folder"
+        )
+    raise EdgelmError(f"{path}: no such file or directory")
+
+
+def runtime_names() -> list[str]:
+    """Built-in runtimes and those that installed plugins add."""
+    plugins = [ep.name for ep in entry_points(group="edgelm.runtimes") if ep.name not in BUILTIN_RUNTIMES]
+    return [*BUILTIN_RUNTIMES, *sorted(plugins)]
+
+
+def runtime_class(name: str) -> type:
+    """Import a runtime's class by name; a missing dependency names the extra that installs it."""
+    if name in BUILTIN_RUNTIMES:
+        module_name, class_name, extra = BUILTIN_RUNTIMES[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and not e.name.startswith("edgelm"):
+                raise missing_dependency(e.name, extra) from None
+            raise
+        return getattr(module, class_name)
+    for ep in entry_points(group="edgelm.runtimes"):
+        if ep.name == name:
+            return ep.load()
+    raise EdgelmError(f"unknown runtime {name!r}; available: {', '.join(runtime_names())}")
+
+
+def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **options: Any) -> Runtime:
+    """Load an artifact with the named runtime, or with the usual one for its kind when `runtime="auto"`."""
+    kind = artifact_kind(Path(path))
+    if runtime == "auto":
+        if kind not in DEFAULT_RUNTIME:
+            raise EdgelmError(f"{path}: no installed runtime opens {kind} artifacts")
+        runtime = DEFAULT_RUNTIME[kind]
+    cls = runtime_class(runtime)
+    if kind not in cls.artifacts:
+        raise EdgelmError(
+            f"{path}: the {runtime} runtime opens {', '.join(cls.artifacts)} artifacts, not {kind}"
+        )
+    return cls(Path(path), device=device, **options)
+
+
+def check_ids(ids: Sequence[int], vocab_size: int, position: int, context: int) -> np.ndarray:
+    """Validate a forward call's ids against the vocabulary and the remaining context."""
+    array = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if array.size == 0:
+        raise EdgelmError("forward() needs at least one token id")
+    if array.min() < 0 or array.max() >= vocab_size:
+        raise EdgelmError(
+            f"token ids must lie in [0, {vocab_size}); got {int(array.min())}..{int(array.max())}"
+        )
+    if position + array.size > context:
+        raise EdgelmError(
+            f"the sequence would reach {position + array.size} tokens, past the model's "
+            f"context of {context}; call reset() or shorten the input"
+        )
+    return array

@@ -1,0 +1,72 @@
+"""The PyTorch runtime: runs a checkpoint directory on CPU, CUDA or Apple's MPS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from edgelm.runtimes.base import check_ids
+
+from edgelm.checkpoint import load_checkpoint
+from edgelm.errors import EdgelmError
+from edgelm.model import Transformer, load_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" → cuda, then mps, then cpu; a named device that is absent is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EdgelmError(
+            "device cuda requested but this torch has no CUDA device "
+            "(install a CUDA build of torch, or use --device cpu)"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise EdgelmError("device mps requested but MPS is not available (Apple silicon with macOS 12.3+)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise EdgelmError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+class TorchRuntime:
+    """edgelm's own model on torch, with a KV cache for one sequence."""
+
+    name: ClassVar[str] = "torch"
+    artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    def __init__(
+        self, path: Path, device: str = "auto", dtype: str = "float32", threads: int | None = None
+    ) -> None:
+        if dtype not in DTYPES:
+            raise EdgelmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.config, tensors, self.tokenizer = load_checkpoint(path)
+        self.device = resolve_device(device)
+        model = Transformer(self.config)
+        load_weights(model, tensors)
+        self.model = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        self.model.setup_cache(batch=1)
+        self.position = 0
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
+        tokens = torch.from_numpy(array).to(self.device)[None]  # (1, T)
+        with torch.inference_mode():
+            logits = self.model(tokens, start=self.position, last_only=not all_logits)  # (1, T or 1, vocab)
+        self.position += array.size
+        return logits[0].float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,90 @@
+"""Shared fixtures: small random checkpoints, and one tiny model trained on the built-in corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgelm.checkpoint import save_checkpoint
+from edgelm.config import ModelConfig
+from edgelm.model import Transformer, weights_of
+from edgelm.tokenizer import Tokenizer, train_tokenizer
+
+SAMPLE_TEXT = """\
+def fibonacci(n: int) -> int:
+    \"\"\"Return the n-th Fibonacci number.\"\"\"
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+class Stack:
+    def __init__(self):
+        self.items = []   # 中文注释 and an emoji 🚀
+
+    def push(self, item):
+        self.items.append(item)
+"""
+
+# GQA, a non-default rope_theta, untied head
+SMALL = ModelConfig(
+    vocab_size=400,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=96,
+    rope_theta=50000.0,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer() -> Tokenizer:
+    return train_tokenizer([SAMPLE_TEXT * 3, "hello world " * 50], vocab_size=400)
+
+
+def make_checkpoint(
+    directory: Path, tokenizer: Tokenizer, config: ModelConfig = SMALL, seed: int = 0
+) -> Path:
+    """A checkpoint with random weights (std 0.1, so that the logits are far from uniform)."""
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    model = Transformer(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1, generator=generator) if p.dim() > 1 else p.uniform_(
+                0.5, 1.5, generator=generator
+            )
+    save_checkpoint(directory, config, weights_of(model), tokenizer)
+    return directory
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, small_tokenizer: Tokenizer) -> Path:
+    return make_checkpoint(tmp_path / "ckpt", small_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset trained briefly on the built-in corpus (the Python standard library)."""
+    from edgelm.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(
+        TrainConfig(out=str(out), steps=150, batch_size=16, context=128, eval_every=150, warmup=20, lr=3e-3)
+    )
+    return out
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats) of the tokens' own frequency distribution."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

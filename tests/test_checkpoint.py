@@ -1,0 +1,72 @@
+"""Bad checkpoints fail with one clear error, and `import edgelm` stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgelm
+from edgelm.checkpoint import load_checkpoint
+from edgelm.config import PRESETS, ModelConfig
+from edgelm.errors import EdgelmError
+
+
+def test_missing_and_corrupt_config(checkpoint: Path) -> None:
+    (checkpoint / "config.json").write_text('{"vocab_size": 10,')
+    with pytest.raises(EdgelmError, match=r"config.json: invalid JSON at line 1"):
+        load_checkpoint(checkpoint)
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(EdgelmError, match="neither a checkpoint"):
+        edgelm.load(checkpoint)
+    with pytest.raises(EdgelmError, match=r"config\.json: not found"):
+        load_checkpoint(checkpoint)
+
+
+def test_config_that_does_not_match_the_weights(checkpoint: Path) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(EdgelmError, match=r"missing model\.layers\.2"):
+        load_checkpoint(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(EdgelmError, match="num_key_value_heads=3 does not divide num_attention_heads=4"):
+        load_checkpoint(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(EdgelmError, match="model_type='gpt2' is not supported"):
+        load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -10])
+def test_truncated_safetensors(checkpoint: Path, keep: int) -> None:
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    with pytest.raises(EdgelmError, match="cannot be read as safetensors"):
+        load_checkpoint(checkpoint)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(EdgelmError, match="head_dim=7 must be even"):
+        ModelConfig(head_dim=7)
+    with pytest.raises(EdgelmError, match="hidden_size=0"):
+        ModelConfig(hidden_size=0)
+    with pytest.raises(EdgelmError, match="outside the vocabulary"):
+        ModelConfig(vocab_size=100, eos_token_id=(1, 200))
+    with pytest.raises(EdgelmError, match="required key 'hidden_size'"):
+        ModelConfig.from_hf_dict({"vocab_size": 10})
+    config = ModelConfig(eos_token_id=(1, 2))
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_preset_sizes() -> None:
+    millions = {name: config.num_parameters / 1e6 for name, config in PRESETS.items()}
+    assert 1 <= millions["tiny"] <= 3 and 15 <= millions["small"] <= 30 and 80 <= millions["base"] <= 120
+
+
+def test_import_edgelm_imports_no_engine() -> None:
+    code = "import sys, edgelm; print(sorted({'torch', 'onnxruntime', 'llama_cpp'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,57 @@
+"""The command line as a user meets it: help, the happy path, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def edgelm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_for_every_command() -> None:
+    for command in ([], ["train"], ["generate"], ["info"]):
+        result = edgelm(*command, "--help")
+        assert result.returncode == 0 and "usage: edgelm" in result.stdout
+    assert "--resume" in edgelm("train", "--help").stdout and "--top-p" in edgelm("generate", "--help").stdout
+
+
+def test_generate_and_info(checkpoint: Path) -> None:
+    result = edgelm("generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1")
+    assert result.returncode == 0 and result.stdout.startswith("def ") and len(result.stdout) > 5
+    info = json.loads(edgelm("info", str(checkpoint), "--json").stdout)
+    assert info["parameters"] > 0 and info["export_sizes"]["int4"] < info["export_sizes"]["fp16"]
+    table = edgelm("info", str(checkpoint)).stdout
+    assert "parameters" in table and "int4 export" in table
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "/nonexistent/model", "--prompt", "x"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--temperature", "-1"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--top-p", "7"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--runtime", "nosuch"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--device", "cuda:9"],
+        ["info", "/nonexistent"],
+        ["train", "--corpus", "/nonexistent/*.txt", "--out", "OUT"],
+        ["train", "--preset", "huge", "--out", "OUT"],
+        ["train", "--resume", "--out", "OUT"],
+    ],
+)
+def test_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str]) -> None:
+    args = [
+        str(checkpoint) if a == "CHECKPOINT" else str(tmp_path / "out") if a == "OUT" else a for a in args
+    ]
+    result = edgelm(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith("edgelm: error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,117 @@
+"""edgelm's model against transformers' LlamaForCausalLM, the oracle, on the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL, make_checkpoint
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import edgelm
+from edgelm.checkpoint import load_checkpoint
+from edgelm.model import Transformer, load_weights
+from edgelm.tokenizer import Tokenizer
+
+CONFIGS = {
+    "gqa-untied-theta": SMALL,
+    "mha-tied": dataclasses.replace(
+        SMALL, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=10000.0
+    ),
+    "mqa-headdim": dataclasses.replace(SMALL, num_key_value_heads=1, head_dim=24, rope_theta=1e6),
+}
+
+
+def hf_logits(directory: Path, ids: np.ndarray) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_transformers(tmp_path: Path, small_tokenizer: Tokenizer, name: str) -> None:
+    directory = make_checkpoint(tmp_path / name, small_tokenizer, CONFIGS[name])
+    ids = np.random.default_rng(0).integers(0, small_tokenizer.vocab_size, size=40)
+    with edgelm.load(directory, runtime="torch", device="cpu") as model:
+        ours = model.runtime.forward(ids.tolist(), all_logits=True)
+    theirs = hf_logits(directory, ids)
+    assert ours.shape == theirs.shape == (40, small_tokenizer.vocab_size)
+    assert np.abs(ours - theirs).max() <= 1e-4
+    assert np.abs(theirs).max() > 1.0  # the weights are not trivially small
+
+
+def test_transformers_loads_checkpoint_without_missing_keys(checkpoint: Path) -> None:
+    _, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpoint_saved_by_transformers_loads(
+    tmp_path: Path, small_tokenizer: Tokenizer, tied: bool
+) -> None:
+    config = LlamaConfig(
+        vocab_size=small_tokenizer.vocab_size,
+        hidden_size=48,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rope_theta=25000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)  # safetensors, transformers' own config.json
+    small_tokenizer.save(tmp_path)
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, size=30)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    with edgelm.load(tmp_path, device="cpu") as model:
+        assert model.config.head_dim == 8 and model.config.tie_word_embeddings == tied
+        got = model.runtime.forward(ids.tolist(), all_logits=True)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_kv_cache_decoding_equals_full_forward(checkpoint: Path) -> None:
+    ids = np.random.default_rng(2).integers(0, 300, size=50).tolist()
+    with edgelm.load(checkpoint, device="cpu") as model:
+        rt = model.runtime
+        full = rt.forward(ids, all_logits=True)
+        rt.reset()
+        pieces = [rt.forward(ids[:17], all_logits=True), rt.forward(ids[17:30], all_logits=True)]
+        pieces += [rt.forward([t], all_logits=True) for t in ids[30:]]
+        last_only = rt.reset() or rt.forward(ids[:33])
+    assert np.abs(np.concatenate(pieces) - full).max() <= 1e-5
+    assert last_only.shape == (1, full.shape[1]) and np.abs(last_only[0] - full[32]).max() <= 1e-5
+
+
+def test_training_model_matches_the_runtime(checkpoint: Path) -> None:
+    """The batched training path (no cache, is_causal) and the cached inference path agree."""
+    config, tensors, _ = load_checkpoint(checkpoint)
+    model = Transformer(config)
+    load_weights(model, tensors)
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, size=(3, 25))
+    with torch.no_grad():
+        batched = model(torch.from_numpy(ids)).numpy()
+    with edgelm.load(checkpoint, device="cpu") as m:
+        for row in range(3):
+            m.runtime.reset()
+            assert np.abs(m.runtime.forward(ids[row].tolist(), all_logits=True) - batched[row]).max() <= 1e-5
+
+
+def test_forward_refuses_bad_ids_and_overflow(checkpoint: Path) -> None:
+    with edgelm.load(checkpoint, device="cpu") as model:
+        rt = model.runtime
+        with pytest.raises(edgelm.EdgelmError, match=r"must lie in \[0, "):
+            rt.forward([model.config.vocab_size])
+        with pytest.raises(edgelm.EdgelmError, match="at least one"):
+            rt.forward([])
+        rt.forward([1] * 90)
+        with pytest.raises(edgelm.EdgelmError, match="context"):
+            rt.forward([1] * 10)

@@ -1,0 +1,170 @@
+"""Training: it learns, it resumes exactly, and DDP over two processes trains the same model as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_TEXT, unigram_entropy
+
+from edgelm.checkpoint import load_checkpoint, read_weights
+from edgelm.data import load_tokens
+from edgelm.errors import EdgelmError
+from edgelm.train import TrainConfig, learning_rate, train
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(12):
+        (root / f"doc{i}.py").write_text(SAMPLE_TEXT.replace("Stack", f"Stack{i}") * 4)
+    return root
+
+
+def micro(out: Path, corpus: Path, **overrides: object) -> TrainConfig:
+    """A model small enough to train a few steps in a second."""
+    settings = dict(
+        out=str(out),
+        corpus=(str(corpus),),
+        vocab_size=300,
+        context=32,
+        batch_size=4,
+        steps=6,
+        warmup=2,
+        eval_every=3,
+        eval_windows=4,
+        val_fraction=0.2,
+        lr=1e-2,
+        device="cpu",
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def interrupt_at(step: int):
+    def on_step(record: dict) -> None:
+        if record["step"] == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def losses(run: Path) -> list[tuple[int, float, float | None]]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
+
+
+@pytest.mark.slow
+def test_training_learns_far_below_unigram_entropy(trained_run: Path) -> None:
+    val_tokens = load_tokens(trained_run / "data").val
+    baseline = unigram_entropy(val_tokens)
+    val_loss = losses(trained_run)[-1][2]
+    assert val_loss < baseline - 1.5, (val_loss, baseline)  # e.g. ~4.0 nats against ~6.3
+    assert (trained_run / "loss.png").stat().st_size > 1000
+    config, _, _ = load_checkpoint(trained_run)
+    assert config.max_position_embeddings == 128
+
+
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
+    straight = tmp_path / "straight"
+    train(micro(straight, corpus))
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):  # interrupted after step 4; the last checkpoint is step 3's
+        train(micro(split, corpus), on_step=interrupt_at(4))
+    with pytest.raises(EdgelmError, match="--resume"):
+        train(micro(split, corpus))
+    train(micro(split, corpus), resume=True)
+    assert losses(split) == losses(straight)
+    a, b = read_weights(straight / "model.safetensors"), read_weights(split / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> None:
+    run = tmp_path / "run"
+    train(micro(run, corpus, steps=3))
+    state = json.loads((run / "trainer_state.json").read_text())
+    (run / "trainer_state.json").write_text(json.dumps({**state, "step": 2}))
+    with pytest.raises(EdgelmError, match="interrupted"):
+        train(micro(run, corpus), resume=True)
+    with pytest.raises(EdgelmError, match="nothing to resume"):
+        train(micro(tmp_path / "new", corpus), resume=True)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path: Path, corpus: Path) -> None:
+    one = tmp_path / "one"
+    train(micro(one, corpus, batch_size=4, steps=4))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "edgelm",
+            "train",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(two),
+            "--vocab-size",
+            "300",
+            "--context",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "4",
+            "--warmup",
+            "2",
+            "--eval-every",
+            "3",
+            "--val-fraction",
+            "0.2",
+            "--lr",
+            "1e-2",
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    a, b = read_weights(one / "model.safetensors"), read_weights(two / "model.safetensors")
+    # Adam divides by the gradients' own scale, so float rounding in the all-reduce grows to ~1e-5;
+    # a different data order moves the weights by ~1e-2
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-4
+    train(micro(tmp_path / "other", corpus, batch_size=4, steps=4, seed=2))
+    c = read_weights(tmp_path / "other" / "model.safetensors")
+    assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
+    assert [s for s, _, _ in losses(two)] == [1, 2, 3, 4]
+    assert np.allclose([loss for _, loss, _ in losses(two)], [loss for _, loss, _ in losses(one)], atol=1e-5)
+
+
+def test_nothing_is_written_for_bad_input(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("\n\n")
+    with pytest.raises(EdgelmError, match="no text"):
+        train(micro(tmp_path / "out", empty))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(EdgelmError, match="unknown preset"):
+        TrainConfig.for_preset("huge", out="x")
+    with pytest.raises(EdgelmError, match="steps"):
+        TrainConfig(out="x", steps=0)
+
+
+def test_learning_rate_schedule() -> None:
+    cfg = TrainConfig(out="x", steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 1) == pytest.approx(0.1) and learning_rate(cfg, 10) == pytest.approx(1.0)
+    assert learning_rate(cfg, 55) == pytest.approx(0.55) and learning_rate(cfg, 100) == pytest.approx(0.1)
