@@ -107,7 +107,10 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
-    """Refuse weights whose names or shapes do not match the config, naming the first few problems."""
+    """Refuse weights whose names or shapes do not match the config, naming the first few problems.
+
+    A tied head stored beside the embeddings (some writers do) is dropped from `tensors`.
+    """
     expected = tensor_shapes(config)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some writers store the tied head twice

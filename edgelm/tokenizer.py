@@ -80,7 +80,7 @@ class Tokenizer:
         return self.token_bytes[token_id]
 
     def save(self, directory: Path, context_length: int | None = None) -> None:
-        """Write `tokenizer.json` and `tokenizer_config.json` (read by transformers' PreTrainedTokenizerFast)."""
+        """Write `tokenizer.json` and `tokenizer_config.json` (transformers' fast tokenizer reads them)."""
         directory = Path(directory)
         tmp = temporary_sibling(directory / "tokenizer.json")
         self.backend.save(str(tmp))

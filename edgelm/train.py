@@ -49,7 +49,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 16  # sequences per micro-step and process
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
@@ -188,7 +188,7 @@ def _train(
 
     log = _open_log(out / LOG, step) if ddp.main else None
     train_loss, val_loss = float("nan"), float("nan")
-    with _progress(ddp.main, cfg.steps, step) as advance:
+    with _Progress(ddp.main, cfg.steps, step) as advance:
         while step < cfg.steps:
             step += 1
             started = time.perf_counter()
@@ -358,7 +358,7 @@ def plot_loss_curve(log_path: Path, png_path: Path) -> None:
     tmp.replace(png_path)
 
 
-class _progress:
+class _Progress:
     """A rich progress bar with loss and tokens/s on the main process; nothing elsewhere."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:

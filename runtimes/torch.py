@@ -61,6 +61,8 @@ class TorchRuntime:
         self.position = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        if self.model is None:
+            raise EdgelmError("this runtime has been closed; load the model again")
         array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
         tokens = torch.from_numpy(array).to(self.device)[None]  # (1, T)
         with torch.inference_mode():

@@ -77,9 +77,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgelm.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(
-        TrainConfig(out=str(out), steps=150, batch_size=16, context=128, eval_every=150, warmup=20, lr=3e-3)
-    )
+    train(TrainConfig(out=str(out), steps=250, batch_size=16, context=128, eval_every=125, warmup=20))
     return out
 
 

@@ -64,7 +64,8 @@ def test_training_learns_far_below_unigram_entropy(trained_run: Path) -> None:
     val_tokens = load_tokens(trained_run / "data").val
     baseline = unigram_entropy(val_tokens)
     val_loss = losses(trained_run)[-1][2]
-    assert val_loss < baseline - 1.5, (val_loss, baseline)  # e.g. ~4.0 nats against ~6.3
+    # a unigram model of these tokens scores ~6.6 nats; 250 steps reach ~5: perplexity 5x lower
+    assert val_loss < baseline - 1.0, (val_loss, baseline)
     assert (trained_run / "loss.png").stat().st_size > 1000
     config, _, _ = load_checkpoint(trained_run)
     assert config.max_position_embeddings == 128

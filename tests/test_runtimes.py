@@ -1,0 +1,76 @@
+"""The Runtime protocol and registry: automatic choice, plugins through entry points, clear refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from edgelm.runtimes import base
+from edgelm.runtimes.base import Runtime, artifact_kind, open_runtime
+
+import edgelm
+from edgelm.checkpoint import load_checkpoint
+from edgelm.errors import EdgelmError
+
+
+class ReplayRuntime:
+    """A plugin runtime for the test: a checkpoint's tokenizer, logits that favour the token last + 1."""
+
+    name: ClassVar[str] = "replay"
+    artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        self.config, _, self.tokenizer = load_checkpoint(path)
+        self.device = "cpu" if device == "auto" else device
+        self.seen: list[int] = []
+
+    def reset(self) -> None:
+        self.seen = []
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        self.seen.extend(ids)
+        logits = np.zeros((len(ids), self.config.vocab_size), dtype=np.float32)
+        for row, token in enumerate(ids):
+            logits[row, (token + 1) % self.config.vocab_size] = 10.0
+        return logits if all_logits else logits[-1:]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = EntryPoint(name="replay", value=f"{__name__}:ReplayRuntime", group="edgelm.runtimes")
+    monkeypatch.setattr(base, "entry_points", lambda group: [entry] if group == "edgelm.runtimes" else [])
+
+
+def test_plugin_runtime_gets_generation_for_free(checkpoint: Path, plugin: None) -> None:
+    assert "replay" in base.runtime_names()
+    with edgelm.load(checkpoint, runtime="replay") as model:
+        assert isinstance(model.runtime, Runtime)
+        prompt_ids = model.tokenizer.encode("a", add_bos=True)
+        text = model.generate("a", max_new_tokens=5, temperature=0)
+        expected = [(prompt_ids[-1] + k) % model.config.vocab_size for k in range(1, 6)]
+        assert text == model.tokenizer.decode(expected)
+        assert model.runtime.seen == [*prompt_ids, *expected[:-1]]
+
+
+def test_auto_choice_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
+    assert artifact_kind(checkpoint) == "checkpoint"
+    model = open_runtime(checkpoint)
+    assert model.name == "torch" and model.device == "cpu"
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + bytes(20))
+    assert artifact_kind(tmp_path / "x.gguf") == "gguf"
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(EdgelmError, match="not a GGUF file"):
+        edgelm.load(tmp_path / "notes.txt")
+    with pytest.raises(EdgelmError, match="unknown runtime 'nosuch'; available: torch"):
+        edgelm.load(checkpoint, runtime="nosuch")
+    with pytest.raises(EdgelmError, match="unknown device"):
+        edgelm.load(checkpoint, device="tpu")
+    with pytest.raises(EdgelmError, match="dtype"):
+        edgelm.load(checkpoint, dtype="int3")
