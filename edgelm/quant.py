@@ -1,0 +1,453 @@
+"""Block quantizers in numpy: a float matrix → integer codes + scales (+ offsets), shared by both exporters.
+
+Nothing here knows a file format: `export/gguf.py` and `export/onnx.py` only pack these arrays into bytes.
+Scales and offsets are rounded to float16 (what GGUF stores) before the result is returned, and each
+result's `dequantize()` computes the values the way the consumer does (float16 widened to float32, float32
+arithmetic in the consumer's order), so it equals gguf-py's dequantizer bit for bit.
+
+Two families:
+- `quantize_blocks`: one scale (+ one offset) per `block` consecutive values of a row: GGUF Q8_0, Q4_0, Q4_1
+  (block 32) and ONNX MatMulNBits (any block size).
+- `quantize_q4_k`, `quantize_q6_k`: llama.cpp's K-quants, super-blocks of 256 values whose sub-block scales
+  are themselves quantized (to 6 or 8 bits) against float16 scales, one per super-block.
+
+search=False rounds to nearest the way llama.cpp's reference quantizers (`quantize_row_*_ref`) do.
+search=True (the default) also tries a small grid of scales around that one, refits each by weighted least
+squares, and keeps per block whichever dequantizes with the lowest importance-weighted squared error, so it
+is never worse than round-to-nearest on that error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from edgelm.errors import EdgelmError
+
+QK_K = 256  # values in a K-quant super-block
+
+_CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a few tens of MiB
+# search: scales that move the block's extreme value by up to one quantization level either way
+_STEPS = np.linspace(-1.0, 1.0, 11)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class QuantizedBlocks:
+    """Codes with one float16-exact scale (and offset) per `block` values of a row; see quantize_blocks.
+
+    codes   uint8 (rows, cols), in [0, 2**bits)
+    scales  float32 (rows, cols // block), each exactly representable in float16 (the GGUF d)
+    zeros   None when symmetric; else float32 (rows, cols // block), float16-exact (the GGUF Q4_1 m)
+
+    With b = c // block, the value of w[r, c] is, computed in float32:
+      symmetric   scales[r, b] * (codes[r, c] - 2**(bits-1))
+      asymmetric  scales[r, b] * codes[r, c] + zeros[r, b]
+
+    GGUF: Q8_0 stores int8(codes - 128) and d = scales; Q4_0 stores the codes as nibbles and d = scales;
+    Q4_1 stores the codes as nibbles, d = scales and m = zeros. ONNX MatMulNBits computes
+    (code - zero_point) * scale: symmetric codes are exact there with zero_point 2**(bits-1) (8 when omitted);
+    the asymmetric offset has no exact uint8 zero point (zero_point = -zeros / scales is fractional).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None
+    bits: int
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix (rows, cols) that a consumer of these arrays computes."""
+        rows, cols = self.codes.shape
+        q = self.codes.reshape(rows, -1, self.block).astype(np.float32)  # (rows, blocks, block)
+        if self.zeros is None:
+            values = self.scales[..., None] * (q - np.float32(1 << (self.bits - 1)))
+        else:
+            values = self.scales[..., None] * q + self.zeros[..., None]
+        return values.reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class Q4KBlocks:
+    """GGUF Q4_K: super-blocks of 256 values = 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min.
+
+    codes   uint8 (rows, cols), in [0, 15]
+    scales  uint8 (rows, cols // 32), in [0, 63]: sub-block scale codes
+    mins    uint8 (rows, cols // 32), in [0, 63]: sub-block min codes
+    d       float32 (rows, cols // 256), float16-exact: super-block scale of the scales
+    dmin    float32 (rows, cols // 256), float16-exact: super-block scale of the mins
+
+    value[r, c] = (d[r, c // 256] * scales[r, c // 32]) * codes[r, c] - dmin[r, c // 256] * mins[r, c // 32]
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    d: np.ndarray
+    dmin: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix (rows, cols) that llama.cpp computes from these arrays."""
+        rows, cols = self.codes.shape
+        step = np.repeat(self.d, 8, axis=1) * self.scales.astype(np.float32)  # (rows, sub-blocks)
+        offset = np.repeat(self.dmin, 8, axis=1) * self.mins.astype(np.float32)
+        q = self.codes.reshape(rows, -1, 32).astype(np.float32)
+        return (step[..., None] * q - offset[..., None]).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class Q6KBlocks:
+    """GGUF Q6_K: super-blocks of 256 values = 16 sub-blocks of 16, each with an int8 scale.
+
+    codes   uint8 (rows, cols), in [0, 63]; the signed code is codes - 32
+    scales  int8 (rows, cols // 16): sub-block scales
+    d       float32 (rows, cols // 256), float16-exact: super-block scale
+
+    value[r, c] = (d[r, c // 256] * scales[r, c // 16]) * (codes[r, c] - 32)
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    d: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix (rows, cols) that llama.cpp computes from these arrays."""
+        rows, cols = self.codes.shape
+        step = np.repeat(self.d, 16, axis=1) * self.scales.astype(np.float32)  # (rows, sub-blocks)
+        q = self.codes.reshape(rows, -1, 16).astype(np.float32) - np.float32(32)
+        return (step[..., None] * q).reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------------------------- quantizers
+
+
+def quantize_blocks(
+    w: np.ndarray,
+    bits: int,
+    block: int,
+    symmetric: bool,
+    importance: np.ndarray | None = None,
+    search: bool = True,
+) -> QuantizedBlocks:
+    """Quantize every `block` consecutive values of each row of w (rows, cols) to `bits`-bit codes.
+
+    symmetric: value = d * q, signed q in [-h, h - 1] for h = 2**(bits-1), stored as code = q + h.
+      Round-to-nearest is llama.cpp's: for 8 bits Q8_0's (d = amax / 127, so q never reaches -128), below
+      that Q4_0's (d = v / -h for v the value of largest magnitude, which lands on q = -h).
+    asymmetric: value = d * code + m with code in [0, 2**bits - 1]; round-to-nearest is Q4_1's
+      (d = (max - min) / (2**bits - 1), m = min).
+    With search=False the codes are exactly llama.cpp's (chosen with the float32 d, then d and m are stored
+    as float16); with search=True the candidates' codes are chosen with their float16-rounded scales.
+
+    importance: optional weight per column (cols,), e.g. mean squared activations; it only steers the search.
+    """
+    for name, value, low, high in (("bits", bits, 2, 8), ("block", block, 1, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+            allowed = f"from {low} to {high}" if high else f">= {low}"
+            raise EdgelmError(f"quantize: {name}={value!r} must be an integer {allowed}")
+    x = _as_matrix(w, block, f"block size {block}")
+    weights = _as_importance(importance, x.shape[1])
+    parts = [_blocks_rows(x[rows], bits, block, symmetric, weights, search) for rows in _row_chunks(x)]
+    codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
+
+
+def quantize_q4_k(w: np.ndarray, importance: np.ndarray | None = None, search: bool = True) -> Q4KBlocks:
+    """Quantize w (rows, cols) to GGUF Q4_K; cols must be a multiple of 256.
+
+    Each sub-block of 32 is fitted as scale * q - min with q in [0, 15] and scale, min >= 0 (round-to-nearest:
+    min = -min(x, 0), scale = (max(x) - min(x, 0)) / 15); the 8 scales and 8 mins of a super-block are then
+    rounded to 6 bits against d = max(scales) / 63 and dmin = max(mins) / 63, and the codes are chosen again
+    with the final float16 values, as llama.cpp's quantize_row_q4_K_ref does (which fits the sub-blocks by
+    its own search). search=True fits the sub-blocks by the grid search and keeps, per super-block,
+    whichever result has the lower error.
+    """
+    x = _as_matrix(w, QK_K, "Q4_K super-block size 256")
+    weights = _as_importance(importance, x.shape[1])
+    return _concat([_q4_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+
+
+def quantize_q6_k(w: np.ndarray, importance: np.ndarray | None = None, search: bool = True) -> Q6KBlocks:
+    """Quantize w (rows, cols) to GGUF Q6_K; cols must be a multiple of 256.
+
+    Each sub-block of 16 is fitted as scale * q with q in [-32, 31] (round-to-nearest: scale = v / -32 for v
+    the value of largest magnitude); the 16 scales of a super-block are rounded to int8 against
+    d = s / -128 for s the scale of largest magnitude, and the codes are chosen again with the final float16
+    d, as llama.cpp's quantize_row_q6_K_ref does (which fits the sub-blocks by its own search). search=True
+    as for quantize_q4_k.
+    """
+    x = _as_matrix(w, QK_K, "Q6_K super-block size 256")
+    weights = _as_importance(importance, x.shape[1])
+    return _concat([_q6_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+
+
+# ------------------------------------------------------------------------------------- one chunk of rows
+
+
+def _blocks_rows(
+    w: np.ndarray, bits: int, block: int, symmetric: bool, weights: np.ndarray, search: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_blocks on a few rows: codes (rows, cols), scales and offsets (rows, cols // block)."""
+    rows, cols = w.shape
+    x = w.reshape(rows, -1, block)  # (rows, blocks, block)
+    if symmetric:
+        d, m, q = _nearest_symmetric(x, bits)
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        d, m, q = _nearest_asymmetric(x, bits)
+        lo, hi = 0, (1 << bits) - 1
+    s, m = _f16(d), _f16(m)
+    if not (np.isfinite(s).all() and np.isfinite(m).all()):
+        raise EdgelmError(
+            f"quantize: weights as large as {np.abs(w).max():g} overflow the float16 scales and offsets "
+            "(GGUF stores them as float16; rescale the weights or keep this tensor unquantized)"
+        )
+    if search:
+        s, m, q = _search(x, weights.reshape(-1, block), s, m, q, lo, hi, _f16)
+    codes = (q - lo).astype(np.uint8)  # symmetric: q + 2**(bits-1); asymmetric: q itself (lo = 0)
+    return codes.reshape(rows, cols), s[..., 0], m[..., 0]
+
+
+def _q4_k_rows(w: np.ndarray, weights: np.ndarray, search: bool) -> Q4KBlocks:
+    """quantize_q4_k on a few rows."""
+    x = w.reshape(w.shape[0], -1, 8, 32)  # (rows, super-blocks, sub-blocks, 32)
+    lo = np.minimum(x.min(axis=-1, keepdims=True), 0)  # value = scale * q + lo, lo <= 0
+    scale = (x.max(axis=-1, keepdims=True) - lo) / np.float32(15)
+    result = _q4_k_finish(x, scale, lo)
+    if search:
+        q = _codes(x, scale, lo, 0, 15)
+        scale, lo, _ = _search(x, weights.reshape(-1, 8, 32), scale, lo, q, 0, 15, None, offset_max=0.0)
+        result = _lower_error(w, weights, result, _q4_k_finish(x, scale, lo))
+    return result
+
+
+def _q4_k_finish(x: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> Q4KBlocks:
+    """Round sub-block scales and mins (..., 8, 1) to 6 bits, then choose the codes with the final values."""
+    rows = x.shape[0]
+    sc, d = _six_bits(scale[..., 0])  # (rows, super-blocks, 8), (rows, super-blocks, 1)
+    mn, dmin = _six_bits(-lo[..., 0])
+    d, dmin = _f16(d), _f16(dmin)
+    step, offset = (d * sc)[..., None], (dmin * mn)[..., None]
+    q = np.clip(np.rint(_divide(x + offset, step)), 0, 15)  # llama.cpp divides here
+    return Q4KBlocks(
+        q.astype(np.uint8).reshape(rows, -1),
+        sc.astype(np.uint8).reshape(rows, -1),
+        mn.astype(np.uint8).reshape(rows, -1),
+        d.reshape(rows, -1),
+        dmin.reshape(rows, -1),
+    )
+
+
+def _six_bits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative v (..., 8) → 6-bit codes round(v * 63 / max v) and the float32 step max v / 63."""
+    top = v.max(axis=-1, keepdims=True)
+    return np.clip(np.rint(_divide(np.float32(63), top) * v), 0, 63), top / np.float32(63)
+
+
+def _q6_k_rows(w: np.ndarray, weights: np.ndarray, search: bool) -> Q6KBlocks:
+    """quantize_q6_k on a few rows."""
+    x = w.reshape(w.shape[0], -1, 16, 16)  # (rows, super-blocks, sub-blocks, 16)
+    scale = _signed_peak(x) / np.float32(-32)
+    result = _q6_k_finish(x, scale)
+    if search:
+        zero = np.zeros_like(scale)
+        q = _codes(x, scale, zero, -32, 31)
+        scale, _, _ = _search(x, weights.reshape(-1, 16, 16), scale, zero, q, -32, 31, None)
+        result = _lower_error(w, weights, result, _q6_k_finish(x, scale))
+    return result
+
+
+def _q6_k_finish(x: np.ndarray, scale: np.ndarray) -> Q6KBlocks:
+    """Round sub-block scales (..., 16, 1) to int8 under a float16 d, then choose the codes with those."""
+    rows = x.shape[0]
+    s = scale[..., 0]  # (rows, super-blocks, 16)
+    inverse = _divide(np.float32(-128), _signed_peak(s))  # the largest |scale| becomes -128
+    d = _f16(_divide(np.float32(1), inverse))
+    sc = np.minimum(np.rint(inverse * s), 127)  # >= -128, since no |scale| exceeds the peak's
+    q = np.clip(np.rint(_divide(x, (d * sc)[..., None])), -32, 31) + 32
+    codes, scales = q.astype(np.uint8).reshape(rows, -1), sc.astype(np.int8).reshape(rows, -1)
+    return Q6KBlocks(codes, scales, d.reshape(rows, -1))
+
+
+# ---------------------------------------------------------------------------------- rounding and search
+
+
+def _nearest_symmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's reference round-to-nearest: Q8_0's for 8 bits, Q4_0's (and Q5_0's) below.
+
+    x (..., block) → float32 scale d (..., 1), offset 0 (..., 1), signed codes q (..., block) as float32.
+    """
+    zero = np.zeros((*x.shape[:-1], 1), np.float32)
+    if bits == 8:
+        d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+        return d, zero, _round_half_away(x * _divide(np.float32(1), d))
+    half = 1 << (bits - 1)
+    d = _signed_peak(x) / np.float32(-half)
+    # C: MIN(2*half - 1, (int8_t)(x*id + half + 0.5f)), a truncation of a value >= 0
+    q = np.clip(np.trunc(x * _divide(np.float32(1), d) + np.float32(half + 0.5)), 0, 2 * half - 1)
+    return d, zero, q - half
+
+
+def _nearest_asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's reference round-to-nearest for Q4_1 (and Q5_1): d = (max - min) / top, m = min."""
+    top = (1 << bits) - 1
+    m = x.min(axis=-1, keepdims=True)
+    d = (x.max(axis=-1, keepdims=True) - m) / np.float32(top)
+    q = np.minimum(np.trunc((x - m) * _divide(np.float32(1), d) + np.float32(0.5)), top)
+    return d, m, q
+
+
+def _search(
+    x: np.ndarray,
+    weights: np.ndarray,
+    s: np.ndarray,
+    m: np.ndarray,
+    q: np.ndarray,
+    lo: int,
+    hi: int,
+    store: Callable[[np.ndarray], np.ndarray] | None,
+    offset_max: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block, the scale, offset and codes with the lowest weighted squared error: the given ones or one
+    of a grid of candidates (a scale around s gives codes, weighted least squares refits the scale and, for
+    an asymmetric block, the offset; the codes are then chosen again with the refit values).
+
+    x (..., block); weights broadcast to x; s, m (..., 1); q (..., block) codes in [lo, hi]; value = s*q + m.
+    lo < 0 means symmetric (m stays 0). store rounds a candidate's scale and offset to what the format keeps
+    (float16), None keeps float32. offset_max=0 keeps the offsets <= 0 (K-quants subtract a min >= 0).
+    """
+    symmetric = lo < 0
+    best = _squared_error(x, s * q + m, weights)
+    levels = -lo if symmetric else hi  # the extreme value's code under round-to-nearest
+    center_s, center_m = s, m
+    for step in _STEPS:
+        grid_codes = _codes(x, center_s * np.float32(levels / (levels + step)), center_m, lo, hi)
+        cs, cm = _least_squares(x, weights, grid_codes, symmetric, offset_max)
+        if store is not None:
+            cs, cm = store(cs), store(cm)
+        cq = _codes(x, cs, cm, lo, hi)
+        error = _squared_error(x, cs * cq + cm, weights)
+        better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
+        best = np.where(better, error, best)
+        s, m, q = np.where(better, cs, s), np.where(better, cm, m), np.where(better, cq, q)
+    return s, m, q
+
+
+def _least_squares(
+    x: np.ndarray, weights: np.ndarray, q: np.ndarray, symmetric: bool, offset_max: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scale (and offset) minimizing sum(weights * (scale*q + offset - x)**2) per block, in float32;
+    NaN where the codes do not determine them (all equal, or zero weight)."""
+    wq = weights * q  # float64
+    sqq, sxq = (wq * q).sum(axis=-1, keepdims=True), (wq * x).sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        through_zero = sxq / sqq  # the best scale with the offset fixed at 0
+        if symmetric:
+            return through_zero.astype(np.float32), np.zeros(through_zero.shape, np.float32)
+        sw = np.broadcast_to(weights, x.shape).sum(axis=-1, keepdims=True)
+        sx, sq = (weights * x).sum(axis=-1, keepdims=True), wq.sum(axis=-1, keepdims=True)
+        det = sw * sqq - sq * sq
+        det = np.where(det > 1e-12 * sw * sqq, det, np.nan)
+        scale, offset = (sw * sxq - sx * sq) / det, (sqq * sx - sq * sxq) / det
+    if offset_max is not None:
+        clamp = offset > offset_max
+        scale, offset = np.where(clamp, through_zero, scale), np.where(clamp, offset_max, offset)
+    return scale.astype(np.float32), offset.astype(np.float32)
+
+
+def _codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The nearest codes in [lo, hi] for value = s*q + m (0 where s is 0), as float32."""
+    return np.clip(np.rint((x - m) * _divide(np.float32(1), s)), lo, hi)
+
+
+def _squared_error(x: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted squared error per block (..., 1) in float64, of the float32 values a consumer computes."""
+    diff = values - x
+    return (weights * diff * diff).sum(axis=-1, keepdims=True)
+
+
+def _lower_error(w: np.ndarray, weights: np.ndarray, a: Q4KBlocks | Q6KBlocks, b: Q4KBlocks | Q6KBlocks):
+    """Per super-block of w (rows, cols), a's arrays or b's, whichever dequantizes with the lower error."""
+    rows = w.shape[0]
+    by_super_block = (rows, w.shape[1] // QK_K, -1)
+    x, weights = w.reshape(by_super_block), weights.reshape(-1, QK_K)
+    a_error, b_error = (_squared_error(x, r.dequantize().reshape(by_super_block), weights) for r in (a, b))
+    b_wins = b_error < a_error  # (rows, super-blocks, 1)
+    picked = {}
+    for field in fields(a):
+        va, vb = getattr(a, field.name), getattr(b, field.name)
+        picked[field.name] = np.where(b_wins, vb.reshape(by_super_block), va.reshape(by_super_block))
+    return type(a)(**{name: v.reshape(rows, -1) for name, v in picked.items()})
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    """v rounded to the nearest float16 (ties to even, as ggml's conversion), returned as float32."""
+    with np.errstate(over="ignore"):  # overflow becomes inf; callers that must not store inf check
+        return v.astype(np.float16).astype(np.float32)
+
+
+def _divide(numerator: np.ndarray | np.float32, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator in float32, 0 where the denominator is 0 (llama.cpp's `d ? 1.0f/d : 0.0f`)."""
+    shape = np.broadcast_shapes(np.shape(numerator), denominator.shape)
+    out = np.zeros(shape, np.float32)
+    return np.divide(numerator, denominator, out=out, where=denominator != 0)
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: to the nearest integer, halves away from zero (np.rint would round them to even)."""
+    magnitude = np.abs(v)
+    whole = np.floor(magnitude)
+    return np.copysign(whole + (magnitude - whole >= 0.5), v)
+
+
+def _signed_peak(v: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude along the last axis, sign kept (the first one on a tie), keepdims."""
+    return np.take_along_axis(v, np.abs(v).argmax(axis=-1)[..., None], axis=-1)
+
+
+def _as_matrix(w: np.ndarray, multiple: int, what: str) -> np.ndarray:
+    """w as a float32 matrix (rows, cols) with cols a multiple of `multiple`, or a clear EdgelmError."""
+    x = np.asarray(w)
+    if x.ndim != 2 or x.size == 0:
+        raise EdgelmError(f"quantize: expected a non-empty 2-D matrix (rows, cols), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise EdgelmError(f"quantize: expected float weights, got dtype {x.dtype}")
+    if x.shape[1] % multiple:
+        raise EdgelmError(
+            f"quantize: a row of {x.shape[1]} values is not a whole number of blocks of the {what} "
+            f"(pad the rows to a multiple of {multiple}, or leave this tensor unquantized)"
+        )
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise EdgelmError("quantize: the weights contain NaN or infinity (check the checkpoint)")
+    return x
+
+
+def _as_importance(importance: np.ndarray | None, cols: int) -> np.ndarray:
+    """The per-column weights (cols,) as float64: ones by default, else finite and >= 0."""
+    if importance is None:
+        return np.ones(cols)
+    weights = np.asarray(importance, dtype=np.float64)
+    if weights.shape != (expected := (cols,)):
+        raise EdgelmError(f"quantize: importance has shape {weights.shape}, expected {expected} (per column)")
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise EdgelmError("quantize: importance must be finite and >= 0 (e.g. mean squared activations)")
+    return weights
+
+
+def _row_chunks(x: np.ndarray) -> list[slice]:
+    """Slices of about _CHUNK_VALUES values each, whole rows only."""
+    step = max(1, _CHUNK_VALUES // x.shape[1])
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+
+
+def _concat(parts: list):
+    """One result from results for consecutive chunks of rows (same dataclass, arrays joined along rows)."""
+    return type(parts[0])(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))

@@ -1,0 +1,246 @@
+"""Block quantizers against gguf-py: packed into GGUF block bytes, our dequantize() must equal gguf-py's
+dequantizer bit for bit, and round-to-nearest must equal gguf-py's own quantizer byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+import edgelm.quant as quant
+from edgelm.errors import EdgelmError
+from edgelm.quant import Q4KBlocks, Q6KBlocks, QuantizedBlocks, quantize_blocks, quantize_q4_k, quantize_q6_k
+
+# ------------------------------------------------------------------------------- packers (→ export/gguf.py)
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """float16-exact float32 (rows, n) → little-endian float16 bytes (rows, n, 2)."""
+    return v.astype("<f2").view(np.uint8).reshape(*v.shape, 2)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes (..., 32) → 16 bytes: byte j holds code j (low nibble) and code j + 16 (high nibble)."""
+    return codes[..., :16] | (codes[..., 16:] << 4)
+
+
+def pack_q8_0(qb: QuantizedBlocks) -> np.ndarray:
+    """block_q8_0: fp16 d, then 32 int8 codes."""
+    rows = qb.codes.shape[0]
+    signed = (qb.codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(rows, -1, 32)
+    return np.concatenate([_f16_bytes(qb.scales), signed], axis=-1).reshape(rows, -1)
+
+
+def pack_q4_0(qb: QuantizedBlocks) -> np.ndarray:
+    """block_q4_0: fp16 d, then 16 bytes of nibbles."""
+    rows = qb.codes.shape[0]
+    parts = [_f16_bytes(qb.scales), _nibbles(qb.codes.reshape(rows, -1, 32))]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def pack_q4_1(qb: QuantizedBlocks) -> np.ndarray:
+    """block_q4_1: fp16 d, fp16 m, then 16 bytes of nibbles."""
+    rows = qb.codes.shape[0]
+    parts = [_f16_bytes(qb.scales), _f16_bytes(qb.zeros), _nibbles(qb.codes.reshape(rows, -1, 32))]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def pack_q4_k(r: Q4KBlocks) -> np.ndarray:
+    """block_q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles."""
+    rows = r.codes.shape[0]
+    sc, mn = r.scales.reshape(rows, -1, 8), r.mins.reshape(rows, -1, 8)
+    scale_bytes = np.concatenate(
+        [
+            sc[..., :4] | ((sc[..., 4:] >> 4) << 6),  # bytes 0-3: scales 0-3, top bits of scales 4-7
+            mn[..., :4] | ((mn[..., 4:] >> 4) << 6),  # bytes 4-7: mins 0-3, top bits of mins 4-7
+            (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4),  # bytes 8-11: low bits of scales/mins 4-7
+        ],
+        axis=-1,
+    )
+    q = r.codes.reshape(rows, -1, 4, 2, 32)  # byte 32*j + l holds codes 64*j + l and 64*j + 32 + l
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(rows, -1, 128)
+    parts = [_f16_bytes(r.d), _f16_bytes(r.dmin), scale_bytes, qs]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def pack_q6_k(r: Q6KBlocks) -> np.ndarray:
+    """block_q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 d."""
+    rows = r.codes.shape[0]
+    q = r.codes.reshape(rows, -1, 2, 4, 32)  # (rows, super-blocks, halves of 128, quarters of 32, 32)
+    low, high = q & 0xF, q >> 4
+    # byte l of a half's 64 low bytes holds quarters 0|2 (l < 32) or 1|3 (l >= 32), lower nibble first
+    ql = np.concatenate([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
+    qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    scales = r.scales.view(np.uint8).reshape(rows, -1, 16)
+    parts = [ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64), scales, _f16_bytes(r.d)]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+# quantizer and packer for each GGUF type
+PLAIN = {
+    T.Q8_0: (lambda w, **kw: quantize_blocks(w, 8, 32, True, **kw), pack_q8_0),
+    T.Q4_0: (lambda w, **kw: quantize_blocks(w, 4, 32, True, **kw), pack_q4_0),
+    T.Q4_1: (lambda w, **kw: quantize_blocks(w, 4, 32, False, **kw), pack_q4_1),
+}
+K_QUANTS = {T.Q4_K: (quantize_q4_k, pack_q4_k), T.Q6_K: (quantize_q6_k, pack_q6_k)}
+ALL = {**PLAIN, **K_QUANTS}
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+KINDS = ["normal", "outliers", "zero_blocks", "constant_blocks", "tiny"]
+
+
+def weights(rows: int, cols: int, kind: str, seed: int = 0) -> np.ndarray:
+    """A float32 test matrix: Gaussian, with outliers, all-zero or constant blocks, or float16-tiny scales."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(0.02)
+    if kind == "outliers":
+        hit = rng.random((rows, cols)) < 0.02
+        w[hit] *= np.float32(60)
+    elif kind == "zero_blocks":
+        w[:, :32] = 0  # a whole block, and a whole super-block for small matrices
+        w[::2, cols // 2 : cols // 2 + 16] = 0  # half blocks / one Q6_K sub-block
+        if cols >= 512:
+            w[:, 256:512] = 0
+    elif kind == "constant_blocks":
+        w[:, :32] = np.float32(0.25)
+        w[1::2, -32:] = np.float32(-0.125)
+    elif kind == "tiny":
+        w *= np.float32(1e-4)  # scales near and below float16's smallest normal
+    return w
+
+
+def weighted_error(w: np.ndarray, values: np.ndarray, importance: np.ndarray | None = None) -> float:
+    diff = (values - w).astype(np.float64)
+    return float(((importance if importance is not None else 1.0) * diff * diff).sum())
+
+
+# ---------------------------------------------------------------------------------------- bit-exactness
+
+
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (5, 256), (7, 512)])
+@pytest.mark.parametrize("qtype", list(PLAIN), ids=lambda t: t.name)
+def test_plain_dequantize_equals_gguf(qtype: T, shape: tuple[int, int], kind: str, search: bool) -> None:
+    quantize, pack = PLAIN[qtype]
+    result = quantize(weights(*shape, kind), search=search)
+    assert np.array_equal(gguf_dequantize(pack(result), qtype), result.dequantize())
+
+
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 256), (3, 512), (5, 256), (2, 768)])
+@pytest.mark.parametrize("qtype", list(K_QUANTS), ids=lambda t: t.name)
+def test_k_quant_dequantize_equals_gguf(qtype: T, shape: tuple[int, int], kind: str, search: bool) -> None:
+    quantize, pack = K_QUANTS[qtype]
+    result = quantize(weights(*shape, kind), search=search)
+    assert np.array_equal(gguf_dequantize(pack(result), qtype), result.dequantize())
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "ties"])
+@pytest.mark.parametrize("qtype", list(PLAIN), ids=lambda t: t.name)
+def test_round_to_nearest_equals_gguf_quantize(qtype: T, kind: str) -> None:
+    if kind == "ties":  # many values at exact halves of a level, and +-peaks of equal size
+        w = np.tile(np.arange(-16, 16, dtype=np.float32) / 4, (4, 3))
+        w[1] = -w[1]
+    else:
+        w = weights(9, 256, kind)
+    quantize, pack = PLAIN[qtype]
+    assert np.array_equal(pack(quantize(w, search=False)), gguf_quantize(w, qtype))
+
+
+@pytest.mark.parametrize(("qtype", "symmetric"), [(T.Q5_0, True), (T.Q5_1, False)], ids=["Q5_0", "Q5_1"])
+def test_other_bit_widths_follow_llama_cpp(qtype: T, symmetric: bool) -> None:
+    w = weights(6, 128, "outliers")
+    ours = quantize_blocks(w, 5, 32, symmetric, search=False).dequantize()
+    assert np.array_equal(ours, gguf_dequantize(gguf_quantize(w, qtype), qtype))
+
+
+# ------------------------------------------------------------------------------------------ the search
+
+
+@pytest.mark.parametrize("use_importance", [False, True])
+@pytest.mark.parametrize("qtype", list(ALL), ids=lambda t: t.name)
+def test_search_is_never_worse_than_round_to_nearest(qtype: T, use_importance: bool) -> None:
+    quantize = ALL[qtype][0]
+    for seed, kind in enumerate(["normal", "outliers", "zero_blocks"]):
+        w = weights(8, 512, kind, seed)
+        importance = np.random.default_rng(seed).gamma(0.5, size=512) if use_importance else None
+        rtn = weighted_error(w, quantize(w, search=False).dequantize(), importance)
+        searched = weighted_error(w, quantize(w, importance=importance, search=True).dequantize(), importance)
+        assert searched <= rtn
+        if kind == "normal":
+            assert searched < 0.97 * rtn  # and it does search
+
+
+@pytest.mark.parametrize("qtype", list(ALL), ids=lambda t: t.name)
+def test_importance_lowers_error_on_heavy_columns(qtype: T) -> None:
+    quantize = ALL[qtype][0]
+    w = weights(16, 512, "normal", seed=3)
+    heavy = np.arange(512) % 16 < 2  # two columns of every 16
+    importance = np.where(heavy, 100.0, 1.0)
+    plain = quantize(w).dequantize()
+    steered = quantize(w, importance=importance).dequantize()
+    assert weighted_error(w[:, heavy], steered[:, heavy]) < 0.9 * weighted_error(w[:, heavy], plain[:, heavy])
+
+
+# ------------------------------------------------------------------------------------------- the arrays
+
+
+def test_array_types_and_ranges() -> None:
+    w = weights(3, 512, "outliers")
+    for bits, symmetric in [(8, True), (4, True), (4, False), (2, False)]:
+        r = quantize_blocks(w, bits, 64, symmetric)
+        assert r.codes.dtype == np.uint8 and r.codes.shape == w.shape and r.codes.max() < 2**bits
+        assert r.scales.dtype == np.float32 and r.scales.shape == (3, 8)
+        assert np.array_equal(r.scales.astype(np.float16).astype(np.float32), r.scales)
+        assert (r.zeros is None) == symmetric
+        if not symmetric:
+            assert r.zeros.shape == (3, 8)
+            assert np.array_equal(r.zeros.astype(np.float16).astype(np.float32), r.zeros)
+    k4 = quantize_q4_k(w)
+    assert k4.codes.max() <= 15 and k4.scales.max() <= 63 and k4.mins.max() <= 63
+    assert k4.scales.shape == k4.mins.shape == (3, 16) and k4.d.shape == k4.dmin.shape == (3, 2)
+    k6 = quantize_q6_k(w)
+    assert k6.codes.max() <= 63 and k6.scales.dtype == np.int8
+    assert k6.scales.shape == (3, 32) and k6.d.shape == (3, 2)
+    for d in (k4.d, k4.dmin, k6.d):
+        assert d.dtype == np.float32 and np.array_equal(d.astype(np.float16).astype(np.float32), d)
+
+
+def test_chunks_of_rows_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = weights(7, 512, "outliers")
+    whole = {t: ALL[t][0](w) for t in ALL}
+    monkeypatch.setattr(quant, "_CHUNK_VALUES", 1000)  # two rows per chunk
+    for qtype, (quantize, pack) in ALL.items():
+        assert np.array_equal(pack(quantize(w)), pack(whole[qtype]))
+
+
+def test_bad_input_raises() -> None:
+    w = weights(2, 96, "normal")
+    with pytest.raises(EdgelmError, match="multiple of 64"):
+        quantize_blocks(w, 4, 64, True)
+    with pytest.raises(EdgelmError, match="multiple of 256"):
+        quantize_q4_k(w)
+    with pytest.raises(EdgelmError, match="multiple of 256"):
+        quantize_q6_k(weights(2, 384, "normal"))
+    with pytest.raises(EdgelmError, match="2-D"):
+        quantize_blocks(w[0], 4, 32, True)
+    with pytest.raises(EdgelmError, match="2-D"):
+        quantize_q6_k(np.zeros((0, 256), np.float32))
+    with pytest.raises(EdgelmError, match="bits"):
+        quantize_blocks(w, 3.5, 32, True)  # type: ignore[arg-type]
+    with pytest.raises(EdgelmError, match="block"):
+        quantize_blocks(w, 4, 0, True)
+    with pytest.raises(EdgelmError, match="importance"):
+        quantize_blocks(w, 4, 32, True, importance=np.ones(32))
+    with pytest.raises(EdgelmError, match="importance"):
+        quantize_q4_k(weights(1, 256, "normal"), importance=-np.ones(256))
+    with pytest.raises(EdgelmError, match="NaN"):
+        quantize_blocks(np.where(w > 0, np.nan, w), 8, 32, True)
+    with pytest.raises(EdgelmError, match="float16"):
+        quantize_blocks(np.full((1, 32), 1e5, np.float32), 4, 32, False)
