@@ -3,6 +3,7 @@ tokenizer.json, tokenizer_config.json, generation_config.json. Read and written 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,13 @@ def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: st
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise EdgelmError(f"{where}: weights do not match config.json: {'; '.join(problems[:3])}{more}")
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """A hash of what makes the model: config.json, the weights and tokenizer.json (for provenance)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", WEIGHTS, "tokenizer.json"):
+        with open(Path(directory) / name, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgelm.errors import EdgelmError
 
@@ -84,13 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     generate.set_defaults(run=_generate)
 
+    export = commands.add_parser(
+        "export", help="export a checkpoint to GGUF", description="Export a checkpoint."
+    )
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser(
+        "gguf",
+        help="a GGUF file for llama.cpp",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a GGUF file (architecture llama, full tokenizer) that llama.cpp and everything "
+        "built on it loads. Types: f32, f16, q8_0, q8_0_f16emb (Q8_0 with F16 embeddings and output), "
+        "q4_0, q4_1, q4_k, q6_k, q4_k_m (llama.cpp's Q4_K_M mixture). Rows whose length is not a multiple "
+        "of 256 fall back from Q4_K to Q5_0 and from Q6_K to Q8_0, as in llama.cpp.",
+    )
+    gguf.add_argument("checkpoint", help="checkpoint directory")
+    gguf.add_argument("--quant", default="f16", help="quantization type or mixture (see above)")
+    gguf.add_argument(
+        "--out",
+        default=None,
+        help="a .gguf path, or a folder for NAME-TYPE.gguf (default: beside the checkpoint)",
+    )
+    gguf.add_argument(
+        "--calibration",
+        default=None,
+        metavar="TEXT",
+        help="a UTF-8 text file: weight quantization errors by the activations it causes (importance matrix)",
+    )
+    gguf.add_argument(
+        "--via",
+        choices=["edgelm", "llama.cpp"],
+        default="edgelm",
+        help="quantize with edgelm, or with llama.cpp's own quantizer from edgelm's F32 file",
+    )
+    gguf.set_defaults(run=_export_gguf)
+
     info = commands.add_parser(
         "info",
         help="describe a model",
-        description="Architecture, parameter count, context length and the size "
-        "each export type (fp32, fp16, int8, int4) would take.",
+        description="Architecture, parameter count, context length and the size each export type (fp32, "
+        "fp16, int8, int4) would take; for a GGUF file, its tensor types, size and tokenizer.",
     )
-    info.add_argument("model", help="checkpoint directory")
+    info.add_argument("model", help="checkpoint directory or .gguf file")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_info)
     return parser
@@ -145,10 +180,37 @@ def _generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
-def _info(args: argparse.Namespace) -> None:
-    from edgelm.info import describe_checkpoint, human_size
+def _export_gguf(args: argparse.Namespace) -> None:
+    from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 
-    summary = describe_checkpoint(args.model)
+    out = Path(args.out) if args.out else None
+    if args.via == "llama.cpp":
+        if args.calibration:
+            raise EdgelmError("--calibration applies to edgelm's quantizer, not --via llama.cpp")
+        path = export_gguf_via_llama_cpp(Path(args.checkpoint), out, args.quant)
+    else:
+        importance = None
+        if args.calibration:
+            from edgelm.calibration import activation_importance, read_calibration_text
+
+            importance = activation_importance(
+                Path(args.checkpoint), read_calibration_text(Path(args.calibration))
+            )
+        path = export_gguf(Path(args.checkpoint), out, args.quant, importance)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from edgelm.gguf_reader import describe_gguf
+    from edgelm.info import describe_checkpoint, human_size
+    from edgelm.runtimes.base import artifact_kind
+
+    kind = artifact_kind(Path(args.model))
+    if kind not in ("checkpoint", "gguf"):
+        raise EdgelmError(
+            f"{args.model}: edgelm info reads checkpoints and GGUF files, not {kind} artifacts yet"
+        )
+    summary = describe_checkpoint(args.model) if kind == "checkpoint" else describe_gguf(args.model)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -164,8 +226,8 @@ def _info(args: argparse.Namespace) -> None:
         elif key == "file_size" and value is not None:
             value = human_size(value)
         table.add_row(key.replace("_", " "), str(value))
-    for kind, size in summary["export_sizes"].items():
-        table.add_row(f"{kind} export", f"≈ {human_size(size)}")
+    for export, size in summary.get("export_sizes", {}).items():
+        table.add_row(f"{export} export", f"≈ {human_size(size)}")
     Console().print(table)
 
 

@@ -135,6 +135,41 @@ class ModelConfig:
         values.setdefault("tie_word_embeddings", False)  # LlamaConfig's default
         return cls(**values)
 
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], tied: bool, where: str) -> ModelConfig:
+        """Read the `llama.*` hyperparameters of a GGUF file; `tied` when it has no output.weight."""
+        arch = metadata.get("general.architecture")
+        if arch != "llama":
+            raise EdgelmError(f"{where}: architecture {arch!r} is not supported (edgelm runs llama)")
+
+        def key(name: str, default: Any = None) -> Any:
+            value = metadata.get(f"llama.{name}", default)
+            if value is None:
+                raise EdgelmError(f"{where}: metadata key llama.{name} is missing")
+            return value
+
+        heads, hidden = key("attention.head_count"), key("embedding_length")
+        eos = [
+            metadata[k]
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if k in metadata
+        ]
+        return cls(
+            vocab_size=key("vocab_size", len(metadata.get("tokenizer.ggml.tokens") or []) or None),
+            hidden_size=hidden,
+            intermediate_size=key("feed_forward_length"),
+            num_hidden_layers=key("block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=key("attention.head_count_kv", heads),
+            head_dim=key("attention.key_length", hidden // heads if heads else None),
+            max_position_embeddings=key("context_length"),
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=key("rope.freq_base", 10000.0),
+            tie_word_embeddings=tied,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", 0),
+            eos_token_id=eos[0] if len(eos) == 1 else tuple(eos) if eos else 1,
+        )
+
     def save(self, directory: Path) -> None:
         """Write `config.json` into `directory` (atomically)."""
         write_json_atomic(directory / "config.json", self.to_hf_dict())

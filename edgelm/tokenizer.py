@@ -7,7 +7,7 @@ import codecs
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from edgelm.errors import EdgelmError
@@ -134,6 +134,60 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+# GGUF's names for the pre-tokenizers edgelm can rebuild: llama.cpp's `tokenizer.ggml.pre` values
+GGUF_PRE_TOKENIZERS = ("llama-bpe", "gpt-2")
+
+
+def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+    if name == "llama-bpe":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "gpt-2"
+
+
+def tokenizer_from_gguf(metadata: dict, where: str) -> Tokenizer:
+    """Rebuild a byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata."""
+    model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        raise EdgelmError(
+            f"{where}: tokenizer model {model!r} is not supported yet (edgelm reads byte-level BPE, "
+            "tokenizer.ggml.model = gpt2)"
+        )
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise EdgelmError(
+            f"{where}: pre-tokenizer {pre!r} is not supported yet; edgelm knows "
+            f"{', '.join(GGUF_PRE_TOKENIZERS)}"
+        )
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    merges = metadata.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise EdgelmError(
+            f"{where}: the tokenizer metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges"
+        )
+    types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, types, strict=True)
+            if kind == 3
+        ]
+    )
+    bos = metadata.get("tokenizer.ggml.bos_token_id", 0)
+    eos = [
+        metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in metadata
+    ]
+    return Tokenizer(backend, bos, eos or [1])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train byte-level BPE with BOS and EOS as ids 0 and 1 on an iterable of documents."""
     if vocab_size < 256 + 2:
@@ -141,12 +195,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + BOS + EOS)"
         )
     backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = _pre_tokenizer("llama-bpe")
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -42,9 +42,10 @@ class Runtime(Protocol):
 # name → (module, class, the pip extra that installs its dependency)
 BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
     "torch": ("edgelm.runtimes.torch", "TorchRuntime", "torch"),
+    "llamacpp": ("edgelm.runtimes.llamacpp", "LlamaCppRuntime", "llamacpp"),
 }
 # which built-in runtime opens each artifact kind when none is named
-DEFAULT_RUNTIME = {"checkpoint": "torch"}
+DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp"}
 
 
 def artifact_kind(path: Path) -> str:

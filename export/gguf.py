@@ -1,0 +1,331 @@
+"""Checkpoint → GGUF file (architecture `llama`), for llama.cpp and everything built on it.
+
+The weights are read with numpy (no torch), quantized by `edgelm.quant`, packed into block bytes by
+`gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `llama.*` hyperparameter and the
+full tokenizer. The type of each tensor follows llama.cpp's rules for the chosen mixture, so that
+`--quant q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgelm.export import gguf_blocks
+
+from edgelm import __version__
+from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.files import read_json, temporary_sibling
+from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.tokenizer import SPLIT_PATTERN, Tokenizer
+
+try:
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
+except ModuleNotFoundError as e:
+    raise missing_dependency("gguf", "gguf") from e
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A user-facing quantization choice: the type of most matrices and llama.cpp's file type."""
+
+    base: T
+    file_type: F
+    head: T | None = None  # output matrix (and a tied embedding); None = llama.cpp's rule
+    embedding: T | None = None  # untied token embedding; None = base
+    more_bits: T | None = None  # attn_v and ffn_down of the layers use_more_bits picks (Q4_K_M)
+
+
+MIXTURES: dict[str, Mixture] = {
+    "f32": Mixture(T.F32, F.ALL_F32, head=T.F32),
+    "f16": Mixture(T.F16, F.MOSTLY_F16, head=T.F16),
+    "q8_0": Mixture(T.Q8_0, F.MOSTLY_Q8_0, head=T.Q8_0),
+    "q8_0_f16emb": Mixture(T.Q8_0, F.MOSTLY_Q8_0, head=T.F16, embedding=T.F16),
+    "q4_0": Mixture(T.Q4_0, F.MOSTLY_Q4_0),
+    "q4_1": Mixture(T.Q4_1, F.MOSTLY_Q4_1),
+    "q4_k": Mixture(T.Q4_K, F.MOSTLY_Q4_K_S),
+    "q6_k": Mixture(T.Q6_K, F.MOSTLY_Q6_K),
+    "q4_k_m": Mixture(T.Q4_K, F.MOSTLY_Q4_K_M, more_bits=T.Q6_K),
+}
+
+# llama.cpp's substitutes when a row's length is not a multiple of a K-quant's 256-value super-block
+K_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
+
+# Hugging Face tensor name → GGUF tensor name
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`."""
+    stem = hf_name.removesuffix(".weight")
+    if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
+        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
+    return f"{_GLOBAL_NAMES[stem]}.weight"
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in the _M mixtures: the first and last eighth, and
+    every third layer in between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], mixture: Mixture, n_layers: int, tied: bool) -> T:
+    """The GGUF type of one tensor (GGUF name, numpy shape) under a mixture, following llama.cpp."""
+    if len(shape) == 1:
+        return T.F32
+    is_head = name == "output.weight" or (tied and name == "token_embd.weight")
+    if is_head:
+        chosen = mixture.head if mixture.head is not None else T.Q8_0 if shape[1] % 256 else T.Q6_K
+    elif name == "token_embd.weight":
+        chosen = mixture.embedding if mixture.embedding is not None else mixture.base
+    else:
+        chosen = mixture.base
+        wants_more = name.endswith(("attn_v.weight", "ffn_down.weight"))
+        if mixture.more_bits is not None and wants_more and use_more_bits(int(name.split(".")[1]), n_layers):
+            chosen = mixture.more_bits
+    if chosen in K_FALLBACK and shape[1] % 256:
+        chosen = K_FALLBACK[chosen]
+    return chosen
+
+
+def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k projection rows from HF's rotate-half RoPE pairs (i, i + d/2) to GGUF's adjacent pairs."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def encode_tensor(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
+    """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes."""
+    if qtype == T.F32:
+        return w.astype(np.float32)
+    if qtype == T.F16:
+        return w.astype(np.float16)
+    quantize, pack = _QUANTIZERS[qtype]
+    return pack(quantize(w, importance))
+
+
+_QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
+    T.Q8_0: (lambda w, imp: quantize_blocks(w, 8, 32, True, importance=imp), gguf_blocks.pack_q8_0),
+    T.Q5_0: (lambda w, imp: quantize_blocks(w, 5, 32, True, importance=imp), gguf_blocks.pack_q5_0),
+    T.Q4_0: (lambda w, imp: quantize_blocks(w, 4, 32, True, importance=imp), gguf_blocks.pack_q4_0),
+    T.Q4_1: (lambda w, imp: quantize_blocks(w, 4, 32, False, importance=imp), gguf_blocks.pack_q4_1),
+    T.Q4_K: (lambda w, imp: quantize_q4_k(w, importance=imp), gguf_blocks.pack_q4_k),
+    T.Q6_K: (lambda w, imp: quantize_q6_k(w, importance=imp), gguf_blocks.pack_q6_k),
+}
+
+
+def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    """The name llama.cpp gives the tokenizer's pre-tokenizer; anything it would split differently fails."""
+    spec = json.loads(tokenizer.backend.to_str())["pre_tokenizer"] or {}
+    parts = spec.get("pretokenizers", [spec])
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and parts[0].get("pattern", {}).get("Regex") == SPLIT_PATTERN
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+    ):
+        return "llama-bpe"
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return "gpt-2"
+    raise EdgelmError(
+        f"the tokenizer's pre-tokenizer {spec!r} is not one that llama.cpp recognizes (edgelm writes "
+        "llama-bpe and gpt-2); GGUF export needs a tokenizer that splits text the way llama.cpp will"
+    )
+
+
+def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
+    """Every `tokenizer.ggml.*` value llama.cpp needs to reproduce the tokenizer's ids."""
+    model = json.loads(tokenizer.backend.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise EdgelmError(
+            f"{checkpoint}: GGUF export supports byte-level BPE tokenizers, not {model.get('type')}"
+        )
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(tokenizer.token_bytes)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    if "" in tokens:
+        raise EdgelmError(f"{checkpoint}: tokenizer ids are not contiguous (id {tokens.index('')} is unused)")
+    added = {t.content: t.special for t in tokenizer.backend.get_added_tokens_decoder().values()}
+    types = [
+        gguf.TokenType.CONTROL
+        if added.get(t)
+        else gguf.TokenType.USER_DEFINED
+        if t in added
+        else gguf.TokenType.NORMAL
+        for t in tokens
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    settings = (
+        read_json(checkpoint / "tokenizer_config.json")
+        if (checkpoint / "tokenizer_config.json").is_file()
+        else {}
+    )
+    return {
+        "pre": pre_tokenizer_name(tokenizer),
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "add_bos": bool(settings.get("add_bos_token", True)),
+        "chat_template": settings.get("chat_template"),
+    }
+
+
+def output_path(checkpoint: Path, out: Path | None, quant: str) -> Path:
+    """`--out` when it names a .gguf file, else `<out, or beside the checkpoint>/<name>-<TYPE>.gguf`."""
+    if out is not None and out.suffix == ".gguf":
+        return out
+    folder = out if out is not None else checkpoint.parent
+    return folder / f"{checkpoint.name}-{quant.upper()}.gguf"
+
+
+def export_gguf(
+    checkpoint: Path,
+    out: Path | None = None,
+    quant: str = "f16",
+    importance: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write the checkpoint as a GGUF file of the given quantization; return its path.
+
+    `importance` (from `edgelm.calibration.activation_importance`) weights each input column's
+    quantization error by how strongly it is activated, llama.cpp's importance matrix.
+    """
+    if quant not in MIXTURES:
+        raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
+    checkpoint = Path(checkpoint)
+    config, tensors, tokenizer = load_checkpoint(checkpoint)
+    vocab = tokenizer_metadata(tokenizer, checkpoint)
+    path = output_path(checkpoint, Path(out) if out is not None else None, quant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mixture = MIXTURES[quant]
+
+    writer = gguf.GGUFWriter(None, arch="llama")
+    _write_metadata(writer, config, vocab, mixture, checkpoint, quant, importance is not None)
+    for hf_name, w in tensors.items():
+        name = gguf_name(hf_name)
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            w = permute_for_gguf(w, heads)
+        qtype = tensor_type(name, w.shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
+        key = "lm_head.weight" if config.tie_word_embeddings and name == "token_embd.weight" else hf_name
+        data = encode_tensor(w, qtype, (importance or {}).get(key))
+        writer.add_tensor(name, data, raw_dtype=qtype)  # quantized: block bytes (rows, bytes per row)
+    tmp = temporary_sibling(path)
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_metadata(
+    writer: Any,
+    config: ModelConfig,
+    vocab: dict[str, Any],
+    mixture: Mixture,
+    checkpoint: Path,
+    quant: str,
+    calibrated: bool,
+) -> None:
+    writer.add_name(checkpoint.name)
+    writer.add_file_type(mixture.file_type)
+    if mixture.base not in (T.F32, T.F16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_quantized_by(f"edgelm {__version__}")
+    writer.add_string("edgelm.quantization", quant + (" (calibrated)" if calibrated else ""))
+    writer.add_string("edgelm.checkpoint_sha256", checkpoint_sha256(checkpoint))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_merges(vocab["merges"])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_ids[0])
+    if len(config.eos_token_ids) > 1:  # e.g. Llama 3's <|eot_id|> beside <|end_of_text|>
+        writer.add_eot_token_id(config.eos_token_ids[1])
+    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_eos_token(False)
+    if vocab["chat_template"]:
+        writer.add_chat_template(vocab["chat_template"])
+
+
+# llama.cpp's llama_ftype for each mixture, for --via llama.cpp
+_LLAMA_FTYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q8_0": 7,
+    "q8_0_f16emb": 7,
+    "q4_k": 14,
+    "q4_k_m": 15,
+    "q6_k": 18,
+}
+
+
+def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: str = "q4_k_m") -> Path:
+    """Write an F32 GGUF with edgelm, then quantize it with llama.cpp's own quantizer (llama_model_quantize),
+    so that both quantizers can be compared on the same model."""
+    if quant not in _LLAMA_FTYPES:
+        raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(_LLAMA_FTYPES)}")
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise missing_dependency("llama_cpp", "llamacpp") from None
+    checkpoint = Path(checkpoint)
+    path = output_path(checkpoint, Path(out) if out is not None else None, quant)
+    f32 = export_gguf(checkpoint, temporary_sibling(path).with_suffix(".f32.gguf"), "f32")
+    tmp = temporary_sibling(path)
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = _LLAMA_FTYPES[quant]
+        params.nthread = os.cpu_count() or 1
+        if quant == "q8_0_f16emb":
+            params.token_embedding_type = params.output_tensor_type = int(T.F16)
+        status = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params)
+        if status != 0:
+            raise EdgelmError(f"llama.cpp's quantizer failed on {f32} (status {status})")
+        tmp.replace(path)
+    finally:
+        f32.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,130 @@
+"""The llama.cpp runtime: runs a GGUF file through llama-cpp-python, on CPU, or on the GPU of a CUDA or
+Metal build of llama.cpp (all layers offloaded).
+
+The model is opened with llama-cpp-python's `Llama` (mmap, threads, GPU layers), and tokens are decoded
+through llama.cpp's own batch API, asking for logits only at the positions the caller wants. One lock per
+runtime serializes calls, so two threads never interleave their state in one llama.cpp context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import llama_cpp
+import numpy as np
+from edgelm.runtimes.base import check_ids
+
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError
+from edgelm.gguf_reader import read_gguf
+from edgelm.tokenizer import tokenizer_from_gguf
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" → the GPU of a CUDA or Metal build, else "cpu"; "cuda"/"metal" need such a build."""
+    gpu = "metal" if sys.platform == "darwin" else "cuda"
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "auto":
+        return gpu if offload else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.split(":")[0] in ("cuda", "metal", "gpu"):
+        if not offload:
+            raise EdgelmError(
+                f"device {device} requested but this llama-cpp-python has no GPU support; reinstall it with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            )
+        return gpu
+    raise EdgelmError(f"unknown device {device!r} for llama.cpp; use auto, cpu, cuda or metal")
+
+
+class LlamaCppRuntime:
+    """A GGUF file in llama.cpp, with its KV cache holding one sequence."""
+
+    name: ClassVar[str] = "llamacpp"
+    artifacts: ClassVar[tuple[str, ...]] = ("gguf",)
+
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int | None = None, context: int | None = None
+    ) -> None:
+        gguf = read_gguf(path)
+        self.config = ModelConfig.from_gguf(gguf.metadata, "output.weight" not in gguf.tensors, str(path))
+        self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
+        self.device = resolve_device(device)
+        self.context = min(
+            context or self.config.max_position_embeddings, self.config.max_position_embeddings
+        )
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self._lock = threading.Lock()
+        try:
+            self._llama = llama_cpp.Llama(
+                str(path),
+                n_ctx=self.context,
+                n_batch=min(512, self.context),
+                n_ubatch=min(512, self.context),
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                n_gpu_layers=-1 if self.device != "cpu" else 0,
+                use_mmap=True,
+                verbose=False,
+            )
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise EdgelmError(f"{path}: llama.cpp could not load it ({e})") from None
+        self._n_batch = min(512, self.context)
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._llama.model))
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self.position = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llama.ctx), True)
+            self.position = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        with self._lock:
+            if self._llama is None:
+                raise EdgelmError("this runtime has been closed; load the model again")
+            array = check_ids(ids, self.config.vocab_size, self.position, self.context)
+            rows = []
+            for start in range(0, array.size, self._n_batch):
+                chunk = array[start : start + self._n_batch]
+                last_chunk = start + chunk.size == array.size
+                rows.append(self._decode(chunk, all_logits, last_chunk))
+            return np.concatenate(rows) if all_logits else rows[-1]
+
+    def _decode(self, chunk: np.ndarray, all_logits: bool, last_chunk: bool) -> np.ndarray:
+        """Decode one batch; logits for every token (all_logits) or for the last of the last chunk."""
+        batch = self._batch
+        n = chunk.size
+        batch.n_tokens = n
+        for i, token in enumerate(chunk.tolist()):
+            batch.token[i] = token
+            batch.pos[i] = self.position + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or (last_chunk and i == n - 1)
+        status = llama_cpp.llama_decode(self._llama.ctx, batch)
+        if status != 0:
+            raise EdgelmError(f"llama.cpp failed to decode (status {status})")
+        self.position += n
+        wanted = range(n) if all_logits else [n - 1] if last_chunk else []
+        out = np.empty((len(wanted), self._vocab), dtype=np.float32)
+        for row, i in enumerate(wanted):
+            pointer = llama_cpp.llama_get_logits_ith(self._llama.ctx, i)
+            out[row] = np.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self._vocab,)
+            )
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._llama is not None:
+                llama_cpp.llama_batch_free(self._batch)
+                self._llama.close()
+                self._llama = None

@@ -1,0 +1,209 @@
+"""Activation statistics against transformers' LlamaForCausalLM on the same checkpoint, and their use as
+quantization importance."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
+from transformers import LlamaForCausalLM
+
+from edgelm.calibration import activation_importance, calibration_windows, read_calibration_text
+from edgelm.checkpoint import load_checkpoint, tensor_shapes
+from edgelm.errors import EdgelmError
+from edgelm.quant import quantize_blocks
+from edgelm.tokenizer import Tokenizer
+
+CONTEXT = 24  # SAMPLE_TEXT (86 tokens) becomes 3 windows of 24 and a short one of 18
+TIED = dataclasses.replace(SMALL, tie_word_embeddings=True, num_key_value_heads=4)
+
+
+def reference_windows(tokenizer: Tokenizer, text: str, context: int) -> list[list[int]]:
+    """BOS and then the next context - 1 tokens of the text, written out independently of edgelm."""
+    ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
+    return [[tokenizer.bos_id, *ids[i : i + context - 1]] for i in range(0, len(ids), context - 1)]
+
+
+def hf_linear_inputs(directory: Path, windows: list[list[int]]) -> dict[str, np.ndarray]:
+    """The inputs (tokens, in) of every nn.Linear of transformers' model over the windows, by weight name."""
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    captured: dict[str, list[np.ndarray]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key = f"{name}.weight"
+            captured[key] = []
+            module.register_forward_pre_hook(
+                lambda _m, args, key=key: captured[key].append(args[0][0].double().numpy())
+            )
+    with torch.no_grad():
+        for window in windows:
+            model(torch.tensor([window]))
+    return {key: np.concatenate(xs) for key, xs in captured.items()}
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def measured(request, tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer):
+    """(checkpoint, our statistics, transformers' linear inputs) for SAMPLE_TEXT in windows of CONTEXT."""
+    config = TIED if request.param == "tied" else SMALL
+    directory = make_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", small_tokenizer, config)
+    ours = activation_importance(directory, SAMPLE_TEXT, context=CONTEXT)
+    theirs = hf_linear_inputs(directory, reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT))
+    return directory, ours, theirs
+
+
+# ----------------------------------------------------------------------------------------------- values
+
+
+def test_keys_and_shapes(measured) -> None:
+    directory, ours, _ = measured
+    config, tensors, _ = load_checkpoint(directory)
+    quantized = {n for n, shape in tensor_shapes(config).items() if len(shape) == 2} | {"lm_head.weight"}
+    assert set(ours) == quantized - {"model.embed_tokens.weight"}
+    for name, importance in ours.items():
+        weight = tensors.get(name, tensors["model.embed_tokens.weight"])  # tied: the head is the embedding
+        assert importance.dtype == np.float32 and importance.shape == (weight.shape[1],), name
+        assert np.isfinite(importance).all() and (importance > 0).all(), name
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = ours[p + "self_attn.q_proj.weight"]
+        assert np.array_equal(q, ours[p + "self_attn.k_proj.weight"])
+        assert np.array_equal(q, ours[p + "self_attn.v_proj.weight"])
+        assert np.array_equal(ours[p + "mlp.gate_proj.weight"], ours[p + "mlp.up_proj.weight"])
+    assert ours[p + "self_attn.q_proj.weight"] is not ours[p + "self_attn.k_proj.weight"]  # no aliasing
+
+
+def test_equal_to_mean_square_of_transformers_inputs(measured) -> None:
+    _, ours, theirs = measured
+    assert set(ours) == set(theirs)
+    for name, x in theirs.items():
+        assert x.shape[0] == 86 + 4  # every token, the BOS of each of the 4 windows included
+        np.testing.assert_allclose(ours[name], (x * x).mean(axis=0), rtol=1e-4, err_msg=name)
+
+
+def test_equal_to_norms_of_transformers_hidden_states(checkpoint: Path, small_tokenizer: Tokenizer) -> None:
+    """q_proj of layer 1 reads input_layernorm(layer 0's output), lm_head reads the final norm's output."""
+    _, tensors, _ = load_checkpoint(checkpoint)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    windows = reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT)
+    layer1, final = [], []
+    with torch.no_grad():
+        for window in windows:
+            out = model.model(torch.tensor([window]), output_hidden_states=True)
+            layer1.append(out.hidden_states[1][0].double().numpy())  # (T, h): the input of layer 1
+            final.append(out.last_hidden_state[0].double().numpy())  # (T, h): after the final norm
+
+    def rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return weight * x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + SMALL.rms_norm_eps)
+
+    q_input = rms_norm(np.concatenate(layer1), tensors["model.layers.1.input_layernorm.weight"])
+    head_input = np.concatenate(final)
+    ours = activation_importance(checkpoint, SAMPLE_TEXT, context=CONTEXT)
+    q_name = "model.layers.1.self_attn.q_proj.weight"
+    np.testing.assert_allclose(ours[q_name], (q_input**2).mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(ours["lm_head.weight"], (head_input**2).mean(axis=0), rtol=1e-4)
+
+
+def test_default_context_and_max_tokens(checkpoint: Path, small_tokenizer: Tokenizer) -> None:
+    name = "model.layers.0.mlp.down_proj.weight"
+    # the model's context (96) holds BOS + the 86 tokens: one window
+    one_window = hf_linear_inputs(checkpoint, reference_windows(small_tokenizer, SAMPLE_TEXT, 96))[name]
+    ours = activation_importance(checkpoint, SAMPLE_TEXT)
+    np.testing.assert_allclose(ours[name], (one_window**2).mean(0), rtol=1e-4)
+    # 30 tokens: a window of 24, then BOS + 5 tokens
+    first = reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT)[:2]
+    first[1] = first[1][:6]
+    cut = hf_linear_inputs(checkpoint, first)[name]
+    assert cut.shape[0] == 30
+    ours = activation_importance(checkpoint, SAMPLE_TEXT, context=CONTEXT, max_tokens=30)
+    np.testing.assert_allclose(ours[name], (cut**2).mean(0), rtol=1e-4)
+
+
+def test_calibration_windows() -> None:
+    ids = list(range(10, 20))
+    assert calibration_windows(ids, 1, 4, 100) == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18], [1, 19]]
+    assert calibration_windows(ids, 1, 4, 6) == [[1, 10, 11, 12], [1, 13]]
+    assert calibration_windows(ids, 1, 4, 5) == [[1, 10, 11, 12]]  # BOS alone is no window
+    assert calibration_windows(ids, 1, 20, 100) == [[1, *ids]]
+    assert calibration_windows(ids, 1, 2, 4) == [[1, 10], [1, 11]]
+    with pytest.raises(EdgelmError, match="context=1 is too small"):
+        calibration_windows(ids, 1, 1, 100)
+
+
+# ------------------------------------------------------------------------------- use as importance
+
+
+def test_importance_lowers_the_output_error_of_quantized_weights(measured) -> None:
+    """||(W - Wq) x||² summed over the calibration activations, 4-bit symmetric blocks of 32 (Q4_0's layout),
+    quantized with and without the importance."""
+    directory, ours, theirs = measured
+    _, tensors, _ = load_checkpoint(directory)
+    plain_total = steered_total = 0.0
+    wins = 0
+    for name, importance in ours.items():
+        w = tensors.get(name, tensors["model.embed_tokens.weight"])
+        x = theirs[name]  # (tokens, in)
+        errors = []
+        for imp in (None, importance):
+            wq = quantize_blocks(w, 4, 32, True, importance=imp).dequantize()
+            errors.append(float((((w - wq).astype(np.float64) @ x.T) ** 2).sum()))
+        plain, steered = errors
+        wins += steered <= plain
+        plain_total, steered_total = plain_total + plain, steered_total + steered
+    assert wins >= 0.75 * len(ours), f"importance helped only {wins} of {len(ours)} weights"
+    assert steered_total < 0.97 * plain_total
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"text": ""}, "calibration text is empty"),
+        ({"text": " \n\t "}, "calibration text is empty"),
+        ({"text": "a"}, r"only 1 token\(s\): too short"),
+        ({"text": b"hello world"}, "must be a str, not bytes"),
+        ({"context": 0}, "context=0 is too small"),
+        ({"context": -5}, "context=-5 is too small"),
+        ({"context": 1}, "context=1 is too small"),
+        ({"context": 2.5}, "context must be an integer"),
+        ({"context": 97}, "context=97 exceeds the model's context of 96 tokens"),
+        ({"max_tokens": 1}, "max_tokens=1 is too small"),
+    ],
+)
+def test_bad_arguments(checkpoint: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(EdgelmError, match=message):
+        activation_importance(checkpoint, **{"text": SAMPLE_TEXT, **kwargs})
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(EdgelmError, match="not a checkpoint directory"):
+        activation_importance(tmp_path / "nothing", SAMPLE_TEXT)
+
+
+def test_without_torch(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
+    with pytest.raises(EdgelmError, match=r"pip install 'edgelm\[torch\]'"):
+        activation_importance(checkpoint, SAMPLE_TEXT)
+
+
+def test_read_calibration_text(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.txt"
+    path.write_bytes(b"\xef\xbb\xbfline one\r\nline two \xf0\x9f\x9a\x80\n")
+    assert read_calibration_text(path) == "line one\r\nline two 🚀\n"  # BOM dropped, bytes kept as they are
+    with pytest.raises(EdgelmError, match=r"missing\.txt: not found"):
+        read_calibration_text(tmp_path / "missing.txt")
+    with pytest.raises(EdgelmError, match="not a file"):
+        read_calibration_text(tmp_path)
+    path.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(EdgelmError, match=r"not UTF-8 \(byte 3: invalid continuation byte\)"):
+        read_calibration_text(path)
+    for empty in (b"", b" \n\n", b"\xef\xbb\xbf"):
+        path.write_bytes(empty)
+        with pytest.raises(EdgelmError, match=r"calibration\.txt: empty"):
+            read_calibration_text(path)

@@ -1,0 +1,158 @@
+"""GGUF export against its oracles: llama.cpp (tokenizer, logits, its own quantizer's type choices) and
+gguf-py (its dequantizers read our packed blocks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL, make_checkpoint
+from edgelm.export.gguf import (
+    MIXTURES,
+    encode_tensor,
+    export_gguf,
+    export_gguf_via_llama_cpp,
+    gguf_name,
+    permute_for_gguf,
+    tensor_type,
+)
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+from test_tokenizer import VARIED
+
+import edgelm
+from edgelm.checkpoint import load_checkpoint
+from edgelm.data import load_tokens, validation_windows
+from edgelm.errors import EdgelmError
+from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXT = VARIED + "x = 12345 + 678\n\n\n    indented\tline  \n" + "数字 ١٢٣ 🎉🎉 naïve café\n"
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {quant: export_gguf(trained_run, out, quant) for quant in ("f32", "q8_0", "q4_0", "q4_k_m")}
+
+
+def logits_on_windows(model: edgelm.Model, windows: np.ndarray) -> np.ndarray:
+    rows = []
+    for window in windows:
+        model.runtime.reset()
+        rows.append(model.runtime.forward(window.tolist(), all_logits=True))
+    return np.concatenate(rows)
+
+
+def test_llama_cpp_tokenizes_like_edgelm(trained_run: Path, exported: dict[str, Path]) -> None:
+    tokenizer = Tokenizer.load(trained_run)
+    vocab_only = llama_cpp.Llama(str(exported["f32"]), vocab_only=True, verbose=False)
+    for text in (TEXT, TEXT * 3, "   ", "\n\n\n", "a" * 50, "1234567890"):
+        ours = tokenizer.encode(text)
+        assert vocab_only.tokenize(text.encode(), add_bos=False, special=False) == ours
+        assert vocab_only.tokenize(text.encode(), add_bos=True, special=False) == [tokenizer.bos_id, *ours]
+    rebuilt = tokenizer_from_gguf(gguf_metadata(exported["f32"]), "test")
+    assert rebuilt.encode(TEXT) == tokenizer.encode(TEXT) and rebuilt.decode(tokenizer.encode(TEXT)) == TEXT
+
+
+def gguf_metadata(path: Path) -> dict:
+    from edgelm.gguf_reader import read_gguf
+
+    return read_gguf(path).metadata
+
+
+@pytest.mark.slow
+def test_f32_and_q8_0_in_llama_cpp_match_torch(trained_run: Path, exported: dict[str, Path]) -> None:
+    windows = validation_windows(load_tokens(trained_run / "data").val, 128, max_windows=8)[:, :-1]
+    with edgelm.load(trained_run) as reference:
+        expected = logits_on_windows(reference, windows)
+    with edgelm.load(exported["f32"]) as f32:
+        assert f32.runtime.name == "llamacpp"
+        got = logits_on_windows(f32, windows)
+    delta = np.abs(got - expected).max()
+    assert delta < 2e-3, delta  # measured ~3e-4: llama.cpp's F16 KV cache and its own summation order
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
+    with edgelm.load(exported["q8_0"]) as q8:
+        top1 = (logits_on_windows(q8, windows).argmax(-1) == expected.argmax(-1)).mean()
+    assert top1 >= 0.98, top1
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0", "q4_k_m"])
+def test_packed_tensors_equal_quant_py(trained_run: Path, exported: dict[str, Path], quant: str) -> None:
+    config, tensors, _ = load_checkpoint(trained_run)
+    reader = GGUFReader(exported[quant])
+    by_name = {t.name: t for t in reader.tensors}
+    assert len(by_name) == len(tensors)
+    for hf_name, w in tensors.items():
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_for_gguf(
+                w, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            )
+        stored = by_name[gguf_name(hf_name)]
+        expected_type = tensor_type(
+            gguf_name(hf_name), w.shape, MIXTURES[quant], config.num_hidden_layers, True
+        )
+        assert stored.tensor_type == expected_type
+        theirs = gguf_dequantize(stored.data, stored.tensor_type).reshape(w.shape)
+        ours = _dequantized(w, expected_type)
+        assert np.array_equal(theirs, ours), hf_name
+
+
+def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType as T
+
+    data = encode_tensor(w, qtype, None)
+    return (
+        data.astype(np.float32) if qtype in (T.F32, T.F16) else gguf_dequantize(data, qtype).reshape(w.shape)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m", "q8_0_f16emb"])
+def test_tensor_types_equal_llama_cpp_quantizer(
+    tmp_path: Path, small_tokenizer: Tokenizer, quant: str
+) -> None:
+    """A model with 256-wide rows, so K-quants are used, and enough layers for Q4_K_M's use_more_bits."""
+    config = dataclasses.replace(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        head_dim=64,
+        tie_word_embeddings=False,
+    )
+    checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
+    ours = GGUFReader(export_gguf(checkpoint, tmp_path / "ours", quant))
+    theirs = GGUFReader(export_gguf_via_llama_cpp(checkpoint, tmp_path / "theirs", quant))
+    assert {t.name: t.tensor_type.name for t in ours.tensors} == {
+        t.name: t.tensor_type.name for t in theirs.tensors
+    }
+    assert {t.tensor_type.name for t in ours.tensors} >= {"F32", MIXTURES[quant].base.name}
+
+
+def test_generation_through_llama_cpp(exported: dict[str, Path]) -> None:
+    with edgelm.load(exported["q4_k_m"]) as model:
+        text = model.generate("def parse_args(", max_new_tokens=20, temperature=0)
+        assert model.runtime.device == "cpu" and len(text) > 0
+        assert "".join(model.stream("def parse_args(", max_new_tokens=20, temperature=0)) == text
+        assert model.config.tie_word_embeddings and model.config.max_position_embeddings == 128
+        with pytest.raises(EdgelmError, match="context"):
+            model.runtime.forward([5] * 200)
+
+
+def test_output_names_and_bad_input(checkpoint: Path, tmp_path: Path) -> None:
+    assert export_gguf(checkpoint, tmp_path, "q8_0").name == "ckpt-Q8_0.gguf"
+    assert export_gguf(checkpoint, tmp_path / "named.gguf", "f16").name == "named.gguf"
+    with pytest.raises(EdgelmError, match="unknown GGUF quantization 'q3_x'"):
+        export_gguf(checkpoint, tmp_path, "q3_x")
+    spec = json.loads((checkpoint / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (checkpoint / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(EdgelmError, match=r"pre-tokenizer .*Whitespace.* llama\.cpp"):
+        export_gguf(checkpoint, tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-Q8_0.gguf", "named.gguf"]
