@@ -122,11 +122,11 @@ def encode_tensor(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.
         return w.astype(np.float32)
     if qtype == T.F16:
         return w.astype(np.float16)
-    quantize, pack = _QUANTIZERS[qtype]
+    quantize, pack = QUANTIZERS[qtype]
     return pack(quantize(w, importance))
 
 
-_QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
+QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
     T.Q8_0: (lambda w, imp: quantize_blocks(w, 8, 32, True, importance=imp), gguf_blocks.pack_q8_0),
     T.Q5_0: (lambda w, imp: quantize_blocks(w, 5, 32, True, importance=imp), gguf_blocks.pack_q5_0),
     T.Q4_0: (lambda w, imp: quantize_blocks(w, 4, 32, True, importance=imp), gguf_blocks.pack_q4_0),

@@ -25,6 +25,8 @@ from edgelm.errors import EdgelmError
 from edgelm.gguf_reader import read_gguf
 from edgelm.tokenizer import tokenizer_from_gguf
 
+KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
+
 
 def resolve_device(device: str) -> str:
     """ "auto" → the GPU of a CUDA or Metal build, else "cpu"; "cuda"/"metal" need such a build."""
@@ -51,8 +53,16 @@ class LlamaCppRuntime:
     artifacts: ClassVar[tuple[str, ...]] = ("gguf",)
 
     def __init__(
-        self, path: Path, device: str = "auto", threads: int | None = None, context: int | None = None
+        self,
+        path: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        context: int | None = None,
+        kv_cache: str = "f16",
     ) -> None:
+        """`kv_cache`: "f16", llama.cpp's default, or "f32", exact keys and values for accuracy checks."""
+        if kv_cache not in KV_CACHE_TYPES:
+            raise EdgelmError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         gguf = read_gguf(path)
         self.config = ModelConfig.from_gguf(gguf.metadata, "output.weight" not in gguf.tensors, str(path))
         self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
@@ -72,6 +82,8 @@ class LlamaCppRuntime:
                 n_threads_batch=self.threads,
                 n_gpu_layers=-1 if self.device != "cpu" else 0,
                 use_mmap=True,
+                type_k=KV_CACHE_TYPES[kv_cache],
+                type_v=KV_CACHE_TYPES[kv_cache],
                 verbose=False,
             )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"

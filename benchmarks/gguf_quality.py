@@ -1,0 +1,129 @@
+"""edgelm's GGUF quantizer against llama.cpp's own, on one checkpoint, in one run.
+
+    python benchmarks/gguf_quality.py runs/tiny [--types q8_0,q4_0,q4_k_m] [--calibration FILE] [--windows 16]
+
+For each type, the checkpoint is exported twice: by edgelm (`export_gguf`) and by llama.cpp's quantizer from
+edgelm's F32 file (`--via llama.cpp`). Both files run in the same llama.cpp runtime, so the speed ratio
+isolates nothing but the file (expected 1.0 ± noise); the accuracy is the mean KL divergence of each file's
+next-token distribution from the float32 PyTorch reference on held-out windows of the run's validation split.
+Speed is llama-bench style: pp (prefill of one context) and tg128 (decode) tokens/s, mean ± std of 5 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
+
+import edgelm
+from edgelm.data import load_tokens, validation_windows
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def all_logits(model: edgelm.Model, windows: np.ndarray) -> np.ndarray:
+    rows = []
+    for window in windows:
+        model.runtime.reset()
+        rows.append(model.runtime.forward(window.tolist(), all_logits=True))
+    return np.concatenate(rows)
+
+
+def mean_kld(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(p_ref ‖ p), in nats."""
+    ref, other = log_softmax(reference), log_softmax(logits)
+    return float((np.exp(ref) * (ref - other)).sum(-1).mean())
+
+
+def speed(path: Path, prompt: list[int], runs: int = 5, decode: int = 128) -> tuple[list[float], list[float]]:
+    """Prefill and decode tokens/s over `runs` repetitions (after one warm-up)."""
+    pp, tg = [], []
+    with edgelm.load(path) as model:
+        rt = model.runtime
+        for i in range(runs + 1):
+            rt.reset()
+            start = time.perf_counter()
+            rt.forward(prompt)
+            prefill = time.perf_counter() - start
+            rt.reset()
+            rt.forward(prompt[:1])
+            start = time.perf_counter()
+            for _ in range(decode):
+                rt.forward([7])
+            generate = time.perf_counter() - start
+            if i:
+                pp.append(len(prompt) / prefill)
+                tg.append(decode / generate)
+    return pp, tg
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.mean(values):9,.0f} ± {statistics.stdev(values):6,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="an edgelm training run (it holds the validation tokens)"
+    )
+    parser.add_argument("--types", default="q8_0,q4_0,q4_k_m")
+    parser.add_argument("--calibration", type=Path, help="also export edgelm files calibrated on this text")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows for the KL divergence")
+    args = parser.parse_args()
+
+    with edgelm.load(args.checkpoint) as reference:
+        context = reference.config.max_position_embeddings
+        windows = validation_windows(load_tokens(args.checkpoint / "data").val, context - 1, args.windows)
+        expected = all_logits(reference, windows)
+    prompt = windows[0, : min(512, context - 130)].tolist()
+    importance = None
+    if args.calibration:
+        from edgelm.calibration import activation_importance, read_calibration_text
+
+        importance = activation_importance(args.checkpoint, read_calibration_text(args.calibration))
+
+    print(
+        f"{args.checkpoint}: {windows.size:,} held-out tokens in {len(windows)} windows; "
+        f"pp{len(prompt)} and tg128 in llama.cpp"
+    )
+    print(f"{'type':<8} {'quantizer':<22} {'size MB':>8} {'mean KLD':>9} {'pp t/s':>18} {'tg t/s':>18}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in args.types.split(","):
+            files = {
+                "llama.cpp": export_gguf_via_llama_cpp(args.checkpoint, Path(tmp) / "llama.cpp", quant),
+                "edgelm": export_gguf(args.checkpoint, Path(tmp) / "edgelm", quant),
+            }
+            if importance is not None:
+                files["edgelm + calibration"] = export_gguf(
+                    args.checkpoint, Path(tmp) / "cal", quant, importance
+                )
+            results = {}
+            for name, path in files.items():
+                with edgelm.load(path) as model:
+                    kld = mean_kld(expected, all_logits(model, windows))
+                pp, tg = speed(path, prompt)
+                results[name] = (kld, pp, tg)
+                size = path.stat().st_size / 1e6
+                print(f"{quant:<8} {name:<22} {size:8.2f} {kld:9.5f} {fmt(pp)} {fmt(tg)}")
+            base_kld, base_pp, base_tg = results["llama.cpp"]
+            for name, (kld, pp, tg) in results.items():
+                if name != "llama.cpp":
+                    print(
+                        f"{'':<8} {name} / llama.cpp: KLD {kld / base_kld:.2f}x, "
+                        f"pp {statistics.mean(pp) / statistics.mean(base_pp):.2f}x, "
+                        f"tg {statistics.mean(tg) / statistics.mean(base_tg):.2f}x"
+                    )
+
+
+if __name__ == "__main__":
+    main()
