@@ -43,12 +43,14 @@ def mean_kld(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(ref) * (ref - other)).sum(-1).mean())
 
 
-def speed(path: Path, prompt: list[int], runs: int = 5, decode: int = 128) -> tuple[list[float], list[float]]:
-    """Prefill and decode tokens/s over `runs` repetitions (after one warm-up)."""
-    pp, tg = [], []
-    with edgelm.load(path) as model:
-        rt = model.runtime
-        for i in range(runs + 1):
+def speeds(paths: list[Path], prompt: list[int], runs: int = 5, decode: int = 128) -> list[tuple[list, list]]:
+    """Prefill and decode tokens/s of each file over `runs` rounds (after a warm-up round); the files take
+    turns within each round, so that a drift in the machine's speed affects them alike."""
+    models = [edgelm.load(path) for path in paths]
+    results: list[tuple[list, list]] = [([], []) for _ in paths]
+    for round_ in range(runs + 1):
+        for model, (pp, tg) in zip(models, results, strict=True):
+            rt = model.runtime
             rt.reset()
             start = time.perf_counter()
             rt.forward(prompt)
@@ -59,10 +61,12 @@ def speed(path: Path, prompt: list[int], runs: int = 5, decode: int = 128) -> tu
             for _ in range(decode):
                 rt.forward([7])
             generate = time.perf_counter() - start
-            if i:
+            if round_:
                 pp.append(len(prompt) / prefill)
                 tg.append(decode / generate)
-    return pp, tg
+    for model in models:
+        model.close()
+    return results
 
 
 def fmt(values: list[float]) -> str:
@@ -108,10 +112,10 @@ def main() -> None:
                     args.checkpoint, Path(tmp) / "cal", quant, importance
                 )
             results = {}
-            for name, path in files.items():
+            timings = speeds(list(files.values()), prompt)
+            for (name, path), (pp, tg) in zip(files.items(), timings, strict=True):
                 with edgelm.load(path) as model:
                     kld = mean_kld(expected, all_logits(model, windows))
-                pp, tg = speed(path, prompt)
                 results[name] = (kld, pp, tg)
                 size = path.stat().st_size / 1e6
                 print(f"{quant:<8} {name:<22} {size:8.2f} {kld:9.5f} {fmt(pp)} {fmt(tg)}")
