@@ -1,21 +1,70 @@
 """The checkpoint directory, in the Hugging Face layout: config.json, model.safetensors (HF tensor names),
-tokenizer.json, tokenizer_config.json, generation_config.json. Read and written with numpy, never pickled."""
+tokenizer.json, tokenizer_config.json, generation_config.json. Read and written with numpy, never pickled.
+
+Weights are read without torch, one tensor at a time, from one safetensors file or from the shards that
+`model.safetensors.index.json` lists, stored as F32, F16 or BF16 and always handed out as float32:
+
+    header (8-byte length, JSON: dtype, shape, data_offsets per tensor) ──validated──▶ TensorEntry list
+    TensorEntry ──seek + readinto──▶ stored array ──widened──▶ float32 array
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
+import math
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
-from edgelm.files import temporary_sibling, write_json_atomic
+from edgelm.files import read_json, temporary_sibling, write_json_atomic
 from edgelm.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# buffers that some writers store beside the weights and that the model recomputes from config.json
+IGNORED_BUFFERS = ("rotary_emb.inv_freq",)
+# the float dtypes read as weights → how their bytes are stored (BF16 as raw 16-bit patterns)
+FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+# bytes per element of every safetensors dtype, to validate the byte ranges of any file
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself puts on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor of a safetensors file lies: its file, dtype, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -30,6 +79,16 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (config.num_key_value_heads * hd, h),
             p + "self_attn.v_proj.weight": (config.num_key_value_heads * hd, h),
             p + "self_attn.o_proj.weight": (h, config.num_attention_heads * hd),
+        }
+        if config.qkv_bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (config.num_attention_heads * hd,),
+                p + "self_attn.k_proj.bias": (config.num_key_value_heads * hd,),
+                p + "self_attn.v_proj.bias": (config.num_key_value_heads * hd,),
+            }
+        if config.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes |= {
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (config.intermediate_size, h),
             p + "mlp.up_proj.weight": (config.intermediate_size, h),
@@ -74,64 +133,248 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
-    """Read and validate a checkpoint directory: its config, float32 weights by HF name, and tokenizer."""
+    """Read and validate a checkpoint directory: its config, float32 weights by HF name, and tokenizer.
+
+    Names and shapes are checked against config.json before any tensor is read.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise EdgelmError(f"{directory}: not a checkpoint directory")
     config = ModelConfig.load(directory)
-    tensors = read_weights(directory / WEIGHTS)
-    check_tensors(config, tensors, str(directory / WEIGHTS))
+    entries = weight_entries(directory)
+    check_shapes(config, {e.name: e.shape for e in entries}, str(weights_path(directory)))
+    expected = tensor_shapes(config)  # without a tied head that some writers store twice
+    tensors = dict(read_entries(e for e in entries if e.name in expected))
     return config, tensors, Tokenizer.load(directory)
 
 
+def weights_path(directory: Path) -> Path:
+    """The file that holds or lists a checkpoint's weights: model.safetensors, else the shards' index."""
+    directory = Path(directory)
+    for name in (WEIGHTS, WEIGHTS_INDEX):  # transformers prefers the single file too
+        if (directory / name).is_file():
+            return directory / name
+    hint = ""
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        hint = (
+            "; edgelm never unpickles .bin/.pt weights: re-save them as safetensors, e.g. "
+            "transformers' model.save_pretrained(folder)"
+        )
+    raise EdgelmError(f"{directory}: no {WEIGHTS} or {WEIGHTS_INDEX} (the weights are missing){hint}")
+
+
+def weight_entries(directory: Path) -> list[TensorEntry]:
+    """Every weight tensor of a checkpoint directory, its one file or all its shards, validated and in
+    reading order; known buffers like `rotary_emb.inv_freq` are left out."""
+    path = weights_path(directory)
+    entries = shard_entries(path) if path.name == WEIGHTS_INDEX else read_header(path)[0]
+    return float_weights(entries)
+
+
+def weight_names(directory: Path) -> list[str]:
+    """The HF names of a checkpoint directory's weights, in the order `iter_weights` yields them."""
+    return [e.name for e in weight_entries(directory)]
+
+
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each weight of a checkpoint directory, read from the headers alone."""
+    return {e.name: e.shape for e in weight_entries(directory)}
+
+
+def iter_weights(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) for each weight of a checkpoint directory, one tensor in memory at a time.
+
+    Every header (and, for a sharded checkpoint, every shard) is validated when this is called, before
+    the first tensor is read, so a broken checkpoint fails before a conversion writes anything.
+    """
+    return read_entries(weight_entries(directory))
+
+
 def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as float32 numpy arrays."""
-    if not path.is_file():
-        raise EdgelmError(f"{path}: not found (a checkpoint keeps its weights in {WEIGHTS})")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {name: f.get_tensor(name).astype(np.float32, copy=False) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise EdgelmError(
-            f"{path}: cannot be read as safetensors ({e}); the file may be truncated or "
-            "corrupt, re-create or re-download it"
-        ) from None
+    """All weights of one safetensors file, or of a checkpoint directory, as float32 numpy arrays."""
+    path = Path(path)
+    entries = weight_entries(path) if path.is_dir() else float_weights(read_header(path)[0])
+    return dict(read_entries(entries))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The string metadata stored in a safetensors header."""
+    return read_header(Path(path))[1]
+
+
+def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Parse and validate a safetensors header: its tensors in file order, and its string metadata.
+
+    Layout: an 8-byte little-endian header length, the JSON header
+    ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the data,
+    offsets counted from its start. Every range must lie inside the file, match its shape and dtype, and
+    overlap no other.
+    """
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise EdgelmError(f"{path}: cannot be read as safetensors ({e})") from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise unreadable(path, f"{size} bytes, too short for the header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise unreadable(path, f"a header of {length} bytes does not fit in the {size}-byte file")
+            raw = f.read(length)
+    except FileNotFoundError:
+        raise EdgelmError(f"{path}: not found (a checkpoint keeps its weights in {WEIGHTS})") from None
+    except OSError as e:
+        raise unreadable(path, str(e)) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise unreadable(path, f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise unreadable(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise unreadable(path, "__metadata__ is not a map of strings")
+    entries = sorted(
+        (header_entry(path, name, info, 8 + length, size) for name, info in header.items()),
+        key=lambda e: (e.start, e.end),
+    )
+    for a, b in itertools.pairwise(entries):
+        if b.start < a.end:
+            raise unreadable(path, f"the data of {a.name} and {b.name} overlap")
+    return entries, metadata
 
 
-def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
-    """Refuse weights whose names or shapes do not match the config, naming the first few problems.
+def header_entry(path: Path, name: str, info: object, data_start: int, file_size: int) -> TensorEntry:
+    """Validate one tensor's header entry and place it in the file."""
+    if not isinstance(info, dict):
+        raise unreadable(path, f"the header entry of {name} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise unreadable(path, f"{name} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_count(n) for n in shape):
+        raise unreadable(path, f"{name} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(n) for n in offsets)):
+        raise unreadable(path, f"{name} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not begin <= end <= file_size - data_start:
+        raise unreadable(path, f"the data of {name}, bytes {begin}..{end}, lie outside the file")
+    needed = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != needed:
+        raise unreadable(path, f"{name} holds {end - begin} bytes, not the {needed} of {dtype} {shape}")
+    return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
-    A tied head stored beside the embeddings (some writers do) is dropped from `tensors`.
+
+def shard_entries(index: Path) -> list[TensorEntry]:
+    """The tensors that a `model.safetensors.index.json` places in its shards, shard by shard."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EdgelmError(f"{index}: no weight_map of tensor names to shard files")
+    entries: list[TensorEntry] = []
+    for shard in sorted(set(weight_map.values())):
+        names = [name for name, file in weight_map.items() if file == shard]
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise EdgelmError(f"{index}: shard {shard!r} is not a file name in the checkpoint folder")
+        path = index.parent / shard
+        if not path.is_file():
+            raise EdgelmError(
+                f"{index}: shard {shard} is missing (it holds {names[0]} and {len(names) - 1} more "
+                "tensors); download every file that the index lists"
+            )
+        found = {e.name: e for e in read_header(path)[0]}
+        absent = [name for name in names if name not in found]
+        if absent:
+            raise EdgelmError(f"{path}: {absent[0]} is missing, though {index.name} places it in this shard")
+        entries += sorted((found[name] for name in names), key=lambda e: e.start)
+    return entries
+
+
+def float_weights(entries: list[TensorEntry]) -> list[TensorEntry]:
+    """Drop known harmless buffers; refuse tensors that are not F32, F16 or BF16."""
+    kept = [e for e in entries if not e.name.endswith(IGNORED_BUFFERS)]
+    for e in kept:
+        if e.dtype not in FLOAT_DTYPES:
+            raise EdgelmError(
+                f"{e.path}: {e.name} is stored as {e.dtype}; edgelm reads F32, F16 and BF16 weights "
+                "(a quantized checkpoint needs its unquantized original)"
+            )
+    return kept
+
+
+def read_entries(entries: Iterable[TensorEntry]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) for each entry, opening each file once for its consecutive entries."""
+    for path, group in itertools.groupby(entries, key=lambda e: e.path):
+        with open(path, "rb") as f:
+            for entry in group:
+                yield entry.name, read_tensor(f, entry)
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
+    """One tensor from its open file as float32; BF16 is widened by putting its 16 bits on top of 32."""
+    stored = np.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+    f.seek(entry.start)
+    if f.readinto(memoryview(stored.reshape(-1)).cast("B")) != entry.end - entry.start:
+        raise unreadable(entry.path, f"the file ended inside {entry.name}")
+    if entry.dtype == "BF16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+def is_count(value: object) -> bool:
+    """A non-negative integer that is not a bool (JSON true would pass isinstance(int))."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def unreadable(path: Path, reason: str) -> EdgelmError:
+    """The error for a file that is not valid safetensors."""
+    return EdgelmError(
+        f"{path}: cannot be read as safetensors ({reason}); the file may be truncated or corrupt, "
+        "re-create or re-download it"
+    )
+
+
+def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse weight names or shapes that do not match the config, naming the first few problems.
+
+    A tied head stored beside the embeddings (some writers do) is accepted and ignored.
     """
     expected = tensor_shapes(config)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some writers store the tied head twice
-    problems = [f"missing {n}" for n in expected if n not in tensors]
-    problems += [f"unexpected {n}" for n in tensors if n not in expected]
+    problems = [f"missing {n}" for n in expected if n not in shapes]
     problems += [
-        f"{n} has shape {tuple(t.shape)}, config.json implies {expected[n]}"
-        for n, t in tensors.items()
-        if n in expected and tuple(t.shape) != expected[n]
+        f"unexpected {n}"
+        for n in shapes
+        if n not in expected and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    problems += [
+        f"{n} has shape {tuple(shape)}, config.json implies {expected[n]}"
+        for n, shape in shapes.items()
+        if n in expected and tuple(shape) != expected[n]
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise EdgelmError(f"{where}: weights do not match config.json: {'; '.join(problems[:3])}{more}")
 
 
+def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+    """Refuse weights whose names or shapes do not match the config (see `check_shapes`).
+
+    A tied head stored beside the embeddings (some writers do) is dropped from `tensors`.
+    """
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    check_shapes(config, {n: tuple(t.shape) for n, t in tensors.items()}, where)
+
+
 def checkpoint_sha256(directory: Path) -> str:
-    """A hash of what makes the model: config.json, the weights and tokenizer.json (for provenance)."""
+    """A hash of what makes the model: config.json, the weights (each shard) and tokenizer.json."""
+    directory = Path(directory)
+    weights = weights_path(directory)
+    files = [weights]
+    if weights.name == WEIGHTS_INDEX:
+        files += sorted({directory / shard for shard in read_json(weights)["weight_map"].values()})
     digest = hashlib.sha256()
-    for name in ("config.json", WEIGHTS, "tokenizer.json"):
-        with open(Path(directory) / name, "rb") as f:
+    for path in (directory / "config.json", *files, directory / "tokenizer.json"):
+        with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()

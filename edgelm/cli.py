@@ -16,6 +16,8 @@ edgelm: train a small Llama-style model, export it to ONNX and GGUF, and run and
   edgelm train --out runs/tiny              train the tiny preset on the built-in corpus (a few minutes, CPU)
   edgelm generate runs/tiny --prompt "def "  continue a prompt
   edgelm info runs/tiny                     parameters, context and export sizes
+  edgelm export gguf runs/tiny --quant q4_k_m   a GGUF file for llama.cpp
+  edgelm import ~/models/SmolLM2-135M --out ck/smollm2   bring a Hugging Face or GGUF model
 """
 
 
@@ -84,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--runtime", default="auto", help="auto, torch, or an installed plugin's name")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     generate.set_defaults(run=_generate)
+
+    importer = commands.add_parser(
+        "import",
+        help="import a Hugging Face folder or a GGUF file",
+        description="Convert a Llama-family model into an edgelm checkpoint that every command accepts: "
+        "a Hugging Face folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; safetensors, sharded "
+        "or not, in float32, float16 or bfloat16) or a GGUF file of architecture llama (any tensor type "
+        "gguf-py dequantizes; its tokenizer is rebuilt from the GGUF metadata).",
+    )
+    importer.add_argument("source", help="Hugging Face model folder or .gguf file")
+    importer.add_argument("--out", required=True, help="new checkpoint folder")
+    importer.set_defaults(run=_import)
 
     export = commands.add_parser(
         "export", help="export a checkpoint to GGUF", description="Export a checkpoint."
@@ -178,6 +192,13 @@ def _generate(args: argparse.Namespace) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from edgelm.importer import import_model
+
+    out = import_model(Path(args.source), Path(args.out))
+    print(f"imported {args.source} into {out}")
 
 
 def _export_gguf(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ def describe_checkpoint(directory: Path) -> dict[str, Any]:
     return {
         "path": str(directory),
         "format": "checkpoint (Hugging Face layout)",
-        "architecture": "llama",
+        "architecture": config.architecture,
         "parameters": config.num_parameters,
         "context_length": config.max_position_embeddings,
         "vocab_size": config.vocab_size,

@@ -29,10 +29,30 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotation frequency of each pair of dimensions (head_dim/2,), Llama 3's scaling applied if any."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)  # (d/2,)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3: keep short wavelengths, slow long ones by `factor`, interpolate between (as transformers does)
+    original = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * slowed / scaling.factor + smooth * slowed
+    medium = (wavelength >= original / scaling.high_freq_factor) & (
+        wavelength <= original / scaling.low_freq_factor
+    )
+    return torch.where(medium, smoothed, slowed)
+
+
 def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for the given positions in the rotate-half layout, each (T, head_dim)."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
+    inv_freq = rope_frequencies(config, positions.device)  # (d/2,)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
     return angles.cos(), angles.sin()
@@ -46,7 +66,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Keys and values of the tokens seen so far, preallocated to the context length."""
+    """Keys and values of the tokens seen so far. The buffers double in length as the sequence grows, up to
+    the context length, so that a model with a context of 128k tokens does not reserve it up front."""
 
     def __init__(
         self,
@@ -58,13 +79,18 @@ class KVCache(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.max_len = max_len
+        shape = (batch, n_kv_heads, min(max_len, 512), head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hd) at positions start.. and return everything up to their end."""
         end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            length = min(self.max_len, max(end, 2 * self.k.shape[2]))
+            grow = (0, 0, 0, length - self.k.shape[2])  # pad the sequence dimension
+            self.k, self.v = F.pad(self.k, grow), F.pad(self.v, grow)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -78,11 +104,11 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        h, qkv_bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
@@ -155,7 +181,9 @@ class Transformer(nn.Module):
         """Random initialisation for training: normal(0, 0.02), residual projections scaled by depth."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(
@@ -191,12 +219,18 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def load_weights(model: Transformer, tensors: dict[str, np.ndarray]) -> None:
-    """Copy checkpoint tensors (HF names, as `checkpoint.load_checkpoint` returns them) into the model."""
+def load_weights(model: Transformer, tensors: dict[str, np.ndarray], assign: bool = False) -> None:
+    """Copy checkpoint tensors (HF names, as `checkpoint.load_checkpoint` returns them) into the model.
+
+    With `assign`, the model's parameters become the arrays' own memory instead: build the model on the
+    meta device first, and loading never holds the weights twice.
+    """
     state = {name: torch.from_numpy(array) for name, array in tensors.items()}
     if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
+    if assign and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def weights_of(model: Transformer) -> dict[str, np.ndarray]:

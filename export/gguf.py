@@ -8,6 +8,7 @@ full tokenizer. The type of each tensor follows llama.cpp's rules for the chosen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from edgelm.export import gguf_blocks
+from tokenizers import decoders
 
 from edgelm import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
@@ -25,7 +27,7 @@ from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.files import read_json, temporary_sibling
 from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
-from edgelm.tokenizer import SPLIT_PATTERN, Tokenizer
+from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, gguf_pre_tokenizer_name
 
 try:
     import gguf
@@ -77,11 +79,24 @@ _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"
 
 
 def gguf_name(hf_name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`."""
-    stem = hf_name.removesuffix(".weight")
+    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (and likewise for `.bias`)."""
+    stem, kind = hf_name.rsplit(".", 1)
     if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
-        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.weight"
-    return f"{_GLOBAL_NAMES[stem]}.weight"
+        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.{kind}"
+    return f"{_GLOBAL_NAMES[stem]}.{kind}"
+
+
+def hf_name(name: str) -> str:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; the inverse of `gguf_name`."""
+    stem, kind = name.rsplit(".", 1)
+    if match := re.fullmatch(r"blk\.(\d+)\.(.+)", stem):
+        layer_names = {v: k for k, v in _LAYER_NAMES.items()}
+        if match[2] in layer_names:
+            return f"model.layers.{match[1]}.{layer_names[match[2]]}.{kind}"
+    global_names = {v: k for k, v in _GLOBAL_NAMES.items()}
+    if stem not in global_names:
+        raise EdgelmError(f"GGUF tensor {name!r} has no counterpart in a Llama checkpoint")
+    return f"{global_names[stem]}.{kind}"
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -111,9 +126,25 @@ def tensor_type(name: str, shape: tuple[int, ...], mixture: Mixture, n_layers: i
 
 def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Reorder q/k projection rows from HF's rotate-half RoPE pairs (i, i + d/2) to GGUF's adjacent pairs."""
-    rows, cols = w.shape
-    head_dim = rows // n_heads
-    return w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `permute_for_gguf`: GGUF's adjacent RoPE pairs back to HF's rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Llama 3's RoPE scaling: by how much each pair's frequency is divided.
+
+    Computed by the model's own (torch) function, which the tests hold equal to transformers'.
+    """
+    from edgelm.model import rope_frequencies
+
+    base = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
+    return (base / rope_frequencies(config)).numpy().astype(np.float32)
 
 
 def encode_tensor(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
@@ -138,22 +169,20 @@ QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
 
 def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     """The name llama.cpp gives the tokenizer's pre-tokenizer; anything it would split differently fails."""
-    spec = json.loads(tokenizer.backend.to_str())["pre_tokenizer"] or {}
-    parts = spec.get("pretokenizers", [spec])
-    if (
-        len(parts) == 2
-        and parts[0].get("type") == "Split"
-        and parts[0].get("pattern", {}).get("Regex") == SPLIT_PATTERN
-        and parts[1].get("type") == "ByteLevel"
-        and not parts[1].get("use_regex", True)
-    ):
-        return "llama-bpe"
-    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
-        return "gpt-2"
-    raise EdgelmError(
-        f"the tokenizer's pre-tokenizer {spec!r} is not one that llama.cpp recognizes (edgelm writes "
-        "llama-bpe and gpt-2); GGUF export needs a tokenizer that splits text the way llama.cpp will"
-    )
+    if not isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
+        raise EdgelmError(
+            "GGUF export writes byte-level BPE tokenizers (tokenizer.ggml.model gpt2); this one is "
+            "SentencePiece-style, which edgelm does not export yet"
+        )
+    name = gguf_pre_tokenizer_name(tokenizer.backend)
+    if name is None:
+        spec = json.loads(tokenizer.backend.to_str())["pre_tokenizer"]
+        raise EdgelmError(
+            f"the tokenizer's pre-tokenizer {spec!r} is not one that llama.cpp recognizes (edgelm writes "
+            f"{', '.join(PRE_TOKENIZER_REGEXES)}); GGUF export needs a tokenizer that splits text the way "
+            "llama.cpp will"
+        )
+    return name
 
 
 def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
@@ -224,9 +253,11 @@ def export_gguf(
 
     writer = gguf.GGUFWriter(None, arch="llama")
     _write_metadata(writer, config, vocab, mixture, checkpoint, quant, importance is not None)
+    if config.rope_scaling is not None:
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     for hf_name, w in tensors.items():
         name = gguf_name(hf_name)
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             w = permute_for_gguf(w, heads)
         qtype = tensor_type(name, w.shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
@@ -321,6 +352,16 @@ def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: 
         params.nthread = os.cpu_count() or 1
         if quant == "q8_0_f16emb":
             params.token_embedding_type = params.output_tensor_type = int(T.F16)
+        elif quant in ("q4_k", "q6_k"):
+            # edgelm's q4_k / q6_k are the base type throughout, with llama.cpp's Q6_K head: llama.cpp's
+            # Q4_K_S and Q6_K mixtures would also move some layers to Q5_K, which edgelm does not write
+            # (llama.cpp aborts when a type it is told to use does not fit the rows: give it the fallbacks)
+            params.pure = True
+            config = ModelConfig.load(checkpoint)
+            shape = (config.vocab_size, config.hidden_size)
+            mixture, tied = MIXTURES[quant], config.tie_word_embeddings
+            params.output_tensor_type = int(tensor_type("output.weight", shape, mixture, 1, tied))
+            params.token_embedding_type = int(tensor_type("token_embd.weight", shape, mixture, 1, tied))
         status = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params)
         if status != 0:
             raise EdgelmError(f"llama.cpp's quantizer failed on {f32} (status {status})")

@@ -64,7 +64,7 @@ class LlamaCppRuntime:
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgelmError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         gguf = read_gguf(path)
-        self.config = ModelConfig.from_gguf(gguf.metadata, "output.weight" not in gguf.tensors, str(path))
+        self.config = ModelConfig.from_gguf(gguf.metadata, gguf.tensors, str(path))
         self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         self.device = resolve_device(device)
         self.context = min(

@@ -51,8 +51,9 @@ class TorchRuntime:
             torch.set_num_threads(threads)
         self.config, tensors, self.tokenizer = load_checkpoint(path)
         self.device = resolve_device(device)
-        model = Transformer(self.config)
-        load_weights(model, tensors)
+        with torch.device("meta"):  # no random initialisation: the parameters become the loaded arrays
+            model = Transformer(self.config)
+        load_weights(model, tensors, assign=True)
         self.model = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.model.setup_cache(batch=1)
         self.position = 0

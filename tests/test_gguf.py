@@ -114,9 +114,10 @@ def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m", "q8_0_f16emb"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "q4_k_m", "q8_0_f16emb"])
 def test_tensor_types_equal_llama_cpp_quantizer(
-    tmp_path: Path, small_tokenizer: Tokenizer, quant: str
+    tmp_path: Path, small_tokenizer: Tokenizer, quant: str, tied: bool
 ) -> None:
     """A model with 256-wide rows, so K-quants are used, and enough layers for Q4_K_M's use_more_bits."""
     config = dataclasses.replace(
@@ -125,7 +126,7 @@ def test_tensor_types_equal_llama_cpp_quantizer(
         intermediate_size=512,
         num_hidden_layers=8,
         head_dim=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
     ours = GGUFReader(export_gguf(checkpoint, tmp_path / "ours", quant))

@@ -115,3 +115,19 @@ def test_forward_refuses_bad_ids_and_overflow(checkpoint: Path) -> None:
         rt.forward([1] * 90)
         with pytest.raises(edgelm.EdgelmError, match="context"):
             rt.forward([1] * 10)
+
+
+def test_kv_cache_grows_past_its_first_allocation(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """The cache starts at 512 positions and doubles: decoding across the boundaries changes nothing."""
+    config = dataclasses.replace(SMALL, max_position_embeddings=1200, num_hidden_layers=1)
+    directory = make_checkpoint(tmp_path / "long", small_tokenizer, config)
+    ids = np.random.default_rng(4).integers(0, small_tokenizer.vocab_size, size=1100).tolist()
+    with edgelm.load(directory, device="cpu") as model:
+        rt = model.runtime
+        full = rt.forward(ids, all_logits=True)
+        rt.reset()
+        pieces = [rt.forward(ids[:500], all_logits=True), rt.forward(ids[500:520], all_logits=True)]
+        pieces += [rt.forward(ids[520:1030], all_logits=True)] + [
+            rt.forward([t], all_logits=True) for t in ids[1030:]
+        ]
+    assert np.abs(np.concatenate(pieces) - full).max() <= 1e-4
