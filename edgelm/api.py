@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ class Model:
         self.runtime = runtime
         self.tokenizer = runtime.tokenizer
         self.config = runtime.config
+        # a runtime holds one sequence: generations from several threads take turns, whole
+        self._lock = threading.Lock()
 
     def stream(
         self,
@@ -29,9 +32,14 @@ class Model:
         seed: int | None = None,
         stop: Sequence[str] = (),
     ) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece as it is generated."""
+        """Yield the continuation of `prompt` piece by piece as it is generated. Other threads' calls on
+        this model wait until the stream is exhausted or closed."""
         params = SamplingParams(temperature, top_k, top_p)
-        return stream_text(self.runtime, prompt, max_new_tokens, params, seed, stop)
+        return self._locked(stream_text(self.runtime, prompt, max_new_tokens, params, seed, stop))
+
+    def _locked(self, pieces: Iterator[str]) -> Iterator[str]:
+        with self._lock:
+            yield from pieces
 
     def generate(
         self,
@@ -47,6 +55,7 @@ class Model:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
 
     def close(self) -> None:
+        """Release the runtime and its memory."""
         self.runtime.close()
 
     def __enter__(self) -> Model:

@@ -67,22 +67,26 @@ def read_calibration_text(path: Path) -> str:
     return text
 
 
-def calibration_windows(ids: Sequence[int], bos_id: int, context: int, max_tokens: int) -> list[list[int]]:
+def calibration_windows(
+    ids: Sequence[int], bos_id: int | None, context: int, max_tokens: int
+) -> list[list[int]]:
     """Non-overlapping windows of at most `context` tokens, each BOS followed by the next context - 1 ids of
-    the text (as llama.cpp's imatrix starts every chunk with BOS), at most `max_tokens` tokens in all.
+    the text (as llama.cpp's imatrix starts every chunk with BOS), at most `max_tokens` tokens in all. A
+    tokenizer without BOS (Qwen2) gets windows of text alone, as it sees them at inference.
 
     Only the last window may be shorter than `context`."""
+    prefix = [] if bos_id is None else [bos_id]
     _check_at_least_two("context", context)
     _check_at_least_two("max_tokens", max_tokens)
-    step = context - 1  # text tokens per window
+    step = context - len(prefix)  # text tokens per window
     windows = []
     budget = max_tokens
     for start in range(0, len(ids), step):
-        if budget < 2:  # a window needs BOS and at least one token of text
+        if budget < len(prefix) + 1:  # a window needs BOS and at least one token of text
             break
-        piece = list(ids[start : start + min(step, budget - 1)])
-        windows.append([bos_id, *piece])
-        budget -= len(piece) + 1
+        piece = list(ids[start : start + min(step, budget - len(prefix))])
+        windows.append([*prefix, *piece])
+        budget -= len(piece) + len(prefix)
     return windows
 
 

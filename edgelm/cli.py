@@ -8,16 +8,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgelm.errors import EdgelmError
+from edgelm.errors import EdgelmError, missing_dependency
 
 DESCRIPTION = """\
-edgelm: train a small Llama-style model, export it to ONNX and GGUF, and run and check every format.
+edgelm: train a small Llama-style model or bring one, export it to GGUF, and run it.
 
-  edgelm train --out runs/tiny              train the tiny preset on the built-in corpus (a few minutes, CPU)
-  edgelm generate runs/tiny --prompt "def "  continue a prompt
-  edgelm info runs/tiny                     parameters, context and export sizes
-  edgelm export gguf runs/tiny --quant q4_k_m   a GGUF file for llama.cpp
-  edgelm import ~/models/SmolLM2-135M --out ck/smollm2   bring a Hugging Face or GGUF model
+  edgelm train --out runs/tiny                       train the tiny preset on the built-in corpus
+  edgelm generate runs/tiny --prompt "def "          continue a prompt
+  edgelm info runs/tiny                              parameters, context and export sizes
+  edgelm export gguf runs/tiny --quant q4_k_m        a GGUF file for llama.cpp
+  edgelm generate runs/tiny-Q4_K_M.gguf --prompt "x"  run it in llama.cpp
+  edgelm import ~/models/SmolLM2-135M --out ck/sm    bring a Hugging Face folder or a GGUF file
 """
 
 
@@ -63,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     mode = train.add_mutually_exclusive_group()
     mode.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its saved settings (only --steps and "
+        "--device may change)",
     )
     mode.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run")
     train.set_defaults(run=_train)
@@ -72,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="continue a prompt",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Generate text from a checkpoint directory (an ONNX folder or GGUF file once those "
-        "runtimes are installed), streamed to standard output.",
+        description="Generate text from a checkpoint directory (PyTorch) or a GGUF file (llama.cpp), "
+        "streamed to standard output.",
     )
-    generate.add_argument("model", help="checkpoint directory, ONNX folder or .gguf file")
+    generate.add_argument("model", help="checkpoint directory or .gguf file")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens")
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -83,8 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
     generate.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     generate.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
-    generate.add_argument("--runtime", default="auto", help="auto, torch, or an installed plugin's name")
-    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    generate.add_argument(
+        "--runtime",
+        default="auto",
+        help="auto (torch for checkpoints, llamacpp for GGUF), or a plugin's name",
+    )
+    generate.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torch) or metal (llama.cpp)"
+    )
     generate.set_defaults(run=_generate)
 
     importer = commands.add_parser(
@@ -146,7 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from edgelm.train import TrainConfig, train
+    try:
+        from edgelm.train import TrainConfig, resume, train
+    except ModuleNotFoundError as e:
+        raise missing_dependency(e.name or "torch", "torch") from None
+
+    if args.resume:
+        out = args.out or f"runs/{args.preset}"
+        result = resume(out, steps=args.steps, device=args.device)
+        print(f"resumed to step {result.step}: validation loss {result.val_loss:.3f}; checkpoint in {out}")
+        return
 
     flags = {
         "steps": args.steps,
@@ -167,7 +186,7 @@ def _train(args: argparse.Namespace) -> None:
         device=args.device,
         **{k: v for k, v in flags.items() if v is not None},
     )
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, overwrite=args.overwrite)
     print(
         f"trained {result.step} steps ({result.tokens:,} tokens): train loss {result.train_loss:.3f}, "
         f"validation loss {result.val_loss:.3f}; checkpoint in {cfg.out}"
@@ -265,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except EdgelmError as e:
         print(f"edgelm: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a disk that is full, a folder that is not writable, ...
+        print(f"edgelm: error: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgelm: interrupted", file=sys.stderr)

@@ -280,6 +280,13 @@ class ModelConfig:
             return value
 
         heads, hidden = key("attention.head_count"), key("embedding_length")
+        head_dim = key("attention.key_length", hidden // heads if heads else None)
+        scaling = metadata.get("llama.rope.scaling.type", "none")
+        if scaling != "none" or key("rope.dimension_count", head_dim) != head_dim:
+            raise EdgelmError(
+                f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
+                "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
+            )
         qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
         eos = [
             metadata[k]
@@ -293,7 +300,7 @@ class ModelConfig:
             num_hidden_layers=key("block_count"),
             num_attention_heads=heads,
             num_key_value_heads=key("attention.head_count_kv", heads),
-            head_dim=key("attention.key_length", hidden // heads if heads else None),
+            head_dim=head_dim,
             max_position_embeddings=key("context_length"),
             rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_shortest(key("rope.freq_base", 10000.0)),

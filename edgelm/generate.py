@@ -42,7 +42,7 @@ def generate_ids(
             return
         yield token
         position += 1
-        if produced + 1 == max_new_tokens or position == context:
+        if produced + 1 == max_new_tokens or position >= context:
             return
         logits = runtime.forward([token])
 

@@ -41,14 +41,19 @@ def import_model(source: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise EdgelmError(f"{out} exists and is not empty; choose a new folder for the checkpoint")
     kind = artifact_kind(source)
-    if kind == "gguf":
-        import_gguf(source, out)
-    elif kind == "checkpoint":
-        import_hf(source, out)
-    else:
+    if kind == "onnx":
         raise EdgelmError(
             f"{source}: an ONNX folder cannot be imported; give a Hugging Face folder or a GGUF file"
         )
+    building = temporary_sibling(out)  # renamed to `out` only when the checkpoint is complete
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        (import_gguf if kind == "gguf" else import_hf)(source, building)
+        if out.exists():
+            out.rmdir()  # empty, as checked above
+        building.rename(out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return out
 
 

@@ -109,7 +109,7 @@ class Tokenizer:
     def __init__(
         self,
         backend: HFTokenizer,
-        bos_id: int,
+        bos_id: int | None,
         eos_ids: Sequence[int],
         add_bos: bool = True,
         chat_template: str | None = None,
@@ -118,7 +118,7 @@ class Tokenizer:
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
-        self.add_bos = add_bos
+        self.add_bos = add_bos and bos_id is not None  # Qwen2, for one, has no BOS token
         self.chat_template = chat_template
         self.pad_id = pad_id
         self.space_prefix = _decoding(backend) == "sentencepiece+strip"
@@ -175,8 +175,8 @@ class Tokenizer:
         tmp.replace(directory / "tokenizer.json")
         settings: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.backend.id_to_token(self.bos_id),
-            "eos_token": self.backend.id_to_token(self.eos_ids[0]),
+            "bos_token": None if self.bos_id is None else self.backend.id_to_token(self.bos_id),
+            "eos_token": self.backend.id_to_token(self.eos_ids[0]) if self.eos_ids else None,
             "add_bos_token": self.add_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
@@ -208,15 +208,19 @@ class Tokenizer:
             if (directory / "tokenizer_config.json").is_file()
             else {}
         )
-        bos = _special_id(backend, settings.get("bos_token", BOS), path)
-        eos = _special_id(backend, settings.get("eos_token", EOS), path)
-        pad = _special_id(backend, settings["pad_token"], path) if settings.get("pad_token") else None
+        # a key set to null (Qwen2's bos_token) means the tokenizer has no such token
+        bos, eos, pad = (
+            _special_id(backend, settings.get(key, default), path) if settings.get(key, default) else None
+            for key, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", None))
+        )
+        # without add_bos_token, what the tokenizer's post-processor does is what transformers does
+        adds_bos = settings.get("add_bos_token", _post_processor_adds_bos(backend, bos))
         template = settings.get("chat_template")
         return cls(
             backend,
             bos,
-            [eos],
-            add_bos=bool(settings.get("add_bos_token", True)),
+            [eos] if eos is not None else [],
+            add_bos=bool(adds_bos),
             chat_template=template if isinstance(template, str) else None,
             pad_id=pad,
         )
@@ -477,6 +481,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
     )
     return Tokenizer(backend, bos, [eos])
+
+
+def _post_processor_adds_bos(backend: HFTokenizer, bos: int | None) -> bool:
+    """Whether encoding with special tokens puts the BOS id in front, as a Llama tokenizer.json does."""
+    return bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
 
 
 def _special_id(backend: HFTokenizer, token: str | dict, path: Path) -> int:

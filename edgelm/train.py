@@ -140,19 +140,38 @@ def _start_distributed(device: str) -> tuple[_Distributed, str]:
 
 
 def train(
-    cfg: TrainConfig,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
+    cfg: TrainConfig, overwrite: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None
 ) -> TrainResult:
-    """Train (or continue training) the model of `cfg` and save it as a checkpoint in `cfg.out`."""
+    """Train the model of `cfg` from scratch and save it as a checkpoint in `cfg.out`."""
     out = Path(cfg.out)
-    if resume:
-        cfg = _resumed_config(out, cfg)
-    elif (out / STATE).exists() and not overwrite:
+    if (out / STATE).exists() and not overwrite:
         raise EdgelmError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite to start again"
         )
+    return _run(cfg, out, False, on_step)
+
+
+def resume(
+    out: str | Path,
+    steps: int | None = None,
+    device: str = "auto",
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Continue the run saved in `out` from its last checkpoint, with its own settings: the same batches and
+    schedule as if it had never stopped. A new `steps` stretches or shortens the cosine schedule."""
+    out = Path(out)
+    if not (out / STATE).is_file():
+        raise EdgelmError(f"{out}: nothing to resume (no {STATE}); start a run without --resume")
+    saved = read_json(out / STATE)["train_config"]
+    saved |= {"corpus": tuple(saved["corpus"]), "out": str(out), "device": device}
+    if steps is not None:
+        saved["steps"] = steps
+    return _run(TrainConfig(**saved), out, True, on_step)
+
+
+def _run(
+    cfg: TrainConfig, out: Path, resume: bool, on_step: Callable[[dict[str, Any]], None] | None
+) -> TrainResult:
     ddp, device = _start_distributed(cfg.device)
     try:
         return _train(cfg, out, resume, ddp, device, on_step)
@@ -297,15 +316,6 @@ def _save(
         out / STATE,
         {"step": step, "train_config": dataclasses.asdict(cfg), "param_groups": state["param_groups"]},
     )
-
-
-def _resumed_config(out: Path, cfg: TrainConfig) -> TrainConfig:
-    """The saved run's settings, keeping only the new `steps` and `device`."""
-    if not (out / STATE).is_file():
-        raise EdgelmError(f"{out}: nothing to resume (no {STATE}); start a run without --resume")
-    saved = read_json(out / STATE)["train_config"]
-    saved["corpus"] = tuple(saved["corpus"])
-    return TrainConfig(**{**saved, "out": cfg.out, "steps": cfg.steps, "device": cfg.device})
 
 
 def _load_training_state(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, device: str) -> int:

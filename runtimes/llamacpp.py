@@ -9,6 +9,7 @@ runtime serializes calls, so two threads never interleave their state in one lla
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ from edgelm.gguf_reader import read_gguf
 from edgelm.tokenizer import tokenizer_from_gguf
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
+DEFAULT_CONTEXT = 4096  # tokens of context when none is asked for, as llama.cpp's own tools default to
 
 
 def resolve_device(device: str) -> str:
@@ -67,9 +69,9 @@ class LlamaCppRuntime:
         self.config = ModelConfig.from_gguf(gguf.metadata, gguf.tensors, str(path))
         self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         self.device = resolve_device(device)
-        self.context = min(
-            context or self.config.max_position_embeddings, self.config.max_position_embeddings
-        )
+        # llama.cpp reserves the KV cache for the whole context up front: by default at most DEFAULT_CONTEXT
+        self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
+        self.config = dataclasses.replace(self.config, max_position_embeddings=self.context)
         self.threads = threads or max(1, os.cpu_count() or 1)
         self._lock = threading.Lock()
         try:
@@ -94,11 +96,15 @@ class LlamaCppRuntime:
         self.position = 0
 
     def reset(self) -> None:
+        """Forget the sequence: the next `forward` starts at position 0."""
         with self._lock:
+            if self._llama is None:
+                raise EdgelmError("this runtime has been closed; load the model again")
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llama.ctx), True)
             self.position = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
         with self._lock:
             if self._llama is None:
                 raise EdgelmError("this runtime has been closed; load the model again")
@@ -135,6 +141,7 @@ class LlamaCppRuntime:
         return out
 
     def close(self) -> None:
+        """Free the llama.cpp context and model."""
         with self._lock:
             if self._llama is not None:
                 llama_cpp.llama_batch_free(self._batch)

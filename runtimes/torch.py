@@ -59,9 +59,11 @@ class TorchRuntime:
         self.position = 0
 
     def reset(self) -> None:
+        """Forget the sequence: the next `forward` starts at position 0."""
         self.position = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
         if self.model is None:
             raise EdgelmError("this runtime has been closed; load the model again")
         array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
@@ -72,4 +74,5 @@ class TorchRuntime:
         return logits[0].float().cpu().numpy()
 
     def close(self) -> None:
+        """Drop the model's weights and cache."""
         self.model = None

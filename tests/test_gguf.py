@@ -163,3 +163,52 @@ def test_output_names_and_bad_input(checkpoint: Path, tmp_path: Path) -> None:
         "ckpt-Q8_0.gguf",
         "named.gguf",
     ]  # no leftovers
+
+
+@pytest.mark.parametrize("quant", sorted(MIXTURES))
+def test_packed_tensors_of_256_wide_rows_equal_quant_py(
+    tmp_path: Path, small_tokenizer: Tokenizer, quant: str
+) -> None:
+    """Every mixture on rows that K-quants take whole: Q4_K, Q6_K, Q4_1, F16... as gguf-py reads them back."""
+    config = dataclasses.replace(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        head_dim=64,
+        tie_word_embeddings=False,
+    )
+    checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
+    _, tensors, _ = load_checkpoint(checkpoint)
+    reader = GGUFReader(export_gguf(checkpoint, tmp_path, quant))
+    by_name = {t.name: t for t in reader.tensors}
+    for hf_name, w in tensors.items():
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_for_gguf(
+                w, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            )
+        stored = by_name[gguf_name(hf_name)]
+        theirs = gguf_dequantize(stored.data, stored.tensor_type).reshape(w.shape)
+        assert np.array_equal(theirs, _dequantized(w, stored.tensor_type)), (hf_name, stored.tensor_type.name)
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+    assert MIXTURES[quant].base.name in kinds
+
+
+def test_one_model_in_two_threads(exported: dict[str, Path]) -> None:
+    """Generations that share one llama.cpp context take turns: each gets what it would get alone."""
+    import threading
+
+    with edgelm.load(exported["q8_0"]) as model:
+        prompts = ["def parse_args(", "class Stack:", "import os\n", "for i in range("]
+        alone = {p: model.generate(p, max_new_tokens=24, temperature=0) for p in prompts}
+        together: dict[str, str] = {}
+
+        def run(prompt: str) -> None:
+            together[prompt] = model.generate(prompt, max_new_tokens=24, temperature=0)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert together == alone

@@ -7,7 +7,6 @@ import math
 import os
 import struct
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -413,11 +412,11 @@ def test_malformed_file_is_refused(tmp_path: Path, case: str) -> None:
     assert str(error.value).startswith(f"{path}: ")
 
 
-def test_malformed_corpus_is_fast_and_small(tmp_path: Path) -> None:
-    # a generous ceiling that a hang or an allocation sized by a claimed length would break, not a speed claim
+def test_malformed_corpus_allocates_little(tmp_path: Path) -> None:
+    """A claimed length is checked against the file before anything is allocated (no timing asserted:
+    speed lives in benchmarks/; an allocation sized by a claimed 2**62 bytes would fail here)."""
     paths = {name: write(tmp_path, name, data) for name, (data, _) in malformed_cases().items()}
     huge = huge_cases()
-    start = time.perf_counter()
     for name, path in paths.items():
         tracemalloc.start()
         with pytest.raises(EdgelmError):
@@ -426,7 +425,6 @@ def test_malformed_corpus_is_fast_and_small(tmp_path: Path) -> None:
         tracemalloc.stop()
         if name in huge:
             assert peak < 10 * 2**20, name
-    assert time.perf_counter() - start < 2.0
 
 
 def test_every_truncation_is_refused(tmp_path: Path) -> None:

@@ -471,7 +471,10 @@ def test_edgelm_import_of_a_folder(hf_folder: Callable[[str], Path], tmp_path: P
     source = copy_of(hf_folder(name), tmp_path)
     settings = json.loads((source / "tokenizer_config.json").read_text())
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    (source / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
+    settings = {**settings, "chat_template": template}
+    if name.startswith("qwen2"):  # as Qwen2's own: no BOS token, and add_bos_token left out
+        settings = {k: v for k, v in settings.items() if k != "add_bos_token"} | {"bos_token": None}
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
     generation = json.loads((source / "generation_config.json").read_text())
     (source / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 0]}))
     out = tmp_path / "imported"
@@ -484,6 +487,9 @@ def test_edgelm_import_of_a_folder(hf_folder: Callable[[str], Path], tmp_path: P
     ids = IDS[: ModelConfig.load(out).max_position_embeddings]
     assert np.abs(edgelm_logits(out, ids) - hf_logits(source, ids)).max() <= 1e-4
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    with edgelm.load(out) as model:
+        assert model.tokenizer.add_bos == (not name.startswith("qwen2"))
+        assert len(model.generate("a b", max_new_tokens=3, temperature=0)) > 0
     assert ModelConfig.load(out).eos_token_ids == (1, 0)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 0]
     assert read_metadata(out / "model.safetensors").get("format") == "pt"

@@ -15,7 +15,7 @@ from conftest import SAMPLE_TEXT, unigram_entropy
 from edgelm.checkpoint import load_checkpoint, read_weights
 from edgelm.data import load_tokens
 from edgelm.errors import EdgelmError
-from edgelm.train import TrainConfig, learning_rate, train
+from edgelm.train import TrainConfig, learning_rate, resume, train
 
 
 @pytest.fixture
@@ -79,7 +79,13 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
         train(micro(split, corpus), on_step=interrupt_at(4))
     with pytest.raises(EdgelmError, match="--resume"):
         train(micro(split, corpus))
-    train(micro(split, corpus), resume=True)
+    # through the command line, which must keep the run's own settings (its steps among them)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgelm", "train", "--resume", "--out", str(split)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
     assert losses(split) == losses(straight)
     a, b = read_weights(straight / "model.safetensors"), read_weights(split / "model.safetensors")
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -91,9 +97,9 @@ def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> Non
     state = json.loads((run / "trainer_state.json").read_text())
     (run / "trainer_state.json").write_text(json.dumps({**state, "step": 2}))
     with pytest.raises(EdgelmError, match="interrupted"):
-        train(micro(run, corpus), resume=True)
+        resume(run)
     with pytest.raises(EdgelmError, match="nothing to resume"):
-        train(micro(tmp_path / "new", corpus), resume=True)
+        resume(tmp_path / "new")
 
 
 @pytest.mark.slow
