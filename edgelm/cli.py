@@ -23,6 +23,7 @@ edgelm: train a small Llama-style model or bring one, export it to GGUF, and run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `edgelm` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="edgelm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )

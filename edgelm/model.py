@@ -17,6 +17,8 @@ from edgelm.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -97,6 +99,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings, and a KV cache when one is set up."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
@@ -133,6 +137,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -144,6 +150,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

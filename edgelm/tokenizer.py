@@ -126,6 +126,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
         return len(self.token_bytes)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

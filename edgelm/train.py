@@ -90,6 +90,8 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class TrainResult:
+    """Where a run ended: its last step, losses (nats) and tokens seen."""
+
     step: int
     train_loss: float
     val_loss: float

@@ -25,7 +25,7 @@ from edgelm import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
-from edgelm.files import read_json, temporary_sibling
+from edgelm.files import temporary_sibling
 from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, gguf_pre_tokenizer_name
 
@@ -208,19 +208,7 @@ def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]
         for t in tokens
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    settings = (
-        read_json(checkpoint / "tokenizer_config.json")
-        if (checkpoint / "tokenizer_config.json").is_file()
-        else {}
-    )
-    return {
-        "pre": pre_tokenizer_name(tokenizer),
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "add_bos": bool(settings.get("add_bos_token", True)),
-        "chat_template": settings.get("chat_template"),
-    }
+    return {"pre": pre_tokenizer_name(tokenizer), "tokens": tokens, "types": types, "merges": merges}
 
 
 def output_path(checkpoint: Path, out: Path | None, quant: str) -> Path:
@@ -246,13 +234,12 @@ def export_gguf(
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
     checkpoint = Path(checkpoint)
     config, tensors, tokenizer = load_checkpoint(checkpoint)
-    vocab = tokenizer_metadata(tokenizer, checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     mixture = MIXTURES[quant]
 
     writer = gguf.GGUFWriter(None, arch="llama")
-    _write_metadata(writer, config, vocab, mixture, checkpoint, quant, importance is not None)
+    _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, importance is not None)
     if config.rope_scaling is not None:
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     for hf_name, w in tensors.items():
@@ -279,12 +266,13 @@ def export_gguf(
 def _write_metadata(
     writer: Any,
     config: ModelConfig,
-    vocab: dict[str, Any],
+    tokenizer: Tokenizer,
     mixture: Mixture,
     checkpoint: Path,
     quant: str,
     calibrated: bool,
 ) -> None:
+    vocab = tokenizer_metadata(tokenizer, checkpoint)
     writer.add_name(checkpoint.name)
     writer.add_file_type(mixture.file_type)
     if mixture.base not in (T.F32, T.F16):
@@ -310,13 +298,12 @@ def _write_metadata(
     writer.add_token_types(vocab["types"])
     writer.add_token_merges(vocab["merges"])
     writer.add_bos_token_id(config.bos_token_id)
+    # further end ids (Llama 3's <|eot_id|>, ...) llama.cpp recognizes by their text, as edgelm does
     writer.add_eos_token_id(config.eos_token_ids[0])
-    if len(config.eos_token_ids) > 1:  # e.g. Llama 3's <|eot_id|> beside <|end_of_text|>
-        writer.add_eot_token_id(config.eos_token_ids[1])
-    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(False)
-    if vocab["chat_template"]:
-        writer.add_chat_template(vocab["chat_template"])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 # llama.cpp's llama_ftype for each mixture, for --via llama.cpp
