@@ -285,13 +285,20 @@ def evaluate(model: Transformer, windows: np.ndarray, device: str, autocast: Any
 
 
 def _prepare_data(cfg: TrainConfig, out: Path, ddp: _Distributed) -> TokenData:
-    """Tokenize once (on the main process; the others wait and then read the cache)."""
+    """Tokenize once (on the main process; the others wait and then read the cache). A failure on the main
+    process is passed to the others, so that no process waits for a cache that never comes."""
     vocab_size = cfg.vocab_size or preset(cfg.preset).vocab_size
     cache = out / "data"
+    failure: list[str | None] = [None]
     if ddp.main:
-        data = prepare_tokens(cache, cfg.corpus, vocab_size, cfg.val_fraction)
+        try:
+            data = prepare_tokens(cache, cfg.corpus, vocab_size, cfg.val_fraction)
+        except EdgelmError as e:
+            failure[0] = str(e)
     if ddp.world > 1:
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise EdgelmError(failure[0])
     return data if ddp.main else load_tokens(cache)
 
 

@@ -84,10 +84,11 @@ def test_imported_logits_match_llama_cpp(trained_run: Path, tmp_path: Path, quan
 
 
 @pytest.mark.slow
-def test_imported_q4_k_with_256_wide_rows(wide: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["edgelm", "llama.cpp"])
+def test_imported_q4_k_with_256_wide_rows(wide: Path, tmp_path: Path, via: str) -> None:
     """Real Q4_K blocks (the tiny model's 128-wide rows fall back to Q5_0). Random weights give flat logits
     whose top two are often close, so agreement is lower than on a trained model: measured 0.89."""
-    source = export_gguf(wide, tmp_path, "q4_k")
+    source = (export_gguf if via == "edgelm" else export_gguf_via_llama_cpp)(wide, tmp_path, "q4_k")
     ids = np.random.default_rng(0).integers(2, 300, size=(4, 48))
     top1, delta = agreement(source, import_model(source, tmp_path / "imported"), ids)
     assert top1 >= 0.85, (top1, delta)

@@ -175,3 +175,34 @@ def test_learning_rate_schedule() -> None:
     cfg = TrainConfig(out="x", steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert learning_rate(cfg, 1) == pytest.approx(0.1) and learning_rate(cfg, 10) == pytest.approx(1.0)
     assert learning_rate(cfg, 55) == pytest.approx(0.55) and learning_rate(cfg, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_ddp_failure_on_the_main_process_reaches_every_process(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "edgelm",
+            "train",
+            "--corpus",
+            str(empty),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0 and result.stderr.count("edgelm: error: the corpus holds no text") == 2
