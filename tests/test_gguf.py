@@ -31,6 +31,8 @@ from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+# rows 256 wide, which K-quants take whole
+WIDE = dataclasses.replace(SMALL, hidden_size=256, intermediate_size=512, num_hidden_layers=2, head_dim=64)
 TEXT = VARIED + "x = 12345 + 678\n\n\n    indented\tline  \n" + "数字 ١٢٣ 🎉🎉 naïve café\n"
 
 
@@ -120,14 +122,7 @@ def test_tensor_types_equal_llama_cpp_quantizer(
     tmp_path: Path, small_tokenizer: Tokenizer, quant: str, tied: bool
 ) -> None:
     """A model with 256-wide rows, so K-quants are used, and enough layers for Q4_K_M's use_more_bits."""
-    config = dataclasses.replace(
-        SMALL,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        head_dim=64,
-        tie_word_embeddings=tied,
-    )
+    config = dataclasses.replace(WIDE, num_hidden_layers=8, tie_word_embeddings=tied)
     checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
     ours = GGUFReader(export_gguf(checkpoint, tmp_path / "ours", quant))
     theirs = GGUFReader(export_gguf_via_llama_cpp(checkpoint, tmp_path / "theirs", quant))
@@ -170,14 +165,7 @@ def test_packed_tensors_of_256_wide_rows_equal_quant_py(
     tmp_path: Path, small_tokenizer: Tokenizer, quant: str
 ) -> None:
     """Every mixture on rows that K-quants take whole: Q4_K, Q6_K, Q4_1, F16... as gguf-py reads them back."""
-    config = dataclasses.replace(
-        SMALL,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        head_dim=64,
-        tie_word_embeddings=False,
-    )
+    config = WIDE
     checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
     _, tensors, _ = load_checkpoint(checkpoint)
     reader = GGUFReader(export_gguf(checkpoint, tmp_path, quant))

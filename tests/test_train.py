@@ -102,51 +102,46 @@ def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> Non
         resume(tmp_path / "new")
 
 
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """`edgelm train` in two CPU processes under torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*command, "-m", "edgelm", "train", "--device", "cpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(tmp_path: Path, corpus: Path) -> None:
     one = tmp_path / "one"
     train(micro(one, corpus, batch_size=4, steps=4))
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "edgelm",
-            "train",
-            "--corpus",
-            str(corpus),
-            "--out",
-            str(two),
-            "--vocab-size",
-            "300",
-            "--context",
-            "32",
-            "--batch-size",
-            "2",
-            "--steps",
-            "4",
-            "--warmup",
-            "2",
-            "--eval-every",
-            "3",
-            "--val-fraction",
-            "0.2",
-            "--lr",
-            "1e-2",
-            "--device",
-            "cpu",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
+    result = torchrun_train(
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(two),
+        "--vocab-size",
+        "300",
+        "--context",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "4",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "3",
+        "--val-fraction",
+        "0.2",
+        "--lr",
+        "1e-2",
     )
+    assert result.returncode == 0, result.stderr
     a, b = read_weights(one / "model.safetensors"), read_weights(two / "model.safetensors")
     # Adam divides by the gradients' own scale, so float rounding in the all-reduce grows to ~1e-5;
     # a different data order moves the weights by ~1e-2
@@ -182,27 +177,5 @@ def test_ddp_failure_on_the_main_process_reaches_every_process(tmp_path: Path) -
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "edgelm",
-            "train",
-            "--corpus",
-            str(empty),
-            "--out",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = torchrun_train("--corpus", str(empty), "--out", str(tmp_path / "out"))
     assert result.returncode != 0 and result.stderr.count("edgelm: error: the corpus holds no text") == 2
