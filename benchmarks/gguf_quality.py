@@ -90,11 +90,11 @@ def main() -> None:
         windows = validation_windows(load_tokens(args.checkpoint / "data").val, context - 1, args.windows)
         expected = all_logits(reference, windows)
     prompt = windows[0, : min(512, context - 130)].tolist()
-    importance = None
+    hessians = None
     if args.calibration:
-        from edgelm.calibration import activation_importance, read_calibration_text
+        from edgelm.calibration import activation_covariance, read_calibration_text
 
-        importance = activation_importance(args.checkpoint, read_calibration_text(args.calibration))
+        hessians = activation_covariance(args.checkpoint, read_calibration_text(args.calibration))
 
     print(
         f"{args.checkpoint}: {windows.size:,} held-out tokens in {len(windows)} windows; "
@@ -107,9 +107,9 @@ def main() -> None:
                 "llama.cpp": export_gguf_via_llama_cpp(args.checkpoint, Path(tmp) / "llama.cpp", quant),
                 "edgelm": export_gguf(args.checkpoint, Path(tmp) / "edgelm", quant),
             }
-            if importance is not None:
+            if hessians is not None:
                 files["edgelm + calibration"] = export_gguf(
-                    args.checkpoint, Path(tmp) / "cal", quant, importance
+                    args.checkpoint, Path(tmp) / "cal", quant, hessians
                 )
             results = {}
             timings = speeds(list(files.values()), prompt)

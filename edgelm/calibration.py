@@ -10,13 +10,14 @@ the weight that `edgelm.quant`'s `importance=` parameter expects.
                    Transformer forward, pre-hooks on the nn.Linear modules
                               │
           sum of x² per column (float64) / tokens  ──▶  {"model.layers.0.self_attn.q_proj.weight": (in,), ..}
+          sum of x xᵀ (float64) / tokens           ──▶  {..: (in, in)}   activation_covariance, for GPTQ
 
 This module needs torch (the `torch` extra); it imports it only when activation statistics are measured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,28 @@ def activation_importance(
     context, at most DEFAULT_CONTEXT) that each start with BOS, at most `max_tokens` tokens in all (see
     `calibration_windows`); every token, BOS included, counts.
     """
+    model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
+    return _measure(model, windows, _sum_of_squares)
+
+
+def activation_covariance(
+    checkpoint: Path, text: str, context: int | None = None, max_tokens: int = 100_000
+) -> dict[str, np.ndarray]:
+    """The second moment H = E[x xᵀ] of the input activations of every linear weight, keyed as
+    `activation_importance` (same keys, same windows, same tokens): "model.layers.0.mlp.down_proj.weight" →
+    float32 (in_features, in_features), accumulated in float64. Its diagonal is `activation_importance`.
+
+    H is what `edgelm.quant`'s `hessian=` parameter expects (GPTQ's error feedback). It holds in_features²
+    values per weight: about 4 * (4 * hidden² + intermediate²) bytes per layer.
+    """
+    model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
+    return _measure(model, windows, _sum_of_outer_products)
+
+
+def _model_and_windows(
+    checkpoint: Path, text: str, context: int | None, max_tokens: int
+) -> tuple[Transformer, list[list[int]]]:
+    """Check the arguments, load the checkpoint's model (float32, eval) and cut the text into windows."""
     if context is not None:
         _check_at_least_two("context", context)
     _check_at_least_two("max_tokens", max_tokens)
@@ -133,18 +156,33 @@ def activation_importance(
     load_weights(model, tensors)
     del tensors
     model.eval()
-    return _measure(model, calibration_windows(ids, tokenizer.bos_id, context, max_tokens))
+    return model, calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
 
 
-def _measure(model: Transformer, windows: list[list[int]]) -> dict[str, np.ndarray]:
-    """Run the windows through the model and return the mean squared inputs by weight name."""
+def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, in) → the sum over tokens of x² per column, float64 (in,)."""
     import torch
 
-    sums: dict[str, torch.Tensor] = {}  # module name → sum of x² over the tokens so far, float64 (in,)
+    return x.float().square().sum(dim=0, dtype=torch.float64)
+
+
+def _sum_of_outer_products(x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, in) → the sum over tokens of x xᵀ, float64 (in, in)."""
+    x = x.double()
+    return x.T @ x
+
+
+def _measure(
+    model: Transformer, windows: list[list[int]], statistic: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Run the windows through the model and return the mean over tokens of statistic(inputs) by weight name
+    (statistic maps a linear layer's inputs (tokens, in) to their float64 sum)."""
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}  # module name → sum of the statistic over the tokens so far, float64
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        total = x.float().square().sum(dim=0, dtype=torch.float64)  # (in,)
+        total = statistic(x.reshape(-1, x.shape[-1]))  # from (B*T, in)
         sums[name] = sums[name] + total if name in sums else total
 
     def pre_hook(name: str):

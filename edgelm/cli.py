@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         default=None,
         metavar="TEXT",
-        help="a UTF-8 text file: weight quantization errors by the activations it causes (importance matrix)",
+        help="a UTF-8 text file: quantize to minimize each layer's output error on the activations it causes "
+        "(importance weighting and GPTQ error feedback)",
     )
     gguf.add_argument(
         "--via",
@@ -230,14 +231,13 @@ def _export_gguf(args: argparse.Namespace) -> None:
             raise EdgelmError("--calibration applies to edgelm's quantizer, not --via llama.cpp")
         path = export_gguf_via_llama_cpp(Path(args.checkpoint), out, args.quant)
     else:
-        importance = None
+        hessians = None
         if args.calibration:
-            from edgelm.calibration import activation_importance, read_calibration_text
+            from edgelm.calibration import activation_covariance, read_calibration_text
 
-            importance = activation_importance(
-                Path(args.checkpoint), read_calibration_text(Path(args.calibration))
-            )
-        path = export_gguf(Path(args.checkpoint), out, args.quant, importance)
+            text = read_calibration_text(Path(args.calibration))
+            hessians = activation_covariance(Path(args.checkpoint), text)
+        path = export_gguf(Path(args.checkpoint), out, args.quant, hessians)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

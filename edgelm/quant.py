@@ -15,12 +15,18 @@ search=False rounds to nearest the way llama.cpp's reference quantizers (`quanti
 search=True (the default) also tries a small grid of scales around that one, refits each by weighted least
 squares, and keeps per block whichever dequantizes with the lowest importance-weighted squared error, so it
 is never worse than round-to-nearest on that error.
+
+hessian=H (the second moment E[x xᵀ] of the inputs, from `edgelm.calibration.activation_covariance`) turns on
+GPTQ's error feedback (Frantar et al. 2022): the columns are rounded left to right and each column's rounding
+error is spread over the columns not yet rounded, through the inverse of H, so that the output error
+||(W - Wq) x||² rather than the weight error is made small. Each block's scale is chosen, as above, from the
+weights as updated so far; the result has the same type and arrays as without H.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -31,6 +37,8 @@ QK_K = 256  # values in a K-quant super-block
 _CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a few tens of MiB
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
+_GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
+_DAMPENING = 0.01  # GPTQ: H + 0.01 * mean(diag H) * I before inverting
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -132,6 +140,7 @@ def quantize_blocks(
     symmetric: bool,
     importance: np.ndarray | None = None,
     search: bool = True,
+    hessian: np.ndarray | None = None,
 ) -> QuantizedBlocks:
     """Quantize every `block` consecutive values of each row of w (rows, cols) to `bits`-bit codes.
 
@@ -144,6 +153,9 @@ def quantize_blocks(
     as float16); with search=True the candidates' codes are chosen with their float16-rounded scales.
 
     importance: optional weight per column (cols,), e.g. mean squared activations; it only steers the search.
+    hessian: optional (cols, cols) second moment of the inputs, E[x xᵀ]: GPTQ error feedback (module
+      docstring). Each block's scale (and offset) is chosen from the error-updated weights as above, steered
+      by `importance` if given, else by diag(hessian); the codes are then rounded column by column.
     """
     for name, value, low, high in (("bits", bits, 2, 8), ("block", block, 1, None)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
@@ -151,12 +163,30 @@ def quantize_blocks(
             raise EdgelmError(f"quantize: {name}={value!r} must be an integer {allowed}")
     x = _as_matrix(w, block, f"block size {block}")
     weights = _as_importance(importance, x.shape[1])
-    parts = [_blocks_rows(x[rows], bits, block, symmetric, weights, search) for rows in _row_chunks(x)]
-    codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
-    return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
+    if hessian is None:
+        parts = [_blocks_rows(x[rows], bits, block, symmetric, weights, search) for rows in _row_chunks(x)]
+        codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
+    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
+    weights = diagonal if importance is None else weights
+    lo = -(1 << (bits - 1)) if symmetric else 0
+    hi = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
+
+    def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+        _, s, m = _blocks_rows(group, bits, block, symmetric, group_weights, search)  # (rows, 1) each
+        return np.broadcast_to(s, group.shape), np.broadcast_to(m, group.shape), (s, m)
+
+    codes, fitted = _error_feedback_rows(x, factor, weights, block, lo, hi, fit)
+    scales, zeros = (np.concatenate(arrays, axis=1) for arrays in zip(*fitted, strict=True))
+    return QuantizedBlocks((codes - lo).astype(np.uint8), scales, None if symmetric else zeros, bits, block)
 
 
-def quantize_q4_k(w: np.ndarray, importance: np.ndarray | None = None, search: bool = True) -> Q4KBlocks:
+def quantize_q4_k(
+    w: np.ndarray,
+    importance: np.ndarray | None = None,
+    search: bool = True,
+    hessian: np.ndarray | None = None,
+) -> Q4KBlocks:
     """Quantize w (rows, cols) to GGUF Q4_K; cols must be a multiple of 256.
 
     Each sub-block of 32 is fitted as scale * q - min with q in [0, 15] and scale, min >= 0 (round-to-nearest:
@@ -165,24 +195,57 @@ def quantize_q4_k(w: np.ndarray, importance: np.ndarray | None = None, search: b
     with the final float16 values, as llama.cpp's quantize_row_q4_K_ref does (which fits the sub-blocks by
     its own search). search=True fits the sub-blocks by the grid search and keeps, per super-block,
     whichever result has the lower error.
+
+    hessian: GPTQ error feedback as in quantize_blocks, with all scales and mins of a super-block of 256
+    chosen at its start.
     """
     x = _as_matrix(w, QK_K, "Q4_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
-    return _concat([_q4_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+    if hessian is None:
+        return _concat([_q4_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
+
+    def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q4KBlocks]:
+        r = _q4_k_rows(group, group_weights, search)
+        step = np.repeat(r.d, 8, axis=1) * r.scales.astype(np.float32)  # (rows, 8)
+        offset = -(np.repeat(r.dmin, 8, axis=1) * r.mins.astype(np.float32))
+        return np.repeat(step, 32, axis=1), np.repeat(offset, 32, axis=1), r
+
+    codes, fitted = _error_feedback_rows(
+        x, factor, diagonal if importance is None else weights, QK_K, 0, 15, fit
+    )
+    return replace(_concat_columns(fitted), codes=codes.astype(np.uint8))
 
 
-def quantize_q6_k(w: np.ndarray, importance: np.ndarray | None = None, search: bool = True) -> Q6KBlocks:
+def quantize_q6_k(
+    w: np.ndarray,
+    importance: np.ndarray | None = None,
+    search: bool = True,
+    hessian: np.ndarray | None = None,
+) -> Q6KBlocks:
     """Quantize w (rows, cols) to GGUF Q6_K; cols must be a multiple of 256.
 
     Each sub-block of 16 is fitted as scale * q with q in [-32, 31] (round-to-nearest: scale = v / -32 for v
     the value of largest magnitude); the 16 scales of a super-block are rounded to int8 against
     d = s / -128 for s the scale of largest magnitude, and the codes are chosen again with the final float16
     d, as llama.cpp's quantize_row_q6_K_ref does (which fits the sub-blocks by its own search). search=True
-    as for quantize_q4_k.
+    as for quantize_q4_k. hessian: GPTQ error feedback as for quantize_q4_k.
     """
     x = _as_matrix(w, QK_K, "Q6_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
-    return _concat([_q6_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+    if hessian is None:
+        return _concat([_q6_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
+
+    def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q6KBlocks]:
+        r = _q6_k_rows(group, group_weights, search)
+        step = np.repeat(r.d, 16, axis=1) * r.scales.astype(np.float32)  # (rows, 16)
+        return np.repeat(step, 16, axis=1), np.zeros(group.shape, np.float32), r
+
+    codes, fitted = _error_feedback_rows(
+        x, factor, diagonal if importance is None else weights, QK_K, -32, 31, fit
+    )
+    return replace(_concat_columns(fitted), codes=(codes + 32).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------- one chunk of rows
@@ -271,6 +334,98 @@ def _q6_k_finish(x: np.ndarray, scale: np.ndarray) -> Q6KBlocks:
     q = np.clip(np.rint(_divide(x, (d * sc)[..., None])), -32, 31) + 32
     codes, scales = q.astype(np.uint8).reshape(rows, -1), sc.astype(np.int8).reshape(rows, -1)
     return Q6KBlocks(codes, scales, d.reshape(rows, -1))
+
+
+# ------------------------------------------------------------------------------ GPTQ error feedback
+
+# group (rows, g) of error-updated weights, their importance (g,) → step and offset per value (rows, g), such
+# that value = step * q + offset for a code q in [lo, hi], and what the caller keeps of the fit
+GroupFit = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, object]]
+
+
+def _error_feedback_rows(
+    x: np.ndarray, factor: np.ndarray, weights: np.ndarray, group: int, lo: int, hi: int, fit: GroupFit
+) -> tuple[np.ndarray, list]:
+    """_error_feedback over chunks of rows: codes (rows, cols) and, per group of columns, the fits of the
+    chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat)."""
+    parts = [
+        _error_feedback(x[rows], factor, weights, group, lo, hi, fit)
+        for rows in _row_chunks(x, _GPTQ_CHUNK_VALUES)
+    ]
+    codes = np.concatenate([c for c, _ in parts])
+    fitted = []
+    for fits in zip(*(f for _, f in parts), strict=True):  # one group of columns, all chunks of rows
+        if isinstance(fits[0], tuple):
+            fitted.append(tuple(np.concatenate(arrays) for arrays in zip(*fits, strict=True)))
+        else:
+            fitted.append(_concat(list(fits)))
+    return codes, fitted
+
+
+def _error_feedback(
+    x: np.ndarray, factor: np.ndarray, weights: np.ndarray, group: int, lo: int, hi: int, fit: GroupFit
+) -> tuple[np.ndarray, list]:
+    """GPTQ on x (rows, cols): signed codes (rows, cols) as float32 in [lo, hi], and fit's result per group.
+
+    factor is U (cols, cols), upper triangular with H⁻¹ = Uᵀ U. Column c is rounded on the grid that fit
+    chose for its group (from the weights as updated when the group began); its error e = (w_c - value_c) is
+    then moved onto the later columns as w_j -= e * U[c, j] / U[c, c], GPTQ's optimal update under H. Within
+    a group the update is applied column by column; to the columns after it, once per group (GPTQ's lazy
+    batch update).
+    """
+    rows, cols = x.shape
+    w = x.astype(np.float64)  # (rows, cols), updated in place
+    codes = np.empty((rows, cols), np.float32)
+    fitted = []
+    for start in range(0, cols, group):
+        end = start + group
+        step, offset, kept = fit(w[:, start:end].astype(np.float32), weights[start:end])
+        fitted.append(kept)
+        errors = np.empty((rows, group))  # scaled errors e / U[c, c]
+        for j in range(group):
+            c = start + j
+            target = w[:, c].astype(np.float32)
+            q = np.clip(np.rint(_divide(target - offset[:, j], step[:, j])), lo, hi)
+            codes[:, c] = q
+            errors[:, j] = (w[:, c] - (step[:, j] * q + offset[:, j])) / factor[c, c]
+            w[:, c + 1 : end] -= np.outer(errors[:, j], factor[c, c + 1 : end])
+        w[:, end:] -= errors @ factor[start:end, end:]
+        if not np.isfinite(w).all():
+            raise EdgelmError("quantize: the error feedback diverged (check that the hessian is E[x xᵀ])")
+    return codes, fitted
+
+
+def _inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = Uᵀ U), float64 (cols, cols), and diag(H).
+
+    H is symmetrized; a dead column (H_cc = 0, an input that is always 0) is decoupled from the others, and
+    0.01 * mean(diag H) is added to the diagonal (GPTQ's dampening; 1 if every column is dead).
+    """
+    h = np.array(hessian, dtype=np.float64)  # a copy
+    if h.shape != (cols, cols):
+        raise EdgelmError(
+            f"quantize: hessian has shape {h.shape}, expected {(cols, cols)} (E[x xᵀ] of the {cols} inputs)"
+        )
+    if not np.isfinite(h).all():
+        raise EdgelmError("quantize: the hessian contains NaN or infinity (check the calibration)")
+    h = (h + h.T) / 2
+    diagonal = np.diag(h).copy()
+    if (diagonal < 0).any():
+        raise EdgelmError("quantize: the hessian has a negative diagonal: it is not E[x xᵀ] of some inputs")
+    dead = diagonal == 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    dampening = _DAMPENING * diagonal.mean() if diagonal.any() else 1.0
+    h[np.diag_indices(cols)] += dampening
+    try:
+        inverse_lower = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
+        factor = np.linalg.cholesky(inverse_lower.T @ inverse_lower).T
+    except np.linalg.LinAlgError:
+        raise EdgelmError(
+            "quantize: the hessian is not positive semi-definite even after dampening "
+            "(give E[x xᵀ] of the inputs, e.g. from edgelm.calibration.activation_covariance)"
+        ) from None
+    return factor, diagonal
 
 
 # ---------------------------------------------------------------------------------- rounding and search
@@ -442,12 +597,20 @@ def _as_importance(importance: np.ndarray | None, cols: int) -> np.ndarray:
     return weights
 
 
-def _row_chunks(x: np.ndarray) -> list[slice]:
-    """Slices of about _CHUNK_VALUES values each, whole rows only."""
-    step = max(1, _CHUNK_VALUES // x.shape[1])
+def _row_chunks(x: np.ndarray, values: int = _CHUNK_VALUES) -> list[slice]:
+    """Slices of about `values` values each, whole rows only."""
+    step = max(1, values // x.shape[1])
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
 def _concat(parts: list):
     """One result from results for consecutive chunks of rows (same dataclass, arrays joined along rows)."""
     return type(parts[0])(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))
+
+
+def _concat_columns(parts: list):
+    """One K-quant result from results for consecutive groups of whole super-blocks (arrays joined along
+    the columns)."""
+    return type(parts[0])(
+        *(np.concatenate([getattr(p, f.name) for p in parts], axis=1) for f in fields(parts[0]))
+    )

@@ -147,23 +147,23 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
     return (base / rope_frequencies(config)).numpy().astype(np.float32)
 
 
-def encode_tensor(w: np.ndarray, qtype: T, importance: np.ndarray | None) -> np.ndarray:
+def encode_tensor(w: np.ndarray, qtype: T, hessian: np.ndarray | None) -> np.ndarray:
     """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes."""
     if qtype == T.F32:
         return w.astype(np.float32)
     if qtype == T.F16:
         return w.astype(np.float16)
     quantize, pack = QUANTIZERS[qtype]
-    return pack(quantize(w, importance))
+    return pack(quantize(w, hessian))
 
 
 QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
-    T.Q8_0: (lambda w, imp: quantize_blocks(w, 8, 32, True, importance=imp), gguf_blocks.pack_q8_0),
-    T.Q5_0: (lambda w, imp: quantize_blocks(w, 5, 32, True, importance=imp), gguf_blocks.pack_q5_0),
-    T.Q4_0: (lambda w, imp: quantize_blocks(w, 4, 32, True, importance=imp), gguf_blocks.pack_q4_0),
-    T.Q4_1: (lambda w, imp: quantize_blocks(w, 4, 32, False, importance=imp), gguf_blocks.pack_q4_1),
-    T.Q4_K: (lambda w, imp: quantize_q4_k(w, importance=imp), gguf_blocks.pack_q4_k),
-    T.Q6_K: (lambda w, imp: quantize_q6_k(w, importance=imp), gguf_blocks.pack_q6_k),
+    T.Q8_0: (lambda w, h: quantize_blocks(w, 8, 32, True, hessian=h), gguf_blocks.pack_q8_0),
+    T.Q5_0: (lambda w, h: quantize_blocks(w, 5, 32, True, hessian=h), gguf_blocks.pack_q5_0),
+    T.Q4_0: (lambda w, h: quantize_blocks(w, 4, 32, True, hessian=h), gguf_blocks.pack_q4_0),
+    T.Q4_1: (lambda w, h: quantize_blocks(w, 4, 32, False, hessian=h), gguf_blocks.pack_q4_1),
+    T.Q4_K: (lambda w, h: quantize_q4_k(w, hessian=h), gguf_blocks.pack_q4_k),
+    T.Q6_K: (lambda w, h: quantize_q6_k(w, hessian=h), gguf_blocks.pack_q6_k),
 }
 
 
@@ -223,12 +223,14 @@ def export_gguf(
     checkpoint: Path,
     out: Path | None = None,
     quant: str = "f16",
-    importance: dict[str, np.ndarray] | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the checkpoint as a GGUF file of the given quantization; return its path.
 
-    `importance` (from `edgelm.calibration.activation_importance`) weights each input column's
-    quantization error by how strongly it is activated, llama.cpp's importance matrix.
+    `hessians` (from `edgelm.calibration.activation_covariance`: E[x xᵀ] of each weight's input on
+    calibration text) make the quantizer minimize the error of the layer's output rather than of its
+    weights: scales chosen by the activation-weighted error (llama.cpp's importance matrix is the diagonal)
+    and each column's rounding error passed on to the columns not yet rounded (GPTQ).
     """
     if quant not in MIXTURES:
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
@@ -239,7 +241,7 @@ def export_gguf(
     mixture = MIXTURES[quant]
 
     writer = gguf.GGUFWriter(None, arch="llama")
-    _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, importance is not None)
+    _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
     if config.rope_scaling is not None:
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     for hf_name, w in tensors.items():
@@ -249,7 +251,7 @@ def export_gguf(
             w = permute_for_gguf(w, heads)
         qtype = tensor_type(name, w.shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
         key = "lm_head.weight" if config.tie_word_embeddings and name == "token_embd.weight" else hf_name
-        data = encode_tensor(w, qtype, (importance or {}).get(key))
+        data = encode_tensor(w, qtype, (hessians or {}).get(key))
         writer.add_tensor(name, data, raw_dtype=qtype)  # quantized: block bytes (rows, bytes per row)
     tmp = temporary_sibling(path)
     try:
