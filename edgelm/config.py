@@ -288,11 +288,13 @@ class ModelConfig:
                 "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
             )
         qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
+        # without the keys, llama.cpp's own defaults: 11/11 for byte-level BPE, 1/2 for SentencePiece
+        spm = metadata.get("tokenizer.ggml.model") == "llama"
         eos = [
             metadata[k]
             for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if k in metadata
-        ]
+        ] or [2 if spm else 11]
         return cls(
             vocab_size=key("vocab_size", len(metadata.get("tokenizer.ggml.tokens") or []) or None),
             hidden_size=hidden,
@@ -308,8 +310,8 @@ class ModelConfig:
             architecture="LlamaForCausalLM" if o_bias or not qkv_bias else "Qwen2ForCausalLM",
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", 0),
-            eos_token_id=eos[0] if len(eos) == 1 else tuple(eos) if eos else 1,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", 1 if spm else 11),
+            eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
         )
 
     def save(self, directory: Path) -> None:
