@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from edgelm.export.gguf import export_gguf
 
 from edgelm.checkpoint import save_checkpoint, tensor_shapes
 from edgelm.config import ModelConfig
+from edgelm.export.gguf import export_gguf
 from edgelm.tokenizer import train_tokenizer
 
 DECODE = """

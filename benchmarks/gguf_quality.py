@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 
 import edgelm
 from edgelm.data import load_tokens, validation_windows
+from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgelm.export import gguf_blocks
 from tokenizers import decoders
 
 from edgelm import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.export import gguf_blocks
 from edgelm.files import temporary_sibling
 from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, gguf_pre_tokenizer_name

@@ -3,7 +3,8 @@ Metal build of llama.cpp (all layers offloaded).
 
 The model is opened with llama-cpp-python's `Llama` (mmap, threads, GPU layers), and tokens are decoded
 through llama.cpp's own batch API, asking for logits only at the positions the caller wants. One lock per
-runtime serializes calls, so two threads never interleave their state in one llama.cpp context.
+runtime serializes calls into the llama.cpp context; `edgelm.Model` also holds a lock for a whole
+generation, so that two threads' sequences never interleave.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import ClassVar
 
 import llama_cpp
 import numpy as np
-from edgelm.runtimes.base import check_ids
 
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
 from edgelm.gguf_reader import read_gguf
+from edgelm.runtimes.base import check_ids
 from edgelm.tokenizer import tokenizer_from_gguf
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids

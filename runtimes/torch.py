@@ -8,11 +8,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from edgelm.runtimes.base import check_ids
 
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.model import Transformer, load_weights
+from edgelm.runtimes.base import check_ids
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

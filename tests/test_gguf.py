@@ -10,6 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL, make_checkpoint
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+from test_tokenizer import VARIED
+
+import edgelm
+from edgelm.checkpoint import load_checkpoint
+from edgelm.data import load_tokens, validation_windows
+from edgelm.errors import EdgelmError
 from edgelm.export.gguf import (
     MIXTURES,
     QUANTIZERS,
@@ -19,14 +27,6 @@ from edgelm.export.gguf import (
     permute_for_gguf,
     tensor_type,
 )
-from gguf import GGUFReader
-from gguf.quants import dequantize as gguf_dequantize
-from test_tokenizer import VARIED
-
-import edgelm
-from edgelm.checkpoint import load_checkpoint
-from edgelm.data import load_tokens, validation_windows
-from edgelm.errors import EdgelmError
 from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL, make_checkpoint
-from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 
 import edgelm
 from edgelm.checkpoint import read_weights
 from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
+from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 from edgelm.importer import import_model
 from edgelm.tokenizer import Tokenizer
 

@@ -9,12 +9,12 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from edgelm.runtimes import base
-from edgelm.runtimes.base import Runtime, artifact_kind, open_runtime
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
+from edgelm.runtimes import base
+from edgelm.runtimes.base import Runtime, artifact_kind, open_runtime
 
 
 class ReplayRuntime:
