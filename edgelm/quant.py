@@ -27,10 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgelm.errors import EdgelmError
+
+if TYPE_CHECKING:
+    from edgelm.gptq import GroupFit
 
 QK_K = 256  # values in a K-quant super-block
 
@@ -38,7 +42,6 @@ _CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
 _GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
-_DAMPENING = 0.01  # GPTQ: H + 0.01 * mean(diag H) * I before inverting
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -167,8 +170,6 @@ def quantize_blocks(
         parts = [_blocks_rows(x[rows], bits, block, symmetric, weights, search) for rows in _row_chunks(x)]
         codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
-    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
-    weights = diagonal if importance is None else weights
     lo = -(1 << (bits - 1)) if symmetric else 0
     hi = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
 
@@ -176,7 +177,8 @@ def quantize_blocks(
         _, s, m = _blocks_rows(group, bits, block, symmetric, group_weights, search)  # (rows, 1) each
         return np.broadcast_to(s, group.shape), np.broadcast_to(m, group.shape), (s, m)
 
-    codes, fitted = _error_feedback_rows(x, factor, weights, block, lo, hi, fit)
+    steer = None if importance is None else weights
+    codes, fitted = _error_feedback_rows(x, hessian, steer, block, lo, hi, fit)
     scales, zeros = (np.concatenate(arrays, axis=1) for arrays in zip(*fitted, strict=True))
     return QuantizedBlocks((codes - lo).astype(np.uint8), scales, None if symmetric else zeros, bits, block)
 
@@ -203,7 +205,7 @@ def quantize_q4_k(
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
         return _concat([_q4_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
-    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
+    steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q4KBlocks]:
         r = _q4_k_rows(group, group_weights, search)
@@ -211,9 +213,7 @@ def quantize_q4_k(
         offset = -(np.repeat(r.dmin, 8, axis=1) * r.mins.astype(np.float32))
         return np.repeat(step, 32, axis=1), np.repeat(offset, 32, axis=1), r
 
-    codes, fitted = _error_feedback_rows(
-        x, factor, diagonal if importance is None else weights, QK_K, 0, 15, fit
-    )
+    codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, 0, 15, fit)
     return replace(_concat_columns(fitted), codes=codes.astype(np.uint8))
 
 
@@ -235,16 +235,14 @@ def quantize_q6_k(
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
         return _concat([_q6_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
-    factor, diagonal = _inverse_hessian_factor(hessian, x.shape[1])
+    steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q6KBlocks]:
         r = _q6_k_rows(group, group_weights, search)
         step = np.repeat(r.d, 16, axis=1) * r.scales.astype(np.float32)  # (rows, 16)
         return np.repeat(step, 16, axis=1), np.zeros(group.shape, np.float32), r
 
-    codes, fitted = _error_feedback_rows(
-        x, factor, diagonal if importance is None else weights, QK_K, -32, 31, fit
-    )
+    codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, -32, 31, fit)
     return replace(_concat_columns(fitted), codes=(codes + 32).astype(np.uint8))
 
 
@@ -338,18 +336,25 @@ def _q6_k_finish(x: np.ndarray, scale: np.ndarray) -> Q6KBlocks:
 
 # ------------------------------------------------------------------------------ GPTQ error feedback
 
-# group (rows, g) of error-updated weights, their importance (g,) → step and offset per value (rows, g), such
-# that value = step * q + offset for a code q in [lo, hi], and what the caller keeps of the fit
-GroupFit = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, object]]
-
 
 def _error_feedback_rows(
-    x: np.ndarray, factor: np.ndarray, weights: np.ndarray, group: int, lo: int, hi: int, fit: GroupFit
+    x: np.ndarray,
+    hessian: np.ndarray,
+    importance: np.ndarray | None,
+    group: int,
+    lo: int,
+    hi: int,
+    fit: GroupFit,
 ) -> tuple[np.ndarray, list]:
-    """_error_feedback over chunks of rows: codes (rows, cols) and, per group of columns, the fits of the
-    chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat)."""
+    """`gptq.error_feedback` over chunks of rows: codes (rows, cols) and, per group of columns, the fits of
+    the chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat). The groups'
+    scales are steered by `importance` if given, else by diag(hessian)."""
+    from edgelm import gptq  # only calibrated quantization needs it
+
+    factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
+    weights = diagonal if importance is None else importance
     parts = [
-        _error_feedback(x[rows], factor, weights, group, lo, hi, fit)
+        gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
         for rows in _row_chunks(x, _GPTQ_CHUNK_VALUES)
     ]
     codes = np.concatenate([c for c, _ in parts])
@@ -360,72 +365,6 @@ def _error_feedback_rows(
         else:
             fitted.append(_concat(list(fits)))
     return codes, fitted
-
-
-def _error_feedback(
-    x: np.ndarray, factor: np.ndarray, weights: np.ndarray, group: int, lo: int, hi: int, fit: GroupFit
-) -> tuple[np.ndarray, list]:
-    """GPTQ on x (rows, cols): signed codes (rows, cols) as float32 in [lo, hi], and fit's result per group.
-
-    factor is U (cols, cols), upper triangular with H⁻¹ = Uᵀ U. Column c is rounded on the grid that fit
-    chose for its group (from the weights as updated when the group began); its error e = (w_c - value_c) is
-    then moved onto the later columns as w_j -= e * U[c, j] / U[c, c], GPTQ's optimal update under H. Within
-    a group the update is applied column by column; to the columns after it, once per group (GPTQ's lazy
-    batch update).
-    """
-    rows, cols = x.shape
-    w = x.astype(np.float64)  # (rows, cols), updated in place
-    codes = np.empty((rows, cols), np.float32)
-    fitted = []
-    for start in range(0, cols, group):
-        end = start + group
-        step, offset, kept = fit(w[:, start:end].astype(np.float32), weights[start:end])
-        fitted.append(kept)
-        errors = np.empty((rows, group))  # scaled errors e / U[c, c]
-        for j in range(group):
-            c = start + j
-            target = w[:, c].astype(np.float32)
-            q = np.clip(np.rint(_divide(target - offset[:, j], step[:, j])), lo, hi)
-            codes[:, c] = q
-            errors[:, j] = (w[:, c] - (step[:, j] * q + offset[:, j])) / factor[c, c]
-            w[:, c + 1 : end] -= np.outer(errors[:, j], factor[c, c + 1 : end])
-        w[:, end:] -= errors @ factor[start:end, end:]
-        if not np.isfinite(w).all():
-            raise EdgelmError("quantize: the error feedback diverged (check that the hessian is E[x xᵀ])")
-    return codes, fitted
-
-
-def _inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """The upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = Uᵀ U), float64 (cols, cols), and diag(H).
-
-    H is symmetrized; a dead column (H_cc = 0, an input that is always 0) is decoupled from the others, and
-    0.01 * mean(diag H) is added to the diagonal (GPTQ's dampening; 1 if every column is dead).
-    """
-    h = np.array(hessian, dtype=np.float64)  # a copy
-    if h.shape != (cols, cols):
-        raise EdgelmError(
-            f"quantize: hessian has shape {h.shape}, expected {(cols, cols)} (E[x xᵀ] of the {cols} inputs)"
-        )
-    if not np.isfinite(h).all():
-        raise EdgelmError("quantize: the hessian contains NaN or infinity (check the calibration)")
-    h = (h + h.T) / 2
-    diagonal = np.diag(h).copy()
-    if (diagonal < 0).any():
-        raise EdgelmError("quantize: the hessian has a negative diagonal: it is not E[x xᵀ] of some inputs")
-    dead = diagonal == 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    dampening = _DAMPENING * diagonal.mean() if diagonal.any() else 1.0
-    h[np.diag_indices(cols)] += dampening
-    try:
-        inverse_lower = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
-        factor = np.linalg.cholesky(inverse_lower.T @ inverse_lower).T
-    except np.linalg.LinAlgError:
-        raise EdgelmError(
-            "quantize: the hessian is not positive semi-definite even after dampening "
-            "(give E[x xᵀ] of the inputs, e.g. from edgelm.calibration.activation_covariance)"
-        ) from None
-    return factor, diagonal
 
 
 # ---------------------------------------------------------------------------------- rounding and search

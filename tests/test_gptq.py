@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from test_quant import ALL
 
 from edgelm.calibration import activation_covariance, activation_importance
 from edgelm.errors import EdgelmError
-from edgelm.export.gguf_blocks import pack_q4_0, pack_q4_1, pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
 from edgelm.quant import QuantizedBlocks, quantize_blocks, quantize_q4_k, quantize_q6_k
 
-PLAIN = {
-    T.Q8_0: (lambda w, **kw: quantize_blocks(w, 8, 32, True, **kw), pack_q8_0),
-    T.Q4_0: (lambda w, **kw: quantize_blocks(w, 4, 32, True, **kw), pack_q4_0),
-    T.Q4_1: (lambda w, **kw: quantize_blocks(w, 4, 32, False, **kw), pack_q4_1),
-    T.Q5_0: (lambda w, **kw: quantize_blocks(w, 5, 32, True, **kw), pack_q5_0),
-}
-K_QUANTS = {T.Q4_K: (quantize_q4_k, pack_q4_k), T.Q6_K: (quantize_q6_k, pack_q6_k)}
-ALL = {**PLAIN, **K_QUANTS}
 ROWS, COLS, TOKENS = 64, 256, 1024
 
 
