@@ -42,6 +42,8 @@ _CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
 _GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
+# (scale, offset) → the values a format keeps of them
+Store = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -144,6 +146,7 @@ def quantize_blocks(
     importance: np.ndarray | None = None,
     search: bool = True,
     hessian: np.ndarray | None = None,
+    integer_zeros: bool = False,
 ) -> QuantizedBlocks:
     """Quantize every `block` consecutive values of each row of w (rows, cols) to `bits`-bit codes.
 
@@ -152,6 +155,8 @@ def quantize_blocks(
       that Q4_0's (d = v / -h for v the value of largest magnitude, which lands on q = -h).
     asymmetric: value = d * code + m with code in [0, 2**bits - 1]; round-to-nearest is Q4_1's
       (d = (max - min) / (2**bits - 1), m = min).
+    integer_zeros (asymmetric only): m = -d * z for an integer zero point z in [0, 2**bits - 1], so that
+      value = d * (code - z) as ONNX MatMulNBits computes it with uint8 zero points; `zeros` holds -d * z.
     With search=False the codes are exactly llama.cpp's (chosen with the float32 d, then d and m are stored
     as float16); with search=True the candidates' codes are chosen with their float16-rounded scales.
 
@@ -164,17 +169,22 @@ def quantize_blocks(
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
             allowed = f"from {low} to {high}" if high else f">= {low}"
             raise EdgelmError(f"quantize: {name}={value!r} must be an integer {allowed}")
+    if integer_zeros and symmetric:
+        raise EdgelmError("quantize: integer zero points are for asymmetric blocks (symmetric=False)")
     x = _as_matrix(w, block, f"block size {block}")
     weights = _as_importance(importance, x.shape[1])
+    store = _integer_zero_store(bits) if integer_zeros else _f16_store
     if hessian is None:
-        parts = [_blocks_rows(x[rows], bits, block, symmetric, weights, search) for rows in _row_chunks(x)]
+        parts = [
+            _blocks_rows(x[rows], bits, block, symmetric, weights, search, store) for rows in _row_chunks(x)
+        ]
         codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
     lo = -(1 << (bits - 1)) if symmetric else 0
     hi = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
-        _, s, m = _blocks_rows(group, bits, block, symmetric, group_weights, search)  # (rows, 1) each
+        _, s, m = _blocks_rows(group, bits, block, symmetric, group_weights, search, store)  # (rows, 1)
         return np.broadcast_to(s, group.shape), np.broadcast_to(m, group.shape), (s, m)
 
     steer = None if importance is None else weights
@@ -250,7 +260,7 @@ def quantize_q6_k(
 
 
 def _blocks_rows(
-    w: np.ndarray, bits: int, block: int, symmetric: bool, weights: np.ndarray, search: bool
+    w: np.ndarray, bits: int, block: int, symmetric: bool, weights: np.ndarray, search: bool, store: Store
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_blocks on a few rows: codes (rows, cols), scales and offsets (rows, cols // block)."""
     rows, cols = w.shape
@@ -261,14 +271,17 @@ def _blocks_rows(
     else:
         d, m, q = _nearest_asymmetric(x, bits)
         lo, hi = 0, (1 << bits) - 1
-    s, m = _f16(d), _f16(m)
+    s, stored_m = store(d, m)
+    if store is not _f16_store and not symmetric:  # the offset moved: choose the codes again
+        q = _codes(x, s, stored_m, lo, hi)
+    m = stored_m
     if not (np.isfinite(s).all() and np.isfinite(m).all()):
         raise EdgelmError(
             f"quantize: weights as large as {np.abs(w).max():g} overflow the float16 scales and offsets "
             "(GGUF stores them as float16; rescale the weights or keep this tensor unquantized)"
         )
     if search:
-        s, m, q = _search(x, weights.reshape(-1, block), s, m, q, lo, hi, _f16)
+        s, m, q = _search(x, weights.reshape(-1, block), s, m, q, lo, hi, store)
     codes = (q - lo).astype(np.uint8)  # symmetric: q + 2**(bits-1); asymmetric: q itself (lo = 0)
     return codes.reshape(rows, cols), s[..., 0], m[..., 0]
 
@@ -403,7 +416,7 @@ def _search(
     q: np.ndarray,
     lo: int,
     hi: int,
-    store: Callable[[np.ndarray], np.ndarray] | None,
+    store: Store | None,
     offset_max: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per block, the scale, offset and codes with the lowest weighted squared error: the given ones or one
@@ -412,7 +425,8 @@ def _search(
 
     x (..., block); weights broadcast to x; s, m (..., 1); q (..., block) codes in [lo, hi]; value = s*q + m.
     lo < 0 means symmetric (m stays 0). store rounds a candidate's scale and offset to what the format keeps
-    (float16), None keeps float32. offset_max=0 keeps the offsets <= 0 (K-quants subtract a min >= 0).
+    (float16; or an integer zero point), None keeps float32. offset_max=0 keeps the offsets <= 0 (K-quants
+    subtract a min >= 0).
     """
     symmetric = lo < 0
     best = _squared_error(x, s * q + m, weights)
@@ -422,7 +436,7 @@ def _search(
         grid_codes = _codes(x, center_s * np.float32(levels / (levels + step)), center_m, lo, hi)
         cs, cm = _least_squares(x, weights, grid_codes, symmetric, offset_max)
         if store is not None:
-            cs, cm = store(cs), store(cm)
+            cs, cm = store(cs, cm)
         cq = _codes(x, cs, cm, lo, hi)
         error = _squared_error(x, cs * cq + cm, weights)
         better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
@@ -479,6 +493,22 @@ def _lower_error(w: np.ndarray, weights: np.ndarray, a: Q4KBlocks | Q6KBlocks, b
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _f16_store(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and offset as GGUF keeps them: float16."""
+    return _f16(scale), _f16(offset)
+
+
+def _integer_zero_store(bits: int) -> Store:
+    """Scale as float16, the offset as -scale * z for the nearest integer zero point z in [0, 2**bits - 1]."""
+
+    def store(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = _f16(scale)
+        z = np.clip(np.rint(_divide(-offset, s)), 0, (1 << bits) - 1)
+        return s, -s * z
+
+    return store
 
 
 def _f16(v: np.ndarray) -> np.ndarray:

@@ -43,9 +43,10 @@ class Runtime(Protocol):
 BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
     "torch": ("edgelm.runtimes.torch", "TorchRuntime", "torch"),
     "llamacpp": ("edgelm.runtimes.llamacpp", "LlamaCppRuntime", "llamacpp"),
+    "onnxruntime": ("edgelm.runtimes.onnxruntime", "OnnxRuntime", "onnx"),
 }
 # which built-in runtime opens each artifact kind when none is named
-DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp"}
+DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp", "onnx": "onnxruntime"}
 
 
 def artifact_kind(path: Path) -> str:

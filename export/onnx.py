@@ -1,0 +1,524 @@
+"""Checkpoint → ONNX folder on ONNX Runtime's fused operators, which onnxruntime-genai also runs unchanged.
+
+The graph is written node by node from the checkpoint's numpy arrays (no torch, no tracing):
+
+    input_ids ─ Gather ─┬─ RMSNormalization ─ qkv MatMul ─ GroupQueryAttention ─ o MatMul ─┐
+                        └──────────────── SkipSimplifiedLayerNormalization (residual + norm) ◀──────────┘
+                              ─ gate_up MatMul ─ Split ─ SiLU(gate) * up ─ down MatMul ─ Skip…Norm ─ …
+                                                                          ─ final Skip…Norm ─ lm_head ─ logits
+
+`GroupQueryAttention` (domain com.microsoft) applies the rotary embedding itself from cos/sin tables and
+appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized matrices are `MatMulNBits`:
+`edgelm.quant` chooses the codes and scales, this module only packs them into the operator's layout.
+
+The folder: model.onnx + model.onnx.data (every weight as external data, so no 2 GiB limit), config.json,
+the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm import __version__
+from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.files import temporary_sibling, write_json_atomic
+from edgelm.quant import QuantizedBlocks, quantize_blocks
+from edgelm.rope import rope_cos_sin
+
+try:
+    import onnx
+    from onnx import TensorProto, helper
+except ModuleNotFoundError as e:
+    raise missing_dependency("onnx", "onnx") from e
+
+OPSET = 23  # RMSNormalization
+MS_DOMAIN = "com.microsoft"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the matrices are stored: `float` dtype, or `bits`-bit MatMulNBits codes (the rest stays float)."""
+
+    dtype: str  # "float32" or "float16": activations, norms, embeddings, KV cache
+    bits: int | None = None  # None: plain MatMul on float weights
+
+
+PRECISIONS = {
+    "fp32": Precision("float32"),
+    "fp16": Precision("float16"),
+    "int8": Precision("float32", 8),
+    "int4": Precision("float32", 4),
+}
+_ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Parameters of the int8/int4 MatMulNBits weights.
+
+    block_size: values per scale along the input dimension (a power of two >= 16).
+    symmetric: codes centred on 2**(bits-1), no zero points; else a uint8 zero point per block.
+    accuracy_level: MatMulNBits' compute type on CPU: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
+    search: refine each block's scale by an error-minimizing search (else plain round-to-nearest).
+    """
+
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    search: bool = True
+
+    def check(self) -> None:
+        """Raise an EdgelmError for values MatMulNBits does not accept."""
+        b = self.block_size
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise EdgelmError(f"block size {b!r}: MatMulNBits needs a power of two >= 16 (e.g. 32, 64, 128)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgelmError(f"accuracy level {self.accuracy_level!r} must be 0, 1, 2, 3 or 4")
+
+
+def output_folder(checkpoint: Path, out: Path | None, quant: str) -> Path:
+    """`--out`, else `<checkpoint>-onnx-<quant>` beside the checkpoint."""
+    return out if out is not None else checkpoint.with_name(f"{checkpoint.name}-onnx-{quant}")
+
+
+def export_onnx(
+    checkpoint: Path,
+    out: Path | None = None,
+    quant: str = "fp32",
+    options: QuantOptions | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write the checkpoint as an ONNX folder of the given precision (fp32, fp16, int8, int4); return it.
+
+    `hessians` (from `edgelm.calibration.activation_covariance`) make the int8/int4 quantizer minimize each
+    layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
+    """
+    if quant not in PRECISIONS:
+        raise EdgelmError(f"unknown ONNX precision {quant!r}; choose one of {', '.join(PRECISIONS)}")
+    options = options or QuantOptions()
+    options.check()
+    checkpoint = Path(checkpoint)
+    config, tensors, _ = load_checkpoint(checkpoint)
+    folder = output_folder(checkpoint, Path(out) if out is not None else None, quant)
+    if folder.exists() and not (folder / MODEL_FILE).is_file():
+        raise EdgelmError(f"{folder} exists and is not an ONNX folder; choose another --out")
+    precision = PRECISIONS[quant]
+    model = build_model(config, tensors, precision, options, hessians or {})
+
+    tmp = temporary_sibling(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        onnx.save_model(
+            model,
+            str(tmp / MODEL_FILE),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=0,
+        )
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        for name in COPIED_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, tmp / name)
+        write_json_atomic(tmp / "genai_config.json", genai_config(config, precision))
+        write_json_atomic(tmp / "edgelm.json", provenance(checkpoint, quant, precision, options, hessians))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+class _Graph:
+    """Nodes and initializers as they are added; names follow `/model/layers.N/part/Op`."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def node(
+        self, op: str, inputs: list[str], name: str, outputs: int = 1, ms: bool = False, **attrs
+    ) -> list[str]:
+        """Add a node named `name/op`; return its output names."""
+        node_name = f"{name}/{op}"
+        names = [f"{node_name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(
+            helper.make_node(op, inputs, names, node_name, domain=MS_DOMAIN if ms else None, **attrs)
+        )
+        return names
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Add an initializer; return its name."""
+        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        """A small constant as a Constant node (inside model.onnx, where shape inference can read it)."""
+        self.nodes.append(
+            helper.make_node("Constant", [], [name], name, value=onnx.numpy_helper.from_array(array, name))
+        )
+        return name
+
+    def float_weight(self, name: str, array: np.ndarray) -> str:
+        """An initializer in the graph's float dtype."""
+        return self.weight(name, array.astype(self.dtype))
+
+
+def build_model(
+    config: ModelConfig,
+    tensors: dict[str, np.ndarray],
+    precision: Precision,
+    options: QuantOptions,
+    hessians: dict[str, np.ndarray],
+) -> onnx.ModelProto:
+    """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects."""
+    c = config
+    g = _Graph(precision.dtype)
+    ftype = _ONNX_TYPES[precision.dtype]
+    kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
+    present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
+    layers = range(c.num_hidden_layers)
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        ),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", ftype, ["batch_size", "sequence_length", c.vocab_size])
+    ]
+    for i in layers:
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", ftype, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype, present_shape))
+
+    # GroupQueryAttention takes the sequence lengths as int32: seqlens_k = mask.sum(1) - 1 and total length
+    one = g.constant("/model/constants/one", np.array([1], np.int64))
+    (mask_sum,) = g.node("ReduceSum", ["attention_mask", one], "/model/attn_mask", keepdims=0)
+    (last,) = g.node("Sub", [mask_sum, one], "/model/attn_mask")
+    (seqlens_k,) = g.node("Cast", [last], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)
+    (mask_shape,) = g.node("Shape", ["attention_mask"], "/model/attn_mask", start=1, end=2)
+    (total_1d,) = g.node("Cast", [mask_shape], "/model/attn_mask/total", to=TensorProto.INT32)
+    (total,) = g.node("Squeeze", [total_1d], "/model/attn_mask/total")
+    cos, sin = rope_cos_sin(c, c.max_position_embeddings)
+    cos_cache, sin_cache = g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin)
+
+    embed = tensors["model.embed_tokens.weight"]
+    (x,) = g.node(
+        "Gather", [g.float_weight("model.embed_tokens.weight", embed), "input_ids"], "/model/embed_tokens"
+    )
+    residual = None
+    eps = float(c.rms_norm_eps)
+    linear = _Linear(g, precision, options, hessians)
+    for i in layers:
+        p, name = f"model.layers.{i}.", f"/model/layers.{i}"
+        h, residual = _norm(
+            g, x, residual, tensors[p + "input_layernorm.weight"], f"{name}/input_layernorm", eps
+        )
+
+        qkv_names = [p + f"self_attn.{m}_proj" for m in "qkv"]
+        qkv = linear(h, f"{name}/attn/qkv_proj", p + "self_attn.qkv_proj", qkv_names, tensors)
+        if c.qkv_bias:
+            bias = np.concatenate([tensors[n + ".bias"] for n in qkv_names])
+            (qkv,) = g.node(
+                "Add", [qkv, g.float_weight(p + "self_attn.qkv_proj.bias", bias)], f"{name}/attn/qkv_proj"
+            )
+        attn, _, _ = g.node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                seqlens_k,
+                total,
+                cos_cache,
+                sin_cache,
+            ],
+            f"{name}/attn",
+            outputs=3,
+            ms=True,
+            num_heads=c.num_attention_heads,
+            kv_num_heads=c.num_key_value_heads,
+            scale=float(c.head_dim**-0.5),
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=-1,
+        )
+        # the attention's present outputs are the graph's: rename them
+        g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+        o = linear(attn, f"{name}/attn/o_proj", p + "self_attn.o_proj", [p + "self_attn.o_proj"], tensors)
+        if c.o_bias:
+            (o,) = g.node(
+                "Add",
+                [o, g.float_weight(p + "self_attn.o_proj.bias", tensors[p + "self_attn.o_proj.bias"])],
+                f"{name}/attn/o_proj",
+            )
+
+        h, residual = _norm(
+            g,
+            o,
+            residual,
+            tensors[p + "post_attention_layernorm.weight"],
+            f"{name}/post_attention_layernorm",
+            eps,
+        )
+        gate_up_names = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+        gate_up = linear(h, f"{name}/mlp/gate_up_proj", p + "mlp.gate_up_proj", gate_up_names, tensors)
+        split = g.constant(f"{name}/mlp/split_sizes", np.array([c.intermediate_size] * 2, np.int64))
+        gate, up = g.node("Split", [gate_up, split], f"{name}/mlp", outputs=2, axis=-1)
+        (sigmoid,) = g.node("Sigmoid", [gate], f"{name}/mlp/act_fn")
+        (silu,) = g.node("Mul", [gate, sigmoid], f"{name}/mlp/act_fn")
+        (product,) = g.node("Mul", [silu, up], f"{name}/mlp")
+        x = linear(product, f"{name}/mlp/down_proj", p + "mlp.down_proj", [p + "mlp.down_proj"], tensors)
+
+    h, _ = _norm(g, x, residual, tensors["model.norm.weight"], "/model/norm", eps, keep_residual=False)
+    head = "model.embed_tokens" if c.tie_word_embeddings else "lm_head"
+    logits = linear(h, "/lm_head", "lm_head", [head], tensors, hessian_key="lm_head.weight")
+    g.nodes[-1].output[0] = "logits"  # the head's output is the graph's
+    del logits
+
+    graph = helper.make_graph(g.nodes, "edgelm", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="edgelm",
+        producer_version=__version__,
+    )
+    model.ir_version = 11
+    return model
+
+
+def _norm(
+    g: _Graph,
+    x: str,
+    residual: str | None,
+    weight: np.ndarray,
+    name: str,
+    eps: float,
+    keep_residual: bool = True,
+) -> tuple[str, str]:
+    """RMSNorm of x (the first layer) or of residual + x; returns (normed, the new residual stream)."""
+    w = g.float_weight(name.strip("/").replace("/", ".") + ".weight", weight)
+    if residual is None:
+        (normed,) = g.node("RMSNormalization", [x, w], name, axis=-1, epsilon=eps, stash_type=1)
+        return normed, x
+    normed, _, _, summed = g.node(
+        "SkipSimplifiedLayerNormalization", [residual, x, w], name, outputs=4, ms=True, epsilon=eps
+    )
+    if not keep_residual:
+        del g.nodes[-1].output[1:]
+    return normed, summed
+
+
+@dataclass
+class _Linear:
+    """Adds y = x Wᵀ for a matrix that may be several HF weights stacked (q, k, v; gate, up)."""
+
+    g: _Graph
+    precision: Precision
+    options: QuantOptions
+    hessians: dict[str, np.ndarray]
+
+    def __call__(
+        self,
+        x: str,
+        name: str,
+        weight_name: str,
+        parts: list[str],
+        tensors: dict[str, np.ndarray],
+        hessian_key: str | None = None,
+    ) -> str:
+        w = np.concatenate([tensors[p + ".weight"] for p in parts])  # (out, in)
+        if self.precision.bits is None:
+            (y,) = self.g.node("MatMul", [x, self.g.float_weight(weight_name + ".weight", w.T)], name)
+            return y
+        hessian = self.hessians.get(hessian_key or parts[0] + ".weight")
+        q = quantize_matrix(w, self.precision.bits, self.options, hessian)
+        packed, scales, zero_points = pack_matmul_nbits(q)
+        inputs = [
+            x,
+            self.g.weight(weight_name + ".weight.packed", packed),
+            self.g.float_weight(weight_name + ".weight.scales", scales),
+        ]
+        if zero_points is not None:
+            inputs.append(self.g.weight(weight_name + ".weight.zero_points", zero_points))
+        (y,) = self.g.node(
+            "MatMulNBits",
+            inputs,
+            name,
+            ms=True,
+            K=w.shape[1],
+            N=w.shape[0],
+            bits=self.precision.bits,
+            block_size=self.options.block_size,
+            accuracy_level=self.options.accuracy_level,
+        )
+        return y
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+
+def quantize_matrix(
+    w: np.ndarray, bits: int, options: QuantOptions, hessian: np.ndarray | None = None
+) -> QuantizedBlocks:
+    """w (out, in) quantized along its rows in blocks of `options.block_size`, the rows zero-padded to a
+    whole number of blocks as MatMulNBits pads them (the padding's codes are never used)."""
+    cols = w.shape[1]
+    padded = -cols % options.block_size
+    if padded:
+        w = np.pad(w, ((0, 0), (0, padded)))
+        if hessian is not None:
+            hessian = np.pad(hessian, ((0, padded), (0, padded)))
+    importance = None
+    if padded and hessian is None:
+        importance = np.concatenate([np.ones(cols), np.zeros(padded)])
+    return quantize_blocks(
+        w,
+        bits,
+        options.block_size,
+        options.symmetric,
+        importance=importance,
+        search=options.search,
+        hessian=hessian,
+        integer_zeros=not options.symmetric,
+    )
+
+
+def pack_matmul_nbits(q: QuantizedBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits' B (N, blocks, block*bits/8) uint8, scales (N, blocks) and packed uint8 zero points
+    (N, ceil(blocks*bits/8)) or None for symmetric codes (whose zero point is the default 2**(bits-1)).
+
+    Codes are packed along K low bits first: for 4 bits, value 2j in the low nibble of byte j, 2j+1 in the
+    high nibble; the zero points of a row likewise, the last byte's high nibble zero when blocks is odd.
+    """
+    rows, cols = q.codes.shape
+    blocks = cols // q.block
+    packed = _pack_low_first(q.codes, q.bits).reshape(rows, blocks, -1)
+    if q.zeros is None:
+        return packed, q.scales, None
+    zero_points = np.rint(-q.zeros / np.where(q.scales == 0, 1, q.scales)).astype(np.uint8)
+    if q.bits == 4 and blocks % 2:
+        zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
+    return packed, q.scales, _pack_low_first(zero_points, q.bits)
+
+
+def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (rows, n) → bytes (rows, n*bits/8), the earlier value in the lower bits."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits != 4:
+        raise EdgelmError(f"MatMulNBits packing supports 4 and 8 bits, not {bits}")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ the folder
+
+
+def genai_config(config: ModelConfig, precision: Precision) -> dict[str, Any]:
+    """onnxruntime-genai's description of the model: its shape, I/O names and default search options."""
+    eos = config.eos_token_id
+    eos = eos if isinstance(eos, int) else list(eos)
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id,
+            "context_length": config.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": eos if isinstance(eos, int) else eos[0],
+            "type": "llama",
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": config.max_position_embeddings,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def provenance(
+    checkpoint: Path,
+    quant: str,
+    precision: Precision,
+    options: QuantOptions,
+    hessians: dict[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """What edgelm.json records: the source checkpoint's hash, how the weights were quantized, versions."""
+    quantization: dict[str, Any] = {"dtype": precision.dtype, "bits": precision.bits}
+    if precision.bits is not None:
+        method = "gptq" if hessians else ("search" if options.search else "round-to-nearest")
+        quantization |= dataclasses.asdict(options) | {"method": method, "operator": "MatMulNBits"}
+    return {
+        "format": "onnx",
+        "quant": quant,
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": checkpoint_sha256(checkpoint)},
+        "quantization": quantization,
+        "opset": {"ai.onnx": OPSET, MS_DOMAIN: 1},
+        "versions": {
+            "edgelm": __version__,
+            "onnx": onnx.__version__,
+            "numpy": np.__version__,
+            **{name: _version(name) for name in ("onnxruntime",)},
+        },
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    """edgelm.json of an ONNX folder ({} for a folder another tool made)."""
+    path = Path(folder) / "edgelm.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,232 @@
+"""The ONNX Runtime runtime: runs an ONNX folder (edgelm's, onnxruntime-genai's or optimum's) on CPU, CUDA,
+CoreML (macOS) or DirectML (Windows).
+
+Folders with GroupQueryAttention (edgelm's and onnxruntime-genai's) keep one KV buffer per layer, allocated
+once for the whole context and bound as both the past input and the present output, so the decode loop
+allocates nothing but its logits. Other folders (optimum's plain attention) feed each step's present
+tensors back as the next step's past, without copying them.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError
+from edgelm.runtimes.base import check_ids
+from edgelm.tokenizer import Tokenizer
+
+MODEL_FILE = "model.onnx"
+# device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "coreml": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+    "dml": ["DmlExecutionProvider", "CPUExecutionProvider"],
+}
+_ALIASES = {"mps": "coreml", "metal": "coreml", "directml": "dml", "gpu": "cuda"}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" → cuda, then CoreML on macOS or DirectML on Windows when this onnxruntime has it, else cpu."""
+    available = ort.get_available_providers()
+    if device == "auto":
+        candidates = ["cuda", "coreml" if platform.system() == "Darwin" else "dml"]
+        return next((d for d in candidates if PROVIDERS[d][0] in available), "cpu")
+    kind = _ALIASES.get(device.split(":")[0], device.split(":")[0])
+    if kind not in PROVIDERS:
+        raise EdgelmError(f"unknown device {device!r} for onnxruntime; use auto, cpu, cuda, coreml or dml")
+    if PROVIDERS[kind][0] not in available:
+        package = {"cuda": "onnxruntime-gpu", "dml": "onnxruntime-directml"}.get(kind, "onnxruntime")
+        raise EdgelmError(
+            f"device {device} requested but this onnxruntime has no {PROVIDERS[kind][0]} "
+            f"(available: {', '.join(available)}); install {package}"
+        )
+    return device if kind == "cuda" else kind
+
+
+def check_external_data(folder: Path, model: onnx.ModelProto) -> None:
+    """Refuse weights stored outside the folder and missing or truncated data files, before ORT reads any."""
+    root = folder.resolve()
+    for tensor in _all_initializers(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        path = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not path.is_relative_to(root):
+            raise EdgelmError(
+                f"{folder / MODEL_FILE}: tensor {tensor.name!r} points to data outside the folder "
+                f"({location!r}); refusing to read it"
+            )
+        if not path.is_file():
+            raise EdgelmError(
+                f"{folder}: external data file {location!r} (tensor {tensor.name!r}) is missing"
+            )
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > path.stat().st_size:
+            raise EdgelmError(
+                f"{path}: is {path.stat().st_size} bytes, but tensor {tensor.name!r} needs {end}; "
+                "the file is truncated (export the model again)"
+            )
+
+
+def _all_initializers(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+
+
+class OnnxRuntime:
+    """An ONNX decoder in an ONNX Runtime session, with its KV cache holding one sequence."""
+
+    name: ClassVar[str] = "onnxruntime"
+    artifacts: ClassVar[tuple[str, ...]] = ("onnx",)
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
+        folder = Path(path)
+        file = folder / MODEL_FILE
+        try:
+            graph = onnx.load(str(file), load_external_data=False)
+        except Exception as e:  # protobuf raises DecodeError and others for a damaged file
+            raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        check_external_data(folder, graph)
+        self.config = ModelConfig.load(folder)
+        self.tokenizer = Tokenizer.load(folder)
+        self.device = resolve_device(device)
+        self._shared_kv = any(node.op_type == "GroupQueryAttention" for node in graph.graph.node)
+        kind = self.device.split(":")[0]
+        if kind == "cuda" and self._shared_kv and _past_type(graph) == onnx.TensorProto.FLOAT:
+            raise EdgelmError(
+                f"{folder} computes in float32, and ONNX Runtime's CUDA GroupQueryAttention runs only "
+                "float16/bfloat16: export with --quant fp16 for CUDA, or use --device cpu"
+            )
+        del graph
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise EdgelmError(f"threads={threads} must be >= 1")
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about nodes ORT places on CPU are not errors
+        providers: list = list(PROVIDERS[kind])
+        if kind == "cuda" and ":" in self.device:
+            providers[0] = (providers[0], {"device_id": int(self.device.split(":")[1])})
+        try:
+            self.session = ort.InferenceSession(str(file), options, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types are not exported consistently
+            raise EdgelmError(f"{file}: ONNX Runtime cannot load it ({e})") from None
+        self.providers = self.session.get_providers()  # those that actually hold nodes, preferred first
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._setup_io()
+        self.position = 0
+
+    def _setup_io(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._past = sorted(n for n in inputs if n.startswith("past_key_values."))
+        self._present = [n.replace("past_key_values.", "present.") for n in self._past]
+        missing = {"input_ids", "logits"} - set(inputs) - set(outputs) | (set(self._present) - set(outputs))
+        if missing:
+            raise EdgelmError(
+                f"the ONNX model lacks {', '.join(sorted(missing))}: not a decoder with a KV cache"
+            )
+        self._position_ids = "position_ids" in inputs
+        past_type = inputs[self._past[0]].type if self._past else "tensor(float)"
+        self._kv_dtype = _NUMPY_TYPES.get(past_type, np.float32)
+        c = self.config
+        self._ort_device = "cuda" if self.device.startswith("cuda") else "cpu"
+        self._device_id = device_id = int(self.device.split(":")[1]) if ":" in self.device else 0
+        self._mask = np.ones((1, c.max_position_embeddings), np.int64)
+        self._binding = self.session.io_binding()
+        if self._shared_kv:
+            # one buffer per past/present pair, bound as both: GroupQueryAttention appends in place
+            shape = (1, c.num_key_value_heads, c.max_position_embeddings, c.head_dim)
+            self._kv = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self._ort_device, device_id)
+                for _ in self._past
+            ]
+            for past, present, value in zip(self._past, self._present, self._kv, strict=True):
+                self._binding.bind_ortvalue_input(past, value)
+                self._binding.bind_ortvalue_output(present, value)
+        else:
+            self._kv = [None] * len(self._past)  # the present tensors of the last step
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self._logits_dtype = _NUMPY_TYPES.get(logits_type, np.float32)
+        self._decode_logits = self._new_logits(1)
+
+    def reset(self) -> None:
+        """Forget the sequence: the next `forward` starts at position 0."""
+        self.position = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
+        with self._lock:
+            if self.session is None:
+                raise EdgelmError("this runtime has been closed; load the model again")
+            array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
+            logits = self._run(array)
+            self.position += array.size
+        return logits if all_logits else logits[-1:]
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        n, start = array.size, self.position
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", array.reshape(1, n))
+        binding.bind_cpu_input("attention_mask", self._mask[:, : start + n])
+        if self._position_ids:
+            binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
+        if not self._shared_kv:
+            self._bind_growing_past(start, n)
+        logits = self._decode_logits if n == 1 else self._new_logits(n)
+        binding.bind_ortvalue_output("logits", logits)
+        self.session.run_with_iobinding(binding)
+        return np.array(logits.numpy()[0], dtype=np.float32)  # a copy: the decode buffer is reused
+
+    def _new_logits(self, n: int) -> ort.OrtValue:
+        shape = (1, n, self.config.vocab_size)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, "cpu")
+
+    def _bind_growing_past(self, start: int, n: int) -> None:
+        """Plain attention: the last step's present tensors are this step's past (empty at the start), and
+        new buffers one step longer receive this step's present tensors."""
+        c = self.config
+        shape = (1, c.num_key_value_heads, start + n, c.head_dim)
+        for i, (past, present) in enumerate(zip(self._past, self._present, strict=True)):
+            if start == 0:
+                empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), self._kv_dtype)
+                self._binding.bind_cpu_input(past, empty)
+            else:
+                self._binding.bind_ortvalue_input(past, self._kv[i])
+            self._kv[i] = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, self._kv_dtype, self._ort_device, self._device_id
+            )
+            self._binding.bind_ortvalue_output(present, self._kv[i])
+
+    def close(self) -> None:
+        """Release the session and the KV buffers."""
+        with self._lock:
+            self.session = None
+            self._binding = None
+            self._kv = []
+
+
+def _past_type(model: onnx.ModelProto) -> int:
+    """The element type of the first past key input (float32 when there is none)."""
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            return value.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT

@@ -1,0 +1,317 @@
+"""ONNX export against its oracles: ONNX Runtime runs the graph (logits vs edgelm's PyTorch model, a lone
+MatMulNBits node vs the dequantized weights), onnxruntime-genai runs the folder, and an independent reading
+of MatMulNBits' documented layout unpacks the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SMALL, make_checkpoint
+
+import edgelm
+from edgelm.config import Llama3RopeScaling
+from edgelm.data import load_tokens, validation_windows
+from edgelm.errors import EdgelmError
+from edgelm.export.onnx import QuantOptions, export_onnx, pack_matmul_nbits, quantize_matrix
+from edgelm.runtimes.torch import TorchRuntime
+from edgelm.tokenizer import Tokenizer
+
+ort = pytest.importorskip("onnxruntime")
+
+CONFIGS = {
+    "gqa-untied": SMALL,
+    "mha-tied-biases": dataclasses.replace(
+        SMALL, num_key_value_heads=4, tie_word_embeddings=True, qkv_bias=True, o_bias=True
+    ),
+    "mqa-llama3-rope": dataclasses.replace(
+        SMALL,
+        num_key_value_heads=1,
+        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 32),
+        architecture="LlamaForCausalLM",
+    ),
+}
+
+
+def graph_of(folder: Path) -> onnx.ModelProto:
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fp32_matches_torch_at_prefill_and_each_decode_step(
+    name: str, tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    checkpoint = make_checkpoint(tmp_path / "ckpt", small_tokenizer, CONFIGS[name])
+    folder = export_onnx(checkpoint, tmp_path / "onnx", "fp32")
+    reference = TorchRuntime(checkpoint, device="cpu")
+    with edgelm.load(folder) as model:
+        runtime = model.runtime
+        assert runtime.name == "onnxruntime" and runtime.providers == ["CPUExecutionProvider"]
+        prompt = small_tokenizer.encode("def fibonacci(n: int) -> int:", add_bos=True)
+        got = runtime.forward(prompt, all_logits=True)
+        want = reference.forward(prompt, all_logits=True)
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert np.abs(got - want).max() <= 1e-4
+        for token in (5, 17, 300, 2):
+            assert np.abs(runtime.forward([token]) - reference.forward([token])).max() <= 1e-4
+        # a second prompt chunk after decoding (attention over past and new tokens at once)
+        chunk = [7, 8, 9, 10]
+        got, want = runtime.forward(chunk, all_logits=True), reference.forward(chunk, all_logits=True)
+        assert np.abs(got - want).max() <= 1e-4
+        runtime.reset()
+        reference.reset()
+        assert np.abs(runtime.forward(prompt) - reference.forward(prompt)).max() <= 1e-4
+
+
+def test_graph_is_fused_and_folder_complete(checkpoint: Path, tmp_path: Path) -> None:
+    folder = export_onnx(checkpoint, tmp_path / "int4", "int4")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "edgelm.json",
+        "genai_config.json",
+        "generation_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    graph = graph_of(folder)
+    ops = [node.op_type for node in graph.graph.node]
+    layers = SMALL.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers
+    assert ops.count("MatMulNBits") == 4 * layers + 1  # qkv, o, gate_up, down; the head
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert not {"Softmax", "MatMul", "Transpose", "Expand", "Trilu", "Where"} & set(
+        ops
+    )  # no unfused attention
+    assert "/model/layers.1/attn/qkv_proj/MatMulNBits" in {node.name for node in graph.graph.node}
+    # every weight lives in the one external data file
+    for tensor in graph.graph.initializer:
+        assert tensor.data_location == onnx.TensorProto.EXTERNAL
+    provenance = json.loads((folder / "edgelm.json").read_text())
+    assert provenance["quantization"]["bits"] == 4 and provenance["quantization"]["block_size"] == 32
+    assert len(provenance["source"]["sha256"]) == 64 and provenance["opset"]["ai.onnx"] >= 21
+
+
+def unpack_matmul_nbits(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, k: int
+) -> np.ndarray:
+    """MatMulNBits' B as the (N, K) float matrix it stands for, read from the operator's documentation one
+    value at a time: B[n, block, byte] holds values block*block_size + byte*8/bits + j in its bits j*bits..,
+    the zero points of row n packed the same way (default 2**(bits-1))."""
+    n_rows, blocks, blob = packed.shape
+    block_size = blob * 8 // bits
+    per_byte = 8 // bits
+    out = np.zeros((n_rows, k), np.float32)
+    for n in range(n_rows):
+        for b in range(blocks):
+            if zero_points is None:
+                zero = 1 << (bits - 1)
+            else:
+                byte, slot = divmod(b, per_byte)
+                zero = (int(zero_points[n, byte]) >> (slot * bits)) & ((1 << bits) - 1)
+            for i in range(block_size):
+                col = b * block_size + i
+                if col >= k:
+                    break
+                byte, slot = divmod(i, per_byte)
+                code = (int(packed[n, b, byte]) >> (slot * bits)) & ((1 << bits) - 1)
+                out[n, col] = np.float32(code - zero) * scales[n, b]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("bits", "block", "symmetric", "shape"),
+    [
+        (4, 32, True, (24, 64)),
+        (4, 16, False, (7, 40)),
+        (8, 32, True, (5, 70)),
+        (8, 16, False, (3, 48)),
+        (4, 32, False, (6, 96)),
+    ],
+)
+def test_packed_weights_read_back_exactly_and_run_in_onnx_runtime(
+    bits: int, block: int, symmetric: bool, shape: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(bits * block + shape[1])
+    w = rng.normal(0, 0.5, shape).astype(np.float32) + rng.normal(0, 0.3, (shape[0], 1)).astype(np.float32)
+    q = quantize_matrix(w, bits, QuantOptions(block_size=block, symmetric=symmetric))
+    packed, scales, zero_points = pack_matmul_nbits(q)
+    k = shape[1]
+    assert (zero_points is None) == symmetric
+    dequantized = q.dequantize()[:, :k]
+    np.testing.assert_array_equal(unpack_matmul_nbits(packed, scales, zero_points, bits, k), dequantized)
+    assert np.abs(dequantized - w).max() <= (0.6 if bits == 4 else 0.05) * np.abs(w).max()
+
+    # ONNX Runtime's kernel (float32 compute) multiplies by the same matrix
+    inputs = ["x", "B", "scales"] + (["zero_points"] if zero_points is not None else [])
+    node = onnx.helper.make_node(
+        "MatMulNBits",
+        inputs,
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=shape[0],
+        bits=bits,
+        block_size=block,
+        accuracy_level=1,
+    )
+    initializers = [onnx.numpy_helper.from_array(a, n) for a, n in ((packed, "B"), (scales, "scales"))]
+    if zero_points is not None:
+        initializers.append(onnx.numpy_helper.from_array(zero_points, "zero_points"))
+    graph = onnx.helper.make_graph(
+        [node],
+        "one",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, shape[0]])],
+        initializers,
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(0, 1, (3, k)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ dequantized.T, rtol=1e-4, atol=1e-4)
+
+
+def test_integer_zero_points_stand_for_the_offsets() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(0.3, 1.0, (16, 64)).astype(np.float32)  # off-centre rows: zero points matter
+    asym = quantize_matrix(w, 4, QuantOptions(symmetric=False))
+    sym = quantize_matrix(w, 4, QuantOptions(symmetric=True))
+    z = -asym.zeros / asym.scales
+    np.testing.assert_array_equal(z, np.rint(z))
+    assert ((z >= 0) & (z <= 15)).all()
+    assert np.square(asym.dequantize() - w).sum() < np.square(sym.dequantize() - w).sum()
+
+
+@pytest.fixture(scope="module")
+def trained_exports(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("onnx")
+    return {quant: export_onnx(trained_run, out / quant, quant) for quant in ("fp32", "int8", "int4")}
+
+
+def log_probs(folder: Path, windows: np.ndarray) -> np.ndarray:
+    """Log-probabilities (windows * positions, vocab) at every position of every window."""
+    with edgelm.load(folder) as model:
+        rows = []
+        for window in windows:
+            model.runtime.reset()
+            rows.append(model.runtime.forward(window.tolist(), all_logits=True))
+    logits = np.concatenate(rows).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_int8_and_int4_on_a_trained_model(trained_run: Path, trained_exports: dict[str, Path]) -> None:
+    windows = validation_windows(load_tokens(trained_run / "data").val, 128, max_windows=8)
+    inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1)
+    positions = np.arange(targets.size)
+    ref = log_probs(trained_exports["fp32"], inputs)
+    nll_ref = -ref[positions, targets].mean()
+    for quant, min_top1, max_ppl_ratio in (("int8", 0.99, 1.01), ("int4", 0.85, 1.15)):
+        got = log_probs(trained_exports[quant], inputs)
+        top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
+        ppl_ratio = np.exp(-got[positions, targets].mean() - nll_ref)
+        print(f"{quant}: top-1 agreement {top1:.4f}, perplexity ratio {ppl_ratio:.4f}")
+        assert top1 >= min_top1 and ppl_ratio <= max_ppl_ratio
+
+
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(trained_exports: dict[str, Path]) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    for quant in ("fp32", "int4"):
+        folder = trained_exports[quant]
+        with edgelm.load(folder) as model:
+            prompt = model.tokenizer.encode("def read_config(path):\n", add_bos=True)
+            ours, logits = [], model.runtime.forward(prompt)
+            for _ in range(24):
+                ours.append(int(logits[-1].argmax()))
+                logits = model.runtime.forward([ours[-1]])
+        genai = og.Model(str(folder))
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
+        generator = og.Generator(genai, params)
+        generator.append_tokens(prompt)
+        theirs = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            theirs.append(int(generator.get_next_tokens()[0]))
+        assert theirs == ours, quant
+
+
+def test_bad_folders_get_clear_errors(checkpoint: Path, tmp_path: Path) -> None:
+    folder = export_onnx(checkpoint, tmp_path / "good", "fp32")
+    with pytest.raises(EdgelmError, match="unknown ONNX precision"):
+        export_onnx(checkpoint, tmp_path / "x", "int3")
+    with pytest.raises(EdgelmError, match="power of two"):
+        export_onnx(checkpoint, tmp_path / "x", "int4", QuantOptions(block_size=24))
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in folder.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(EdgelmError, match="not a readable ONNX model"):
+        edgelm.load(corrupt)
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    for f in folder.iterdir():
+        if f.name != "model.onnx.data":
+            (missing / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(EdgelmError, match="is missing"):
+        edgelm.load(missing)
+
+    (missing / "model.onnx.data").write_bytes((folder / "model.onnx.data").read_bytes()[:100])
+    with pytest.raises(EdgelmError, match="truncated"):
+        edgelm.load(missing)
+
+    escaping = tmp_path / "escaping"
+    escaping.mkdir()
+    for f in folder.iterdir():
+        (escaping / f.name).write_bytes(f.read_bytes())
+    graph = graph_of(escaping)
+    for entry in graph.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../good/model.onnx.data"
+    onnx.save_model(graph, str(escaping / "model.onnx"))
+    with pytest.raises(EdgelmError, match="outside the folder"):
+        edgelm.load(escaping)
+
+    with pytest.raises(EdgelmError, match="unknown device"):
+        edgelm.load(folder, device="tpu")
+
+
+def test_cli_exports_and_generates(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from edgelm.cli import main
+
+    out = tmp_path / "cli-int4"
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                str(checkpoint),
+                "--quant",
+                "int4",
+                "--zero-points",
+                "--block-size",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "MatMulNBits" in {n.op_type for n in graph_of(out).graph.node}
+    assert json.loads((out / "edgelm.json").read_text())["quantization"]["symmetric"] is False
+    assert (
+        main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    )
+    assert main(["export", "onnx", str(checkpoint), "--quant", "int2", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown ONNX precision" in capsys.readouterr().err
