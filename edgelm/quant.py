@@ -55,7 +55,8 @@ class QuantizedBlocks:
 
     codes   uint8 (rows, cols), in [0, 2**bits)
     scales  float32 (rows, cols // block), each exactly representable in float16 (the GGUF d)
-    zeros   None when symmetric; else float32 (rows, cols // block), float16-exact (the GGUF Q4_1 m)
+    zeros   None when symmetric; else float32 (rows, cols // block), float16-exact (the GGUF Q4_1 m), or with
+            integer_zeros -scales * z for integer zero points z (exact in float32)
 
     With b = c // block, the value of w[r, c] is, computed in float32:
       symmetric   scales[r, b] * (codes[r, c] - 2**(bits-1))
@@ -63,8 +64,9 @@ class QuantizedBlocks:
 
     GGUF: Q8_0 stores int8(codes - 128) and d = scales; Q4_0 stores the codes as nibbles and d = scales;
     Q4_1 stores the codes as nibbles, d = scales and m = zeros. ONNX MatMulNBits computes
-    (code - zero_point) * scale: symmetric codes are exact there with zero_point 2**(bits-1) (8 when omitted);
-    the asymmetric offset has no exact uint8 zero point (zero_point = -zeros / scales is fractional).
+    (code - zero_point) * scale: symmetric codes are exact there with zero_point 2**(bits-1) (8 when omitted),
+    asymmetric ones with integer_zeros (zero_point = -zeros / scales, an integer); Q4_1's float offsets have
+    no exact uint8 zero point.
     """
 
     codes: np.ndarray

@@ -54,6 +54,7 @@ class Precision:
 
     dtype: str  # "float32" or "float16": activations, norms, embeddings, KV cache
     bits: int | None = None  # None: plain MatMul on float weights
+    mixed: bool = False  # the head and the most sensitive matrices at 8 bits, see `sensitive_matrices`
 
 
 PRECISIONS = {
@@ -61,7 +62,9 @@ PRECISIONS = {
     "fp16": Precision("float16"),
     "int8": Precision("float32", 8),
     "int4": Precision("float32", 4),
+    "int4_mixed": Precision("float32", 4, mixed=True),
 }
+MIXED_EIGHT_BIT_SHARE = 0.25  # int4_mixed: at most this share of the layers' weights is promoted to 8 bits
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
@@ -154,6 +157,7 @@ class _Graph:
         self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.added: set[str] = set()  # initializers that several nodes share
 
     def node(
         self, op: str, inputs: list[str], name: str, outputs: int = 1, ms: bool = False, **attrs
@@ -222,39 +226,30 @@ def build_model(
     cos, sin = rope_cos_sin(c, c.max_position_embeddings)
     cos_cache, sin_cache = g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin)
 
-    embed = tensors["model.embed_tokens.weight"]
-    (x,) = g.node(
-        "Gather", [g.float_weight("model.embed_tokens.weight", embed), "input_ids"], "/model/embed_tokens"
-    )
+    matrices = fused_matrices(c, tensors)
+    quantized = {}
+    if precision.bits:
+        untied_embedding = None if c.tie_word_embeddings else tensors["model.embed_tokens.weight"]
+        quantized = quantize_matrices(matrices, untied_embedding, precision, options, hessians)
+    linear = _Linear(g, matrices, quantized, options)
+    x = _embedding(g, c, tensors, quantized, options)
     residual = None
     eps = float(c.rms_norm_eps)
-    linear = _Linear(g, precision, options, hessians)
     for i in layers:
         p, name = f"model.layers.{i}.", f"/model/layers.{i}"
         h, residual = _norm(
             g, x, residual, tensors[p + "input_layernorm.weight"], f"{name}/input_layernorm", eps
         )
-
-        qkv_names = [p + f"self_attn.{m}_proj" for m in "qkv"]
-        qkv = linear(h, f"{name}/attn/qkv_proj", p + "self_attn.qkv_proj", qkv_names, tensors)
+        qkv = linear(h, f"{name}/attn/qkv_proj", p + "self_attn.qkv_proj")
         if c.qkv_bias:
-            bias = np.concatenate([tensors[n + ".bias"] for n in qkv_names])
+            bias = np.concatenate([tensors[f"{p}self_attn.{m}_proj.bias"] for m in "qkv"])
             (qkv,) = g.node(
                 "Add", [qkv, g.float_weight(p + "self_attn.qkv_proj.bias", bias)], f"{name}/attn/qkv_proj"
             )
+        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         attn, _, _ = g.node(
             "GroupQueryAttention",
-            [
-                qkv,
-                "",
-                "",
-                f"past_key_values.{i}.key",
-                f"past_key_values.{i}.value",
-                seqlens_k,
-                total,
-                cos_cache,
-                sin_cache,
-            ],
+            [qkv, "", "", *past, seqlens_k, total, cos_cache, sin_cache],
             f"{name}/attn",
             outputs=3,
             ms=True,
@@ -267,7 +262,7 @@ def build_model(
         )
         # the attention's present outputs are the graph's: rename them
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
-        o = linear(attn, f"{name}/attn/o_proj", p + "self_attn.o_proj", [p + "self_attn.o_proj"], tensors)
+        o = linear(attn, f"{name}/attn/o_proj", p + "self_attn.o_proj")
         if c.o_bias:
             (o,) = g.node(
                 "Add",
@@ -283,20 +278,17 @@ def build_model(
             f"{name}/post_attention_layernorm",
             eps,
         )
-        gate_up_names = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-        gate_up = linear(h, f"{name}/mlp/gate_up_proj", p + "mlp.gate_up_proj", gate_up_names, tensors)
+        gate_up = linear(h, f"{name}/mlp/gate_up_proj", p + "mlp.gate_up_proj")
         split = g.constant(f"{name}/mlp/split_sizes", np.array([c.intermediate_size] * 2, np.int64))
         gate, up = g.node("Split", [gate_up, split], f"{name}/mlp", outputs=2, axis=-1)
         (sigmoid,) = g.node("Sigmoid", [gate], f"{name}/mlp/act_fn")
         (silu,) = g.node("Mul", [gate, sigmoid], f"{name}/mlp/act_fn")
         (product,) = g.node("Mul", [silu, up], f"{name}/mlp")
-        x = linear(product, f"{name}/mlp/down_proj", p + "mlp.down_proj", [p + "mlp.down_proj"], tensors)
+        x = linear(product, f"{name}/mlp/down_proj", p + "mlp.down_proj")
 
     h, _ = _norm(g, x, residual, tensors["model.norm.weight"], "/model/norm", eps, keep_residual=False)
-    head = "model.embed_tokens" if c.tie_word_embeddings else "lm_head"
-    logits = linear(h, "/lm_head", "lm_head", [head], tensors, hessian_key="lm_head.weight")
+    linear(h, "/lm_head", "lm_head")
     g.nodes[-1].output[0] = "logits"  # the head's output is the graph's
-    del logits
 
     graph = helper.make_graph(g.nodes, "edgelm", inputs, outputs, g.initializers)
     model = helper.make_model(
@@ -331,53 +323,162 @@ def _norm(
     return normed, summed
 
 
+@dataclass(frozen=True)
+class Matrix:
+    """A weight matrix as the graph multiplies by it: HF weights stacked along the output rows (q, k, v;
+    gate, up), (out, in), with the key of the calibration hessian of its input."""
+
+    w: np.ndarray
+    hessian_key: str
+
+
+def fused_matrices(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, Matrix]:
+    """Every matrix of the graph by name: per layer qkv_proj, o_proj, gate_up_proj, down_proj; lm_head (the
+    embedding matrix when tied)."""
+    matrices = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name, parts in (
+            ("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("self_attn.o_proj", ["self_attn.o_proj"]),
+            ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.down_proj", ["mlp.down_proj"]),
+        ):
+            w = np.concatenate([tensors[f"{p}{part}.weight"] for part in parts])
+            matrices[p + name] = Matrix(w, f"{p}{parts[0]}.weight")
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    matrices["lm_head"] = Matrix(tensors[head], "lm_head.weight")
+    return matrices
+
+
 @dataclass
 class _Linear:
-    """Adds y = x Wᵀ for a matrix that may be several HF weights stacked (q, k, v; gate, up)."""
+    """Adds y = x Wᵀ for a named matrix: MatMul on float weights, or MatMulNBits on its quantized blocks."""
 
     g: _Graph
-    precision: Precision
+    matrices: dict[str, Matrix]
+    quantized: dict[str, QuantizedBlocks]
     options: QuantOptions
-    hessians: dict[str, np.ndarray]
 
-    def __call__(
-        self,
-        x: str,
-        name: str,
-        weight_name: str,
-        parts: list[str],
-        tensors: dict[str, np.ndarray],
-        hessian_key: str | None = None,
-    ) -> str:
-        w = np.concatenate([tensors[p + ".weight"] for p in parts])  # (out, in)
-        if self.precision.bits is None:
-            (y,) = self.g.node("MatMul", [x, self.g.float_weight(weight_name + ".weight", w.T)], name)
+    def __call__(self, x: str, node_name: str, matrix: str) -> str:
+        w = self.matrices[matrix].w
+        if matrix not in self.quantized:
+            (y,) = self.g.node("MatMul", [x, self.g.float_weight(matrix + ".weight", w.T)], node_name)
             return y
-        hessian = self.hessians.get(hessian_key or parts[0] + ".weight")
-        q = quantize_matrix(w, self.precision.bits, self.options, hessian)
-        packed, scales, zero_points = pack_matmul_nbits(q)
-        inputs = [
-            x,
-            self.g.weight(weight_name + ".weight.packed", packed),
-            self.g.float_weight(weight_name + ".weight.scales", scales),
-        ]
-        if zero_points is not None:
-            inputs.append(self.g.weight(weight_name + ".weight.zero_points", zero_points))
+        q = self.quantized[matrix]
+        inputs = [x, *_quantized_weight(self.g, matrix, q)]
         (y,) = self.g.node(
             "MatMulNBits",
             inputs,
-            name,
+            node_name,
             ms=True,
             K=w.shape[1],
             N=w.shape[0],
-            bits=self.precision.bits,
-            block_size=self.options.block_size,
+            bits=q.bits,
+            block_size=q.block,
             accuracy_level=self.options.accuracy_level,
         )
         return y
 
 
+def _quantized_weight(g: _Graph, matrix: str, q: QuantizedBlocks) -> list[str]:
+    """The initializers of a packed matrix (added once, shared by the head and a tied embedding)."""
+    names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
+    if names[0] not in g.added:
+        packed, scales, zero_points = pack_matmul_nbits(q)
+        g.weight(names[0], packed)
+        g.float_weight(names[1], scales)
+        if zero_points is not None:
+            g.weight(names[2], zero_points)
+        g.added.add(names[0])
+    return names if q.zeros is not None else names[:2]
+
+
+def _embedding(
+    g: _Graph,
+    config: ModelConfig,
+    tensors: dict[str, np.ndarray],
+    quantized: dict[str, QuantizedBlocks],
+    options: QuantOptions,
+) -> str:
+    """The token embeddings of input_ids: Gather of float rows, or GatherBlockQuantized of the quantized
+    embedding (the head's own blocks when tied, so the file holds them once)."""
+    name = "/model/embed_tokens"
+    key = "lm_head" if config.tie_word_embeddings else "model.embed_tokens"
+    if key not in quantized or quantized[key].codes.shape[1] != config.hidden_size:  # padded: not as a table
+        weight = g.float_weight("model.embed_tokens.weight", tensors["model.embed_tokens.weight"])
+        (x,) = g.node("Gather", [weight, "input_ids"], name)
+        return x
+    q = quantized[key]
+    packed, scales, *zero_points = _quantized_weight(g, key, q)
+    rows = g.constant(f"{name}/rows_shape", np.array([config.vocab_size, -1], np.int64))
+    (data,) = g.node("Reshape", [packed, rows], name)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
+    (x,) = g.node(
+        "GatherBlockQuantized",
+        [data, "input_ids", scales, *zero_points],
+        name,
+        ms=True,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=q.block,
+        bits=q.bits,
+    )
+    return x
+
+
 # ------------------------------------------------------------------------------------------ quantization
+
+
+def quantize_matrices(
+    matrices: dict[str, Matrix],
+    untied_embedding: np.ndarray | None,
+    precision: Precision,
+    options: QuantOptions,
+    hessians: dict[str, np.ndarray],
+) -> dict[str, QuantizedBlocks]:
+    """Every matrix (and an untied embedding table) at the precision's bits; for a mixed precision, the
+    matrices `sensitive_matrices` picks at 8 bits."""
+    bits = precision.bits
+    assert bits is not None
+    quantized = {
+        name: quantize_matrix(m.w, bits, options, hessians.get(m.hessian_key)) for name, m in matrices.items()
+    }
+    if untied_embedding is not None:
+        quantized["model.embed_tokens"] = quantize_matrix(untied_embedding, bits, options)
+    if precision.mixed:
+        for name in sensitive_matrices(matrices, quantized, hessians, MIXED_EIGHT_BIT_SHARE):
+            m = matrices[name]
+            quantized[name] = quantize_matrix(m.w, 8, options, hessians.get(m.hessian_key))
+    return quantized
+
+
+def sensitive_matrices(
+    matrices: dict[str, Matrix],
+    quantized: dict[str, QuantizedBlocks],
+    hessians: dict[str, np.ndarray],
+    share: float,
+) -> list[str]:
+    """The head, then the layer matrices whose quantization error costs most per weight, up to `share` of the
+    layers' weights.
+
+    A matrix's error is measured on its quantized blocks: with calibration, the expected squared error of its
+    output, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ]; without, the squared weight error ||E||² (the
+    output error for inputs of unit variance, which the RMS-normalized inputs of qkv and gate/up are near).
+    """
+    scores = {}
+    for name, m in matrices.items():
+        error = m.w - quantized[name].dequantize()[:, : m.w.shape[1]]
+        h = hessians.get(m.hessian_key)
+        total = float(np.sum((error @ h) * error)) if h is not None else float(np.sum(error * error))
+        scores[name] = total / m.w.size
+    layers = [name for name in matrices if name != "lm_head"]
+    budget = share * sum(matrices[name].w.size for name in layers)
+    chosen = ["lm_head"]
+    for name in sorted(layers, key=scores.__getitem__, reverse=True):
+        if matrices[name].w.size <= budget:
+            chosen.append(name)
+            budget -= matrices[name].w.size
+    return chosen
 
 
 def quantize_matrix(

@@ -85,6 +85,7 @@ def test_graph_is_fused_and_folder_complete(checkpoint: Path, tmp_path: Path) ->
     assert ops.count("GroupQueryAttention") == layers
     assert ops.count("MatMulNBits") == 4 * layers + 1  # qkv, o, gate_up, down; the head
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("GatherBlockQuantized") == 1  # the embedding table, 4-bit too
     assert not {"Softmax", "MatMul", "Transpose", "Expand", "Trilu", "Where"} & set(
         ops
     )  # no unfused attention
@@ -193,7 +194,8 @@ def test_integer_zero_points_stand_for_the_offsets() -> None:
 @pytest.fixture(scope="module")
 def trained_exports(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("onnx")
-    return {quant: export_onnx(trained_run, out / quant, quant) for quant in ("fp32", "int8", "int4")}
+    quants = ("fp32", "int8", "int4", "int4_mixed")
+    return {quant: export_onnx(trained_run, out / quant, quant) for quant in quants}
 
 
 def log_probs(folder: Path, windows: np.ndarray) -> np.ndarray:
@@ -214,7 +216,12 @@ def test_int8_and_int4_on_a_trained_model(trained_run: Path, trained_exports: di
     positions = np.arange(targets.size)
     ref = log_probs(trained_exports["fp32"], inputs)
     nll_ref = -ref[positions, targets].mean()
-    for quant, min_top1, max_ppl_ratio in (("int8", 0.99, 1.01), ("int4", 0.85, 1.15)):
+    sizes = {q: (folder / "model.onnx.data").stat().st_size for q, folder in trained_exports.items()}
+    assert sizes["int4"] < sizes["int4_mixed"] < sizes["int8"] < sizes["fp32"]
+    # bounds: int8 as good as the float model to within noise; int4 measured 0.92 / 1.009 on the tiny model,
+    # the mixed recipe 0.97 / 1.00 (the 4-bit tied head/embedding costs most, and it is 8-bit there)
+    bounds = (("int8", 0.99, 1.005), ("int4", 0.85, 1.05), ("int4_mixed", 0.93, 1.02))
+    for quant, min_top1, max_ppl_ratio in bounds:
         got = log_probs(trained_exports[quant], inputs)
         top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
         ppl_ratio = np.exp(-got[positions, targets].mean() - nll_ref)
