@@ -322,3 +322,29 @@ def test_cli_exports_and_generates(checkpoint: Path, tmp_path: Path, capsys: pyt
     )
     assert main(["export", "onnx", str(checkpoint), "--quant", "int2", "--out", str(tmp_path / "x")]) == 1
     assert "unknown ONNX precision" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibration_lowers_the_kl_divergence_of_int4(
+    trained_run: Path, trained_exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--calibration` (GPTQ on activations of training-split text) brings int4 closer to the float model on
+    held-out windows (measured on the tiny model: KLD 0.65x of uncalibrated)."""
+    import sysconfig
+
+    from edgelm.cli import main
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text((stdlib / "argparse.py").read_text()[:40000])
+    out = tmp_path / "calibrated"
+    command = ["export", "onnx", str(trained_run), "--quant", "int4", "--out", str(out)]
+    assert main([*command, "--calibration", str(calibration)]) == 0
+    assert json.loads((out / "edgelm.json").read_text())["quantization"]["method"] == "gptq"
+    windows = validation_windows(load_tokens(trained_run / "data").val, 128, max_windows=8)[:, :-1]
+    ref = log_probs(trained_exports["fp32"], windows)
+    kld = {
+        name: float((np.exp(ref) * (ref - log_probs(folder, windows))).sum(-1).mean())
+        for name, folder in (("plain", trained_exports["int4"]), ("calibrated", out))
+    }
+    assert kld["calibrated"] < 0.85 * kld["plain"], kld
