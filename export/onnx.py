@@ -138,7 +138,8 @@ def export_onnx(
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
         write_json_atomic(tmp / "genai_config.json", genai_config(config, precision))
-        write_json_atomic(tmp / "edgelm.json", provenance(checkpoint, quant, precision, options, hessians))
+        record = provenance(checkpoint, quant, precision, options, hessians, model)
+        write_json_atomic(tmp / "edgelm.json", record)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.replace(folder)
@@ -591,12 +592,20 @@ def provenance(
     precision: Precision,
     options: QuantOptions,
     hessians: dict[str, np.ndarray] | None,
+    model: onnx.ModelProto,
 ) -> dict[str, Any]:
-    """What edgelm.json records: the source checkpoint's hash, how the weights were quantized, versions."""
+    """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and, for a
+    mixed precision, which matrices got 8 bits), the opsets and the tools' versions."""
     quantization: dict[str, Any] = {"dtype": precision.dtype, "bits": precision.bits}
     if precision.bits is not None:
         method = "gptq" if hessians else ("search" if options.search else "round-to-nearest")
         quantization |= dataclasses.asdict(options) | {"method": method, "operator": "MatMulNBits"}
+    if precision.mixed:
+        quantization["eight_bit"] = [
+            node.name
+            for node in model.graph.node
+            if node.op_type == "MatMulNBits" and helper.get_node_attr_value(node, "bits") == 8
+        ]
     return {
         "format": "onnx",
         "quant": quant,
