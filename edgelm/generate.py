@@ -1,14 +1,25 @@
-"""The generation loop over any Runtime: prefill, decode, stop (EOS, length, stop string), stream text."""
+"""The generation loop over any Runtime: chunked prefill, decode, stop (EOS, stop ids, length, stop string,
+cancellation), and `TextStream`, which turns the token ids into text pieces."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 
 from edgelm.errors import EdgelmError
 from edgelm.runtimes.base import Runtime
-from edgelm.sampling import SamplingParams, sample
+from edgelm.sampling import SamplingParams, make_rng, sample
+from edgelm.tokenizer import Tokenizer
+
+# Why a generation ended: an EOS id, a stop id or a stop string ("stop"); max_new_tokens or the end of the
+# context ("length"); a cancel request ("cancelled").
+FinishReason = Literal["stop", "length", "cancelled"]
+
+# prompt tokens per forward call during prefill; a cancel request is honoured between chunks
+PREFILL_CHUNK = 256
 
 
 def generate_ids(
@@ -18,33 +29,144 @@ def generate_ids(
     params: SamplingParams,
     seed: int | None = None,
     eos_ids: Sequence[int] = (),
-) -> Iterator[int]:
-    """Yield new token ids until an EOS id (not yielded), `max_new_tokens`, or the end of the context."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise EdgelmError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    cancelled: Callable[[], bool] | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Generator[int, None, FinishReason]:
+    """Yield new token ids until an EOS id (not yielded), `max_new_tokens`, the end of the context, or
+    `cancelled()` turning true; the generator's return value (StopIteration.value) says which.
+
+    The arguments are checked at once, before anything runs. The prompt goes through the runtime in chunks
+    of `prefill_chunk` tokens, and `cancelled` is asked before every forward call (each prefill chunk and
+    each decoded token), so a cancel request ends the generation within one token.
+    """
+    check_max_new_tokens(max_new_tokens)
+    prompt = check_prompt(prompt_ids, runtime.config.vocab_size, runtime.config.max_position_embeddings)
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise EdgelmError(f"prefill_chunk={prefill_chunk!r} must be an integer >= 1")
+    rng = make_rng(seed)
+    return _generate(
+        runtime, prompt, max_new_tokens, params, rng, frozenset(eos_ids), cancelled or _never, prefill_chunk
+    )
+
+
+def _generate(
+    runtime: Runtime,
+    prompt: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    eos_ids: frozenset[int],
+    cancelled: Callable[[], bool],
+    prefill_chunk: int,
+) -> Generator[int, None, FinishReason]:
     context = runtime.config.max_position_embeddings
-    if not prompt_ids:
-        raise EdgelmError("the prompt has no tokens")
-    if len(prompt_ids) > context:
-        raise EdgelmError(
-            f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of "
-            f"{context}; shorten it"
-        )
-    rng = np.random.default_rng(seed)
     runtime.reset()
     if max_new_tokens == 0:
-        return
-    logits = runtime.forward(prompt_ids)
-    position = len(prompt_ids)
-    for produced in range(max_new_tokens):
+        return "length"
+    for start in range(0, len(prompt), prefill_chunk):
+        if cancelled():
+            return "cancelled"
+        logits = runtime.forward(prompt[start : start + prefill_chunk])  # (1, vocab)
+    position = len(prompt)
+    for produced in range(1, max_new_tokens + 1):
         token = sample(logits[-1], params, rng)
         if token in eos_ids:
-            return
+            return "stop"
         yield token
         position += 1
-        if produced + 1 == max_new_tokens or position >= context:
-            return
+        if produced == max_new_tokens or position >= context:
+            return "length"
+        if cancelled():
+            return "cancelled"
         logits = runtime.forward([token])
+    return "length"
+
+
+def _never() -> bool:
+    return False
+
+
+class TextStream:
+    """The text of a generation, piece by piece: an iterator of str that never splits a character and never
+    shows any part of a stop string (a tail that could still grow into one is held back until it cannot).
+
+    `prompt_tokens` is known from the start; `completion_tokens` (tokens generated, an EOS excluded) grows
+    as pieces arrive; `finish_reason` is None until the end, then "stop", "length" or "cancelled".
+    `cancel()` (any thread) ends this generation within one token, or before it starts if it is still
+    waiting for its turn; what was generated until then is still yielded. `close()`, or leaving a `with`
+    block, abandons the stream. Iterate it from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        ids: Generator[int, None, FinishReason],
+        prompt_tokens: int,
+        stop: Sequence[str] | str = (),
+        cancel_event: threading.Event | None = None,
+    ) -> None:
+        """`ids`: a generator like `generate_ids`'s; `cancel_event`: the event its `cancelled` watches."""
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self._cancel_event = cancel_event
+        self._pieces = self._run(tokenizer, ids, check_stop(stop))
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cancel(self) -> None:
+        """Ask this generation to stop (callable from any thread; it ends normally, within one token)."""
+        if self._cancel_event is None:
+            raise EdgelmError("this stream was made without a cancel event and cannot be cancelled")
+        self._cancel_event.set()
+
+    def close(self) -> None:
+        """Stop iterating and release the generation (and the model's lock) now."""
+        self._pieces.close()
+
+    def _run(
+        self, tokenizer: Tokenizer, ids: Generator[int, None, FinishReason], stop: tuple[str, ...]
+    ) -> Iterator[str]:
+        decoder = tokenizer.stream_decoder()
+        pending = ""
+        try:
+            while True:
+                try:
+                    token = next(ids)
+                except StopIteration as end:
+                    self.finish_reason = end.value
+                    break
+                self.completion_tokens += 1
+                pending += decoder.push(token)
+                cut = _first_stop(pending, stop)
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    return
+                # hold back a tail that could still grow into a stop string
+                ready = len(pending) - _partial_stop_length(pending, stop)
+                if ready:
+                    yield pending[:ready]
+                    pending = pending[ready:]
+            pending += decoder.flush()
+            cut = _first_stop(pending, stop)
+            if cut is not None:
+                pending, self.finish_reason = pending[:cut], "stop"
+            if pending:
+                yield pending
+        finally:
+            ids.close()
 
 
 def stream_text(
@@ -53,40 +175,77 @@ def stream_text(
     max_new_tokens: int,
     params: SamplingParams,
     seed: int | None = None,
-    stop: Sequence[str] = (),
-) -> Iterator[str]:
-    """Yield the generated text in pieces; never half a character, never any part of a stop string."""
-    stop = _check_stop(stop)
+    stop: Sequence[str] | str = (),
+    stop_ids: Sequence[int] = (),
+) -> TextStream:
+    """Generate from `runtime` directly (no lock: the caller owns the runtime) and stream the text.
+
+    The prompt starts a sequence (BOS in front if the tokenizer adds one); the EOS ids of the model's config
+    and of its tokenizer, and `stop_ids`, end the generation.
+    """
     tokenizer = runtime.tokenizer
     prompt_ids = tokenizer.encode(prompt, add_bos=True)
-    eos_ids = sorted({*runtime.config.eos_token_ids, *tokenizer.eos_ids})
-    decoder = tokenizer.stream_decoder()
-    pending = ""
-    for token in generate_ids(runtime, prompt_ids, max_new_tokens, params, seed, eos_ids):
-        pending += decoder.push(token)
-        cut = _first_stop(pending, stop)
-        if cut is not None:
-            if pending[:cut]:
-                yield pending[:cut]
-            return
-        # hold back a tail that could still grow into a stop string
-        ready = len(pending) - _partial_stop_length(pending, stop)
-        if ready:
-            yield pending[:ready]
-            pending = pending[ready:]
-    pending += decoder.flush()
-    cut = _first_stop(pending, stop)
-    pending = pending if cut is None else pending[:cut]
-    if pending:
-        yield pending
+    eos_ids = stop_token_ids(runtime, stop_ids)
+    event = threading.Event()
+    ids = generate_ids(runtime, prompt_ids, max_new_tokens, params, seed, eos_ids, event.is_set)
+    return TextStream(tokenizer, ids, len(prompt_ids), stop, event)
 
 
-def _check_stop(stop: Sequence[str] | str) -> tuple[str, ...]:
+def stop_token_ids(runtime: Runtime, stop_ids: Sequence[int] = ()) -> list[int]:
+    """The ids that end a generation: the config's EOS list (generation_config.json), the tokenizer's, and
+    the caller's `stop_ids`."""
+    extra = check_stop_ids(stop_ids, runtime.config.vocab_size)
+    return sorted({*runtime.config.eos_token_ids, *runtime.tokenizer.eos_ids, *extra})
+
+
+def check_max_new_tokens(max_new_tokens: object) -> int:
+    """`max_new_tokens` as an int >= 0, or a clear error."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise EdgelmError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    return max_new_tokens
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, context: int) -> list[int]:
+    """The prompt's ids as a list: at least one, each an id of the vocabulary, no more than the context."""
+    ids = list(prompt_ids)
+    if not all(_is_id(i, vocab_size) for i in ids):
+        raise EdgelmError(f"prompt token ids must be integers in [0, {vocab_size})")
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise EdgelmError("the prompt has no tokens")
+    if len(ids) > context:
+        raise EdgelmError(
+            f"the prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it"
+        )
+    return ids
+
+
+def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string or a list of them, none empty."""
+    if stop is None:
+        return ()
     if isinstance(stop, str):
         stop = (stop,)
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise EdgelmError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+    if not isinstance(stop, Sequence) or any(not isinstance(s, str) or not s for s in stop):
+        raise EdgelmError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return tuple(stop)
+
+
+def check_stop_ids(stop_ids: Sequence[int] | None, vocab_size: int) -> tuple[int, ...]:
+    """Extra stop token ids as a tuple: a list of ids of the vocabulary."""
+    if stop_ids is None:
+        return ()
+    if (
+        isinstance(stop_ids, (str, bytes))
+        or not isinstance(stop_ids, Sequence)
+        or not all(_is_id(i, vocab_size) for i in stop_ids)
+    ):
+        raise EdgelmError(f"stop_ids must be a list of token ids in [0, {vocab_size}), got {stop_ids!r}")
+    return tuple(int(i) for i in stop_ids)
+
+
+def _is_id(value: object, vocab_size: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -1,4 +1,4 @@
-"""Logits → next token, in numpy: greedy, temperature, top-k, top-p."""
+"""Logits → next token, in numpy: greedy, temperature, top-k, top-p; the seeded random generator."""
 
 from __future__ import annotations
 
@@ -22,16 +22,23 @@ class SamplingParams:
     top_p: float = 0.95
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.temperature, (int, float))
-            or not math.isfinite(self.temperature)
-            or self.temperature < 0
-        ):
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise EdgelmError(f"temperature={self.temperature!r} must be a number >= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise EdgelmError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no limit)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise EdgelmError(f"top_p={self.top_p!r} must be in (0, 1] (1 = no limit)")
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """The random generator of one generation: the same seed, the same tokens; None seeds it from the OS."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise EdgelmError(f"seed={seed!r} must be an integer >= 0, or None for a random seed")
+    return np.random.default_rng(seed)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

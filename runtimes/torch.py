@@ -49,6 +49,7 @@ class TorchRuntime:
             raise EdgelmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if threads is not None:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()  # torch's intra-op threads: a process-wide setting
         self.config, tensors, self.tokenizer = load_checkpoint(path)
         self.device = resolve_device(device)
         with torch.device("meta"):  # no random initialisation: the parameters become the loaded arrays

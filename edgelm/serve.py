@@ -1,0 +1,395 @@
+"""`edgelm serve`: one model behind an OpenAI-compatible HTTP API, on FastAPI and uvicorn.
+
+    POST /v1/completions        {"prompt": "...", "max_tokens": 16, "stream": false, ...}
+    POST /v1/chat/completions   {"messages": [{"role": "user", "content": "..."}], ...}
+    GET  /v1/models
+
+Requests queue: one worker thread runs one generation at a time (the model's lock makes that true for any
+other user of the same `Model` as well), so the event loop never blocks, and pieces reach a streaming
+response through an asyncio queue. A client that disconnects cancels its own generation, whether it is
+running or still waiting for its turn (`TextStream.cancel`). Bad requests get a 4xx in OpenAI's error
+shape, {"error": {"message", "type", "param", "code"}}; fields edgelm does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from edgelm.api import Model, load
+from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.generate import TextStream
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ModuleNotFoundError as e:
+    raise missing_dependency(e.name or "fastapi", "serve") from None
+
+log = logging.getLogger("edgelm.serve")
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+_END = object()  # the worker's last item: the generation is over
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
+    """The OpenAI-compatible application serving `model` under the id `model_name` (see the module doc).
+
+    Sampling defaults are the model's (llama.cpp's): temperature 0.8, top_k 40, top_p 0.95; `top_k` is an
+    extension. `max_tokens` defaults to 16 for completions and to the rest of the context for chat.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-generate")
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="edgelm", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> Response:
+        return _error(error.status, error.message, "invalid_request_error", error.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        return _error(error.status_code, str(error.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error: {error}", "server_error")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        context = model.config.max_position_embeddings
+        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "edgelm"}
+        return {"object": "list", "data": [{**entry, "context_length": context}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _json_body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string", "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        stream, options = _open(model, body, COMPLETION_MAX_TOKENS, lambda **kw: model.stream(prompt, **kw))
+        head = _head(rid, "text_completion", body, model_name)
+        if options["stream"]:
+            return _sse(_completion_events(head, stream, _pieces(stream, executor, rid)))
+        text = await _complete(stream, executor, rid, request)
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _json_body(request)
+        messages = _messages(body.get("messages"))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        context = model.config.max_position_embeddings
+        stream, options = _open(model, body, context, lambda **kw: model.chat_stream(messages, **kw))
+        if options["stream"]:
+            head = _head(rid, "chat.completion.chunk", body, model_name)
+            return _sse(_chat_events(head, stream, _pieces(stream, executor, rid)))
+        head = _head(rid, "chat.completion", body, model_name)
+        text = await _complete(stream, executor, rid, request)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": stream.finish_reason}
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
+
+    return app
+
+
+def serve(
+    path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    runtime: str = "auto",
+    device: str = "auto",
+    log_level: str = "info",
+) -> None:
+    """Load the artifact at `path` and serve it on http://host:port/v1 until interrupted (Ctrl-C).
+
+    Only this machine can connect unless `host` says otherwise (0.0.0.0: every interface).
+    """
+    try:
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise missing_dependency(e.name or "uvicorn", "serve") from None
+    sock = listen(host, port)  # before loading, so that a taken port fails fast
+    with sock, load(path, runtime=runtime, device=device) as model:
+        app = create_app(model, Path(path).name)
+        print(
+            f"edgelm: serving {path} ({model.runtime.name} on {model.runtime.device}) "
+            f"at http://{host}:{sock.getsockname()[1]}/v1",
+            file=sys.stderr,
+        )
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: any free port), or a clear error."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise EdgelmError(f"port {port!r} must be an integer in [0, 65535]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EdgelmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+# ---- requests --------------------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def _open(
+    model: Model, body: dict[str, Any], default_max_tokens: int, start: Callable[..., TextStream]
+) -> tuple[TextStream, dict[str, Any]]:
+    """Check the request's generation fields and make its (not yet started) stream."""
+    options = _options(body)
+    requested = options.pop("max_tokens")
+    try:
+        stream = start(max_new_tokens=default_max_tokens if requested is None else requested, **options)
+    except EdgelmError as e:
+        raise RequestError(str(e)) from None
+    context = model.config.max_position_embeddings
+    if requested is not None and stream.prompt_tokens + requested > context:
+        stream.close()
+        raise RequestError(
+            f"max_tokens={requested} and the prompt's {stream.prompt_tokens} tokens exceed the model's "
+            f"context of {context} tokens; ask for at most {max(context - stream.prompt_tokens, 0)}",
+            "max_tokens",
+        )
+    return stream, {"stream": body.get("stream") or False}
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields of a request as Model.stream's arguments; null is the same as absent."""
+    if not isinstance(body.get("stream", False), (bool, type(None))):
+        raise RequestError("'stream' must be true or false", "stream")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise RequestError("only n=1 is supported", "n")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+        raise RequestError(f"'{key}' must be an integer >= 0", key)
+    temperature = _number(body, "temperature", 0.8)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(f"'temperature' must be between 0 and {MAX_TEMPERATURE}", "temperature")
+    top_p = _number(body, "top_p", 0.95)
+    if not 0 < top_p <= 1:
+        raise RequestError("'top_p' must be in (0, 1]", "top_p")
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise RequestError("'top_k' must be an integer >= 0 (0 = no limit)", "top_k")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise RequestError("'seed' must be an integer >= 0", "seed")
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise RequestError("'stop' must be a string or a list of strings", "stop")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": 40 if top_k is None else top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": stop or (),
+    }
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages with text content; content given as OpenAI's list of text parts is joined."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content) or not all(
+                isinstance(p.get("text"), str) for p in content
+            ):
+                raise RequestError(f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string", "messages")
+        checked.append({**message, "content": content})
+    return checked
+
+
+def _number(body: dict[str, Any], key: str, default: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RequestError(f"'{key}' must be a number", key)
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---- generation ------------------------------------------------------------------------------------------
+
+
+async def _pieces(stream: TextStream, executor: ThreadPoolExecutor, rid: str) -> AsyncIterator[str]:
+    """Run `stream` in the worker thread and hand its pieces to the event loop as they come. Leaving early
+    (the client went away, the task was cancelled) cancels the generation, running or queued."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody reads this generation any more
+            stream.cancel()
+
+    def work() -> None:
+        try:
+            for piece in stream:
+                put(piece)
+        except Exception as e:  # handed to the response, which reports it
+            put(e)
+        else:
+            put(_END)
+        finally:
+            stream.close()
+        log.info(
+            "%s: %d prompt + %d completion tokens, finish_reason %s",
+            rid,
+            stream.prompt_tokens,
+            stream.completion_tokens,
+            stream.finish_reason,
+        )
+
+    loop.run_in_executor(executor, work)
+    finished = False
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                finished = True
+                raise item
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            stream.cancel()
+            log.info("%s: the client went away; generation cancelled", rid)
+
+
+async def _complete(stream: TextStream, executor: ThreadPoolExecutor, rid: str, request: Request) -> str:
+    """The whole text of `stream`; a client that disconnects meanwhile cancels it."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+        log.info("%s: the client went away; generation cancelled", rid)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return "".join([piece async for piece in _pieces(stream, executor, rid)])
+    finally:
+        watcher.cancel()
+
+
+# ---- responses -------------------------------------------------------------------------------------------
+
+
+def _head(rid: str, kind: str, body: dict[str, Any], model_name: str) -> dict[str, Any]:
+    name = body.get("model") if isinstance(body.get("model"), str) else model_name
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": name}
+
+
+def _usage(stream: TextStream) -> dict[str, int]:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": stream.completion_tokens,
+        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
+    }
+
+
+async def _completion_events(
+    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[str]
+) -> AsyncIterator[dict[str, Any]]:
+    async for piece in pieces:
+        yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
+    last = {"text": "", "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
+    yield {**head, "choices": [last], "usage": _usage(stream)}
+
+
+async def _chat_events(
+    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[str]
+) -> AsyncIterator[dict[str, Any]]:
+    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for piece in pieces:
+        yield chunk({"content": piece})
+    yield {**chunk({}, stream.finish_reason), "usage": _usage(stream)}
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events: one `data: {json}` per event, then `data: [DONE]`; an error midway becomes an
+    error event (the status line has gone out already)."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as e:
+            log.exception("error while streaming")
+            error = {"message": f"internal error: {e}", "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> Response:
+    error = {"message": message, "type": kind, "param": param, "code": None}
+    return JSONResponse({"error": error}, status_code=status)

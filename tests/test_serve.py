@@ -1,0 +1,410 @@
+"""`edgelm serve`: a real uvicorn server on a loopback port, driven by a plain HTTP client.
+
+The model's runtime is the torch runtime behind a wrapper that counts forward calls and can hold one call
+until the test lets it go, so that disconnecting and cancelling are observed without timing anything.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import json
+import logging
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+
+from edgelm.api import Model
+from edgelm.errors import EdgelmError
+from edgelm.runtimes.base import Runtime
+from edgelm.tokenizer import Tokenizer
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+from edgelm.serve import create_app, listen  # noqa: E402
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "def"}]
+
+
+class GatedRuntime:
+    """Another runtime's forward calls, counted; the call numbered `pause_at` waits for `gate`, and with
+    `fail` set every call raises."""
+
+    name: ClassVar[str] = "gated"
+    artifacts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner, self.config, self.tokenizer, self.device = inner, inner.config, inner.tokenizer, "cpu"
+        self.calls = 0
+        self.pause_at: int | None = None
+        self.reached, self.gate = threading.Event(), threading.Event()
+        self.fail = False
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("the accelerator caught fire")
+        if self.calls == self.pause_at:
+            self.reached.set()
+            self.gate.wait()
+        return self.inner.forward(ids, all_logits)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LogWatch(logging.Handler):
+    """Collects edgelm.serve's messages; `wait_for` blocks until enough of them contain a text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.changed:
+            self.messages.append(record.getMessage())
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1) -> list[str]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.matching(text)) >= count, timeout=60), self.messages
+            return self.matching(text)
+
+    def matching(self, text: str) -> list[str]:
+        return [m for m in self.messages if text in m]
+
+
+@dataclass
+class Served:
+    port: int
+    model: Model
+    runtime: GatedRuntime
+    log: LogWatch
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer) -> Iterator[Served]:
+    from edgelm.runtimes.torch import TorchRuntime
+
+    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", small_tokenizer)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    runtime = GatedRuntime(TorchRuntime(path, device="cpu"))
+    model = Model(runtime)  # type: ignore[arg-type]
+    watch = LogWatch()
+    logger = logging.getLogger("edgelm.serve")
+    logger.addHandler(watch)
+    level, logger.level = logger.level, logging.INFO
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not server.started:
+        assert thread.is_alive() and not started.wait(0.01)
+    yield Served(sock.getsockname()[1], model, runtime, watch)
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+    model.close()
+    logger.removeHandler(watch)
+    logger.level = level
+
+
+def request(
+    served: Served, method: str, path: str, body: Any = None
+) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    return response.status, payload, response
+
+
+def events(served: Served, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON events of a streamed response, checking the SSE framing and the final [DONE]."""
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    raw = response.read().decode("utf-8")
+    conn.close()
+    blocks = raw.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""] and all(b.startswith("data: ") for b in blocks[:-1])
+    return [json.loads(b.removeprefix("data: ")) for b in blocks[:-2]]
+
+
+def test_completion(served: Served) -> None:
+    expected = served.model.generate("def", max_new_tokens=12, temperature=0)
+    body = {
+        "prompt": "def",
+        "max_tokens": 12,
+        "temperature": 0,
+        "model": "whatever",
+        # fields OpenAI clients send that edgelm ignores
+        "logprobs": None,
+        "echo": False,
+        "frequency_penalty": 0,
+        "user": "me",
+        "stream_options": None,
+        "something_new": {"nested": [1, 2]},
+    }
+    status, out, _ = request(served, "POST", "/v1/completions", body)
+    assert status == 200, out
+    assert out["object"] == "text_completion" and out["model"] == "whatever"
+    (choice,) = out["choices"]
+    assert choice["text"] == expected and choice["finish_reason"] in ("stop", "length")
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == len(served.model.tokenize("def", add_bos=True))
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 12 else "stop")
+    # OpenAI's default is 16 tokens; same seed, same text
+    status, a, _ = request(served, "POST", "/v1/completions", {"prompt": "class", "seed": 3})
+    assert status == 200 and a["usage"]["completion_tokens"] <= 16
+    assert (
+        request(served, "POST", "/v1/completions", {"prompt": "class", "seed": 3})[1]["choices"]
+        == a["choices"]
+    )
+
+
+def test_chat_completion(served: Served) -> None:
+    expected = served.model.chat(MESSAGES, max_new_tokens=10, temperature=0)
+    status, out, _ = request(
+        served, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+    )
+    assert status == 200, out
+    assert out["object"] == "chat.completion" and out["model"] == "tiny"
+    (choice,) = out["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected}
+    assert out["usage"]["prompt_tokens"] == len(served.model.tokenize(served.model.chat_prompt(MESSAGES)))
+    # content as a list of text parts, and max_completion_tokens
+    parts = [{"role": "user", "content": [{"type": "text", "text": "d"}, {"type": "text", "text": "ef"}]}]
+    body = {"messages": parts, "max_completion_tokens": 10, "temperature": 0}
+    assert request(served, "POST", "/v1/chat/completions", body)[1]["choices"] == out["choices"]
+
+
+def test_streaming_equals_the_whole_response(served: Served) -> None:
+    body = {"prompt": "class", "max_tokens": 30, "temperature": 0.9, "seed": 11}
+    whole = request(served, "POST", "/v1/completions", body)[1]
+    chunks = events(served, "/v1/completions", body)
+    assert len(chunks) > 2 and all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+    body = {"messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+    whole = request(served, "POST", "/v1/chat/completions", body)[1]
+    chunks = events(served, "/v1/chat/completions", body)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": whole["choices"][0]["finish_reason"],
+    }
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_models(served: Served) -> None:
+    status, out, _ = request(served, "GET", "/v1/models")
+    assert status == 200 and out["object"] == "list"
+    assert [m["id"] for m in out["data"]] == ["tiny"] and out["data"][0]["context_length"] == 96
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", b"{not json", None),
+        ("/v1/completions", b"\xff\xfe", None),
+        ("/v1/completions", [1, 2], None),
+        ("/v1/completions", {}, "prompt"),
+        ("/v1/completions", {"prompt": 3}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 95}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": -0.5}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "top_k": -3}, "top_k"),
+        ("/v1/completions", {"prompt": "x", "seed": -1}, "seed"),
+        ("/v1/completions", {"prompt": "x", "seed": True}, "seed"),
+        ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": [""]}, None),
+        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+        ("/v1/completions", {"prompt": "word " * 200}, None),
+        ("/v1/chat/completions", {}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            "messages",
+        ),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 500}, "max_tokens"),
+    ],
+)
+def test_bad_requests_get_openai_errors(served: Served, path: str, body: Any, param: str | None) -> None:
+    calls = served.runtime.calls
+    status, out, response = request(served, "POST", path, body)
+    assert status == 400 and response.getheader("content-type") == "application/json"
+    error = out["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert served.runtime.calls == calls  # refused before generating
+
+
+def test_errors_outside_generation(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    status, out, _ = request(served, "GET", "/v1/nothing")
+    assert status == 404 and out["error"]["type"] == "invalid_request_error"
+    assert request(served, "GET", "/v1/completions")[0] == 405
+    monkeypatch.setattr(served.model.tokenizer, "chat_template", None)
+    status, out, _ = request(served, "POST", "/v1/chat/completions", {"messages": MESSAGES})
+    assert status == 400 and "no chat template" in out["error"]["message"]
+
+
+def test_internal_errors_are_json(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(served.runtime, "fail", True)
+    status, out, _ = request(served, "POST", "/v1/completions", {"prompt": "x"})
+    assert (
+        status == 500 and out["error"]["type"] == "server_error" and "caught fire" in out["error"]["message"]
+    )
+    (event,) = events(served, "/v1/completions", {"prompt": "x"})
+    assert event["error"]["type"] == "server_error"
+    monkeypatch.setattr(served.runtime, "fail", False)
+    assert request(served, "POST", "/v1/completions", {"prompt": "x"})[0] == 200  # the model still works
+
+
+def test_concurrent_requests_queue(served: Served) -> None:
+    bodies = [{"prompt": p, "max_tokens": 20, "temperature": 0.8, "seed": i} for i, p in enumerate("abcdef")]
+    expected = [request(served, "POST", "/v1/completions", b)[1]["choices"] for b in bodies]
+    results: list[Any] = [None] * len(bodies)
+
+    def run(i: int) -> None:
+        results[i] = request(served, "POST", "/v1/completions", bodies[i])[1]["choices"]
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+
+
+def open_stream(served: Served, body: dict[str, Any]) -> http.client.HTTPConnection:
+    """Start a streamed completion and return once its response headers have arrived."""
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    assert conn.getresponse().status == 200
+    return conn
+
+
+def hang_up(conn: http.client.HTTPConnection) -> None:
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+def test_disconnect_cancels_the_running_generation(served: Served) -> None:
+    runtime, log = served.runtime, served.log
+    runtime.reached.clear()
+    runtime.gate.clear()
+    runtime.pause_at = runtime.calls + 4  # the prefill and three decode steps
+    try:
+        conn = open_stream(served, {"prompt": "def", "max_tokens": 60, "temperature": 0})
+        assert runtime.reached.wait(60)
+        went = len(log.matching("went away"))
+        hang_up(conn)
+        log.wait_for("went away", went + 1)  # the server saw the disconnect and cancelled
+        ended = len(log.matching("finish_reason cancelled"))
+        runtime.gate.set()
+        (message,) = log.wait_for("finish_reason cancelled", ended + 1)[ended:]
+        # the forward call in flight was the last one: its token ends the generation
+        assert runtime.calls == runtime.pause_at
+        assert message.endswith(": 2 prompt + 4 completion tokens, finish_reason cancelled")
+    finally:
+        runtime.pause_at = None
+        runtime.gate.set()
+
+
+def test_disconnect_cancels_only_that_request(served: Served) -> None:
+    """A queued request whose client leaves is cancelled before it starts; the running one goes on."""
+    runtime, log = served.runtime, served.log
+    body = {"prompt": "class", "max_tokens": 40, "temperature": 0}
+    before = runtime.calls
+    expected = events(served, "/v1/completions", body)
+    forwards = runtime.calls - before
+    runtime.reached.clear()
+    runtime.gate.clear()
+    runtime.pause_at = runtime.calls + 3
+    try:
+        first: list[Any] = []
+        reader = threading.Thread(
+            target=lambda: first.extend(events(served, "/v1/completions", body)), daemon=True
+        )
+        reader.start()
+        assert runtime.reached.wait(60)
+        went = len(log.matching("went away"))
+        hang_up(open_stream(served, {"prompt": "x", "max_tokens": 40}))  # queued behind the first
+        log.wait_for("went away", went + 1)
+        ended = len(log.matching("finish_reason"))
+        runtime.gate.set()
+        reader.join(60)
+        messages = log.wait_for("finish_reason", ended + 2)[ended:]
+        assert [c["choices"] for c in first] == [c["choices"] for c in expected]
+        assert messages[1].endswith(": 2 prompt + 0 completion tokens, finish_reason cancelled")
+        assert runtime.calls - before == 2 * forwards  # the queued request never reached the runtime
+    finally:
+        runtime.pause_at = None
+        runtime.gate.set()
+
+
+def test_missing_fastapi_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "edgelm.serve")
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(EdgelmError, match=r"pip install 'edgelm\[serve\]'"):
+        importlib.import_module("edgelm.serve")
+
+
+def test_listen_errors(served: Served) -> None:
+    with pytest.raises(EdgelmError, match=r"cannot listen on 127\.0\.0\.1"):
+        listen("127.0.0.1", served.port)
+    with pytest.raises(EdgelmError, match="port"):
+        listen("127.0.0.1", 70000)
+
+
+def test_serve_command_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgelm.cli import main
+
+    with pytest.raises(SystemExit) as end:
+        main(["serve", "--help"])
+    assert end.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "OpenAI" in help_text and "--host" in help_text and "127.0.0.1" in help_text
