@@ -5,8 +5,10 @@
 For each type, the checkpoint is exported twice: by edgelm (`export_gguf`) and by llama.cpp's quantizer from
 edgelm's F32 file (`--via llama.cpp`). Both files run in the same llama.cpp runtime, so the speed ratio
 isolates nothing but the file (expected 1.0 ± noise); the accuracy is the mean KL divergence of each file's
-next-token distribution from the float32 PyTorch reference on held-out windows of the run's validation split.
-Speed is llama-bench style: pp (prefill of one context) and tg128 (decode) tokens/s, mean ± std of 5 runs.
+next-token distribution from the float32 PyTorch reference, measured as `edgelm check` measures it (held-out
+text of the built-in corpus, the second half of each window scored, llama.cpp with an F32 KV cache).
+Speed is llama-bench style (`edgelm.checking.speed_round`): pp (prefill of one context) and tg128 (decode)
+tokens/s, mean ± std of 5 runs, with llama.cpp's default F16 KV cache.
 """
 
 from __future__ import annotations
@@ -14,56 +16,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
 import edgelm
-from edgelm.data import load_tokens, validation_windows
+from edgelm.checking import bench_tokens, compute_reference, evaluate, speed_round
 from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def all_logits(model: edgelm.Model, windows: np.ndarray) -> np.ndarray:
-    rows = []
-    for window in windows:
-        model.runtime.reset()
-        rows.append(model.runtime.forward(window.tolist(), all_logits=True))
-    return np.concatenate(rows)
-
-
-def mean_kld(reference: np.ndarray, logits: np.ndarray) -> float:
-    """Mean over positions of KL(p_ref ‖ p), in nats."""
-    ref, other = log_softmax(reference), log_softmax(logits)
-    return float((np.exp(ref) * (ref - other)).sum(-1).mean())
-
-
-def speeds(paths: list[Path], prompt: list[int], runs: int = 5, decode: int = 128) -> list[tuple[list, list]]:
+def speeds(paths: list[Path], prompt: list[int], decode: list[int], runs: int = 5) -> list[tuple[list, list]]:
     """Prefill and decode tokens/s of each file over `runs` rounds (after a warm-up round); the files take
     turns within each round, so that a drift in the machine's speed affects them alike."""
     models = [edgelm.load(path) for path in paths]
     results: list[tuple[list, list]] = [([], []) for _ in paths]
     for round_ in range(runs + 1):
         for model, (pp, tg) in zip(models, results, strict=True):
-            rt = model.runtime
-            rt.reset()
-            start = time.perf_counter()
-            rt.forward(prompt)
-            prefill = time.perf_counter() - start
-            rt.reset()
-            rt.forward(prompt[:1])
-            start = time.perf_counter()
-            for _ in range(decode):
-                rt.forward([7])
-            generate = time.perf_counter() - start
+            prefill, generate, _ = speed_round(model.runtime, prompt, decode)
             if round_:
-                pp.append(len(prompt) / prefill)
-                tg.append(decode / generate)
+                pp.append(prefill)
+                tg.append(generate)
     for model in models:
         model.close()
     return results
@@ -85,11 +55,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for the KL divergence")
     args = parser.parse_args()
 
-    with edgelm.load(args.checkpoint) as reference:
-        context = reference.config.max_position_embeddings
-        windows = validation_windows(load_tokens(args.checkpoint / "data").val, context - 1, args.windows)
-        expected = all_logits(reference, windows)
-    prompt = windows[0, : min(512, context - 130)].tolist()
+    reference = compute_reference(args.checkpoint, windows=args.windows)
+    prompt, decode = bench_tokens(reference.windows[0], reference.windows.shape[1])
     hessians = None
     if args.calibration:
         from edgelm.calibration import activation_covariance, read_calibration_text
@@ -97,8 +64,8 @@ def main() -> None:
         hessians = activation_covariance(args.checkpoint, read_calibration_text(args.calibration))
 
     print(
-        f"{args.checkpoint}: {windows.size:,} held-out tokens in {len(windows)} windows; "
-        f"pp{len(prompt)} and tg128 in llama.cpp"
+        f"{args.checkpoint}: {reference.info.positions:,} scored held-out tokens in "
+        f"{reference.info.windows} windows; pp{len(prompt)} and tg{len(decode)} in llama.cpp"
     )
     print(f"{'type':<8} {'quantizer':<22} {'size MB':>8} {'mean KLD':>9} {'pp t/s':>18} {'tg t/s':>18}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +79,10 @@ def main() -> None:
                     args.checkpoint, Path(tmp) / "cal", quant, hessians
                 )
             results = {}
-            timings = speeds(list(files.values()), prompt)
+            timings = speeds(list(files.values()), prompt, decode)
             for (name, path), (pp, tg) in zip(files.items(), timings, strict=True):
-                with edgelm.load(path) as model:
-                    kld = mean_kld(expected, all_logits(model, windows))
+                with edgelm.load(path, kv_cache="f32") as model:
+                    kld = evaluate(model.runtime, reference).kld_mean.value
                 results[name] = (kld, pp, tg)
                 size = path.stat().st_size / 1e6
                 print(f"{quant:<8} {name:<22} {size:8.2f} {kld:9.5f} {fmt(pp)} {fmt(tg)}")

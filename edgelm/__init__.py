@@ -4,8 +4,20 @@
 """
 
 from edgelm.api import Model, load
+from edgelm.checking import CheckResult, check
+from edgelm.comparison import Comparison, compare
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
 
 __version__ = "0.1.0"
-__all__ = ["EdgelmError", "Model", "ModelConfig", "__version__", "load"]
+__all__ = [
+    "CheckResult",
+    "Comparison",
+    "EdgelmError",
+    "Model",
+    "ModelConfig",
+    "__version__",
+    "check",
+    "compare",
+    "load",
+]

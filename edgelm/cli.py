@@ -17,8 +17,13 @@ edgelm: train a small Llama-style model or bring one, export it to GGUF, and run
   edgelm generate runs/tiny --prompt "def "          continue a prompt
   edgelm info runs/tiny                              parameters, context and export sizes
   edgelm export gguf runs/tiny --quant q4_k_m        a GGUF file for llama.cpp
+  edgelm export onnx runs/tiny --quant int4          an ONNX folder for ONNX Runtime
   edgelm generate runs/tiny-Q4_K_M.gguf --prompt "x"  run it in llama.cpp
   edgelm import ~/models/SmolLM2-135M --out ck/sm    bring a Hugging Face folder or a GGUF file
+  edgelm compare runs/tiny --out runs/tiny-report    export to every format, check each: report.md
+  edgelm check runs/tiny-Q4_0.gguf --reference runs/tiny --max-kld 0.05
+                                                     one artifact against it; exit 1 when a gate fails
+  edgelm serve runs/tiny --port 8080                 an OpenAI-compatible server on 127.0.0.1
 """
 
 
@@ -91,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--runtime",
         default="auto",
-        help="auto (torch for checkpoints, llamacpp for GGUF), or a plugin's name",
+        help="auto (torch for checkpoints, onnxruntime for ONNX folders, llamacpp for GGUF), or a plugin",
     )
     generate.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torch) or metal (llama.cpp)"
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N, mps (torch), coreml or dml (onnxruntime), metal (llama.cpp)",
     )
     generate.set_defaults(run=_generate)
 
@@ -111,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     importer.set_defaults(run=_import)
 
     export = commands.add_parser(
-        "export", help="export a checkpoint to GGUF", description="Export a checkpoint."
+        "export", help="export a checkpoint to ONNX or GGUF", description="Export a checkpoint."
     )
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     gguf = formats.add_parser(
@@ -145,6 +152,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gguf.set_defaults(run=_export_gguf)
 
+    onnx = formats.add_parser(
+        "onnx",
+        help="an ONNX folder for ONNX Runtime and onnxruntime-genai",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write an ONNX folder (model.onnx + external data, tokenizer, genai_config.json, "
+        "edgelm.json) on ONNX Runtime's fused operators: GroupQueryAttention, "
+        "SkipSimplifiedLayerNormalization and, for int8/int4, MatMulNBits. Precisions: fp32, fp16 (GPU "
+        "providers), int8, int4. "
+        "--via optimum exports any causal LM optimum supports (quantized by ONNX Runtime's own tools).",
+    )
+    onnx.add_argument("checkpoint", help="checkpoint directory (or, with --via optimum, any HF model folder)")
+    onnx.add_argument("--quant", default="fp32", help="fp32, fp16, int8 or int4")
+    onnx.add_argument("--out", default=None, help="output folder (default: CHECKPOINT-onnx-QUANT beside it)")
+    onnx.add_argument("--block-size", type=int, default=32, help="int8/int4: values per scale (power of 2)")
+    onnx.add_argument(
+        "--zero-points", action="store_true", help="int8/int4: asymmetric blocks with uint8 zero points"
+    )
+    onnx.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=4,
+        help="int8/int4 on CPU: MatMulNBits' compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)",
+    )
+    onnx.add_argument(
+        "--calibration",
+        default=None,
+        metavar="TEXT",
+        help="int8/int4: a UTF-8 text file; quantize to minimize each layer's output error on it (GPTQ)",
+    )
+    onnx.add_argument(
+        "--via",
+        choices=["edgelm", "optimum"],
+        default="edgelm",
+        help="build the graph with edgelm, or export with optimum (its own environment: see README)",
+    )
+    onnx.set_defaults(run=_export_onnx)
+
     info = commands.add_parser(
         "info",
         help="describe a model",
@@ -153,8 +197,120 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("model", help="checkpoint directory or .gguf file")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument(
+        "--load",
+        action="store_true",
+        help="also load the model as an app would: time to import the runtime's engine and to load, the "
+        "resident memory each adds, and the time to first token for a short prompt",
+    )
+    info.add_argument("--runtime", default="auto", help="with --load: the runtime (auto: the usual one)")
+    info.add_argument("--device", default="auto", help="with --load: auto, cpu, cuda, cuda:N, mps, metal")
     info.set_defaults(run=_info)
+
+    server = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve one model with OpenAI's HTTP API: POST /v1/completions and "
+        '/v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models. '
+        "Requests queue and run one at a time; a client that disconnects cancels its generation. Only "
+        "this machine can connect unless --host says otherwise. Needs: pip install 'edgelm[serve]'.",
+    )
+    server.add_argument("model", help="checkpoint directory, ONNX folder or .gguf file")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, the network too)"
+    )
+    server.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    server.add_argument(
+        "--runtime",
+        default="auto",
+        help="auto (torch for checkpoints, onnxruntime for ONNX folders, llamacpp for GGUF), or a plugin",
+    )
+    server.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N, mps (torch), coreml or dml (onnxruntime), metal (llama.cpp)",
+    )
+    server.set_defaults(run=_serve)
+    _add_compare_and_check(commands)
     return parser
+
+
+def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `compare` and `check` share: the text, the windows, the repetitions, where it runs."""
+    parser.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 evaluation text (default: the held-out split of the built-in corpus)",
+    )
+    parser.add_argument(
+        "--ctx", type=int, default=None, help="window length in tokens (default: the context)"
+    )
+    parser.add_argument(
+        "--windows", type=int, default=None, help="evaluation windows (default: about 4096 tokens' worth)"
+    )
+    parser.add_argument(
+        "--repetitions", type=int, default=5, help="latency runs, mean ± std (default: 5; 0: accuracy only)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps, metal")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every runtime (default: compare gives every runtime os.cpu_count(); "
+        "check leaves each runtime its own default)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder for the reference's cached log-probs (default: REFERENCE/.edgelm-cache)",
+    )
+
+
+def _add_compare_and_check(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="export a checkpoint to every format and check each against it",
+        description="Export the checkpoint to each target, check each against the checkpoint itself on the "
+        "same token windows (PPL ratio, KL divergence, same top p, RMS Δp; pp and tg tokens/s, load time, "
+        "time to first token, peak memory), and write report.md, report.json and charts. Targets: "
+        "FORMAT:LEVEL (gguf:q8_0, gguf:q4_k_m, onnx:int4, ...), torch (the checkpoint itself) or an "
+        "existing artifact's path. A target that fails is a row with its error; the others go on.",
+    )
+    compare.add_argument("checkpoint", help="the reference checkpoint directory")
+    compare.add_argument("--out", default=None, help="report folder (default: CHECKPOINT-report)")
+    compare.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated targets (default: every installed format at its usual levels)",
+    )
+    _add_evaluation_flags(compare)
+    compare.set_defaults(run=_compare)
+
+    check = commands.add_parser(
+        "check",
+        help="check one artifact against a reference; exit 1 when a gate fails",
+        description="Run a checkpoint, ONNX folder or GGUF file on the reference's token windows and "
+        "compare: accuracy with llama-perplexity's statistics, and llama-bench-style speed. Exit status 1 "
+        "when a gate fails (each failed gate is printed), when the artifact's tokenizer gives other ids "
+        "than the reference's, or when the check cannot run.",
+    )
+    check.add_argument("artifact", help="checkpoint directory, ONNX folder or .gguf file")
+    check.add_argument("--reference", required=True, help="the reference checkpoint directory")
+    check.add_argument(
+        "--runtime", default="auto", help="the artifact's runtime (default: auto, the usual one)"
+    )
+    check.add_argument("--max-kld", type=float, default=None, help="gate: mean KLD at most this (nats)")
+    check.add_argument(
+        "--min-top1", type=float, default=None, help="gate: same top p at least this fraction (0.9 = 90 %%)"
+    )
+    check.add_argument(
+        "--max-ppl-ratio", type=float, default=None, help="gate: PPL(Q)/PPL(base) at most this"
+    )
+    check.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _add_evaluation_flags(check)
+    check.set_defaults(run=_check)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -241,17 +397,42 @@ def _export_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def _export_onnx(args: argparse.Namespace) -> None:
+    out = Path(args.out) if args.out else None
+    if args.via == "optimum":
+        from edgelm.export.optimum import export_via_optimum
+
+        if args.calibration or args.zero_points:
+            raise EdgelmError(
+                "--calibration and --zero-points apply to edgelm's quantizer, not --via optimum"
+            )
+        folder = export_via_optimum(Path(args.checkpoint), out, args.quant)
+    else:
+        from edgelm.export.onnx import QuantOptions, export_onnx
+
+        options = QuantOptions(args.block_size, not args.zero_points, args.accuracy_level)
+        hessians = None
+        if args.calibration:
+            from edgelm.calibration import activation_covariance, read_calibration_text
+
+            text = read_calibration_text(Path(args.calibration))
+            hessians = activation_covariance(Path(args.checkpoint), text)
+        folder = export_onnx(Path(args.checkpoint), out, args.quant, options, hessians)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    print(f"wrote {folder} ({size / 1e6:.1f} MB)")
+
+
 def _info(args: argparse.Namespace) -> None:
     from edgelm.gguf_reader import describe_gguf
-    from edgelm.info import describe_checkpoint, human_size
+    from edgelm.info import describe_checkpoint, describe_onnx, human_size, load_rows
     from edgelm.runtimes.base import artifact_kind
 
-    kind = artifact_kind(Path(args.model))
-    if kind not in ("checkpoint", "gguf"):
-        raise EdgelmError(
-            f"{args.model}: edgelm info reads checkpoints and GGUF files, not {kind} artifacts yet"
-        )
-    summary = describe_checkpoint(args.model) if kind == "checkpoint" else describe_gguf(args.model)
+    describe = {"checkpoint": describe_checkpoint, "gguf": describe_gguf, "onnx": describe_onnx}
+    summary = describe[artifact_kind(Path(args.model))](Path(args.model))
+    if args.load:
+        from edgelm.info import measure_load
+
+        summary["load"] = measure_load(Path(args.model), args.runtime, args.device)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -260,7 +441,7 @@ def _info(args: argparse.Namespace) -> None:
 
     table = Table(title=summary["path"], show_header=False)
     for key, value in summary.items():
-        if key in ("path", "export_sizes"):
+        if key in ("path", "export_sizes", "load"):
             continue
         if key == "parameters":
             value = f"{value:,} ({value / 1e6:.2f} M)"
@@ -269,7 +450,78 @@ def _info(args: argparse.Namespace) -> None:
         table.add_row(key.replace("_", " "), str(value))
     for export, size in summary.get("export_sizes", {}).items():
         table.add_row(f"{export} export", f"≈ {human_size(size)}")
+    if "load" in summary:
+        for key, value in load_rows(summary["load"]):
+            table.add_row(key, value)
     Console().print(table)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from edgelm.serve import serve
+
+    serve(Path(args.model), host=args.host, port=args.port, runtime=args.runtime, device=args.device)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from edgelm.comparison import compare, print_table
+
+    targets = [t for t in args.targets.split(",") if t.strip()] if args.targets else None
+    result = compare(
+        Path(args.checkpoint),
+        Path(args.out) if args.out else None,
+        targets,
+        Path(args.text) if args.text else None,
+        ctx=args.ctx,
+        windows=args.windows,
+        repetitions=args.repetitions,
+        device=args.device,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+    )
+    print_table(result.results)
+    failed = sum(r.error is not None for r in result.results)
+    print(
+        f"{len(result.results) - failed} of {len(result.results)} targets checked; "
+        f"report: {result.report_md} (and report.json{', charts' if result.charts else ''} beside it)"
+    )
+
+
+def _check(args: argparse.Namespace) -> None:
+    from edgelm.checking import check
+    from edgelm.comparison import ProgressDisplay, check_rows
+
+    with ProgressDisplay(True, ["check"]) as display:
+        result = check(
+            Path(args.artifact),
+            Path(args.reference),
+            Path(args.text) if args.text else None,
+            ctx=args.ctx,
+            windows=args.windows,
+            repetitions=args.repetitions,
+            runtime=args.runtime,
+            device=args.device,
+            threads=args.threads,
+            cache_dir=args.cache_dir,
+            max_kld=args.max_kld,
+            min_top1=args.min_top1,
+            max_ppl_ratio=args.max_ppl_ratio,
+            progress=display.callback("check"),
+        )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=Text(f"{args.artifact} against {args.reference}"), show_header=False)
+        for key, value in check_rows(result):
+            table.add_row(key, Text(value))
+        Console().print(table)
+    if not result.passed:
+        for line in result.failures():
+            print(f"edgelm: check failed: {line}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _version() -> str:

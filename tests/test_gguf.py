@@ -15,6 +15,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from test_tokenizer import VARIED
 
 import edgelm
+from edgelm.checking import logits_on_windows
 from edgelm.checkpoint import load_checkpoint
 from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
@@ -27,6 +28,7 @@ from edgelm.export.gguf import (
     permute_for_gguf,
     tensor_type,
 )
+from edgelm.metrics import kl_divergence, log_probs
 from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -40,14 +42,6 @@ TEXT = VARIED + "x = 12345 + 678\n\n\n    indented\tline  \n" + "数字 ١٢٣ �
 def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
     return {quant: export_gguf(trained_run, out, quant) for quant in ("f32", "q8_0", "q4_0", "q4_k_m")}
-
-
-def logits_on_windows(model: edgelm.Model, windows: np.ndarray) -> np.ndarray:
-    rows = []
-    for window in windows:
-        model.runtime.reset()
-        rows.append(model.runtime.forward(window.tolist(), all_logits=True))
-    return np.concatenate(rows)
 
 
 def test_llama_cpp_tokenizes_like_edgelm(trained_run: Path, exported: dict[str, Path]) -> None:
@@ -71,16 +65,16 @@ def gguf_metadata(path: Path) -> dict:
 def test_f32_and_q8_0_in_llama_cpp_match_torch(trained_run: Path, exported: dict[str, Path]) -> None:
     windows = validation_windows(load_tokens(trained_run / "data").val, 128, max_windows=8)[:, :-1]
     with edgelm.load(trained_run) as reference:
-        expected = logits_on_windows(reference, windows)
+        expected = logits_on_windows(reference.runtime, windows)
     with edgelm.load(exported["f32"], kv_cache="f32") as f32:
         assert f32.runtime.name == "llamacpp"
-        got = logits_on_windows(f32, windows)
+        got = logits_on_windows(f32.runtime, windows)
     assert np.abs(got - expected).max() <= 1e-4  # measured 1e-5: only the summation order differs
     assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
     with edgelm.load(exported["f32"]) as f16_cache:  # llama.cpp's default F16 KV cache: measured 3e-3
-        assert np.abs(logits_on_windows(f16_cache, windows) - expected).max() <= 2e-2
+        assert np.abs(logits_on_windows(f16_cache.runtime, windows) - expected).max() <= 2e-2
     with edgelm.load(exported["q8_0"]) as q8:
-        top1 = (logits_on_windows(q8, windows).argmax(-1) == expected.argmax(-1)).mean()
+        top1 = (logits_on_windows(q8.runtime, windows).argmax(-1) == expected.argmax(-1)).mean()
     assert top1 >= 0.98, top1
 
 
@@ -222,15 +216,11 @@ def test_calibration_lowers_the_kl_divergence(trained_run: Path, tmp_path: Path)
         files[name] = out
     windows = validation_windows(load_tokens(trained_run / "data").val, 127, max_windows=8)[:, :-1]
     with edgelm.load(trained_run) as reference:
-        expected = logits_on_windows(reference, windows)
+        expected = logits_on_windows(reference.runtime, windows)
     kld = {}
     for name, path in files.items():
         with edgelm.load(path) as model:
-            got = logits_on_windows(model, windows).astype(np.float64)
-        p = np.exp(expected - expected.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        log_q = got - got.max(-1, keepdims=True)
-        log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
-        kld[name] = float((p * (np.log(p) - log_q)).sum(-1).mean())
+            got = logits_on_windows(model.runtime, windows)
+        kld[name] = float(kl_divergence(log_probs(expected), log_probs(got)).mean())
     assert kld["calibrated"] < 0.8 * kld["plain"], kld
     assert GGUFReader(files["calibrated"]).fields["edgelm.quantization"].contents() == "q4_0 (calibrated)"

@@ -1,0 +1,883 @@
+"""The shared check: one artifact against a reference, for accuracy and speed, through the Runtime protocol.
+
+    text ──reference tokenizer──▶ ids ──▶ windows ──reference runtime──▶ log-probs (cached on disk)
+                                              │                                 │
+                                              └──target runtime──▶ log-probs ──┴──▶ Accuracy
+    target runtime ──▶ load / pp / tg / time to first token ──▶ Latency
+
+**Evaluation text.** By default the held-out split of the built-in corpus (the documents a model trained on
+the built-in corpus never saw; the split of the run's trainer_state.json when it has one); or any UTF-8 file.
+It is tokenized once, by the reference's tokenizer, and every target sees the same ids. Each target's own
+tokenizer also encodes the text; if it gives other ids, the check reports where (a failed `tokenizer` gate)
+rather than silently accepting a model that would see different tokens in use.
+
+**Windows.** Non-overlapping chunks of `ctx` tokens (default: the reference's context length) spread evenly
+over the text; the first token of each becomes BOS when the tokenizer adds one, as in llama-perplexity. As
+there, only the second half of each window is scored — positions ctx/2 … ctx−2, each predicting the next
+token — so that every scored token has at least half a context before it; PPL is therefore comparable with
+what `llama-perplexity -c ctx` prints. The first half is fed in one call (logits of the last token only),
+the scored half in chunks with all logits: the KV-cache path of every runtime is exercised.
+
+**Reference cache.** The reference's log-probabilities at the scored positions are stored in full, as
+float32: windows × (ctx/2 − 1) × vocab values (16 × 127 × 4096 × 4 bytes = 33 MB for the tiny preset),
+so KL divergence is exact (no top-k truncation, which misjudges the flat distributions of small models) and
+a target identical to the reference gets KLD 0 exactly. The cache lives in `<reference>/.edgelm-cache/`,
+keyed by the reference's hash, the text's hash, ctx, window count, runtime and device; a reference that
+would need more than 2 GiB is refused with a hint to lower --ctx or --windows.
+
+**llama.cpp** runs with `kv_cache="f32"`, so that a GGUF file's KV cache (F16 by default) does not add its
+own error to the quantization of its weights.
+
+**Latency** is measured llama-bench style after one warm-up round: pp (prefill of min(512, ctx) tokens) and
+tg128 (128 tokens decoded one at a time from an empty context) in tokens/s, and the time to first token
+(prefill of the pp prompt plus the choice of the first token), each mean ± std over `repetitions` runs.
+Load time is cold (the first load in the process that runs the check — with `edgelm compare` a fresh
+process, so it includes importing the runtime's library) and warm (mean ± std of `repetitions` reloads).
+Peak RSS is the resident-memory high-water mark of that process while the target ran (on Linux reset before
+the target loads; elsewhere the process's lifetime peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError
+from edgelm.files import read_json
+from edgelm.metrics import (
+    Accuracy,
+    PositionStats,
+    Timing,
+    accuracy,
+    log_probs,
+    position_stats,
+    timing,
+)
+from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, artifact_kind, open_runtime, runtime_class
+from edgelm.tokenizer import Tokenizer
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+CACHE_FORMAT = 1
+WINDOW_TOKENS = 4096  # the default number of windows covers about this many tokens (16 windows of 256)
+MAX_REFERENCE_BYTES = 2 << 30
+FORWARD_CHUNK = 256  # scored positions per forward call: bounds the logits held at once
+PP_TOKENS = 512
+TG_TOKENS = 128
+# runtime options the check uses unless told otherwise: exact keys and values in llama.cpp's KV cache
+CHECK_OPTIONS: dict[str, dict[str, Any]] = {"llamacpp": {"kv_cache": "f32"}}
+# llama.cpp's llama_ftype → the name its quantize tool uses, for GGUF files that do not say
+_GGUF_FILE_TYPES = {
+    0: "f32",
+    1: "f16",
+    2: "q4_0",
+    3: "q4_1",
+    7: "q8_0",
+    14: "q4_k_s",
+    15: "q4_k_m",
+    18: "q6_k",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation text and windows
+
+
+@dataclass(frozen=True)
+class EvaluationText:
+    """The text every target is evaluated on, where it came from, and its hash."""
+
+    text: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the text's UTF-8 bytes (part of the reference cache's key)."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EvaluationText:
+        """A UTF-8 text file; an empty one is refused."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise EdgelmError(f"{path}: no such evaluation text file") from None
+        except UnicodeDecodeError as e:
+            raise EdgelmError(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8") from None
+        except OSError as e:
+            raise EdgelmError(f"{path}: cannot be read ({e.strerror})") from None
+        if not text.strip():
+            raise EdgelmError(f"{path}: the evaluation text is empty; give a file with text in it")
+        return cls(text, str(path))
+
+
+def builtin_evaluation_text(val_fraction: float = 0.05) -> EvaluationText:
+    """The held-out documents of the built-in corpus (the standard library), joined by blank lines."""
+    from edgelm.data import builtin_corpus, read_documents, split_documents
+
+    _, held_out = split_documents(read_documents(builtin_corpus(), skip_undecodable=True), val_fraction)
+    text = "\n\n".join(d.text for d in held_out)
+    return EvaluationText(text, f"built-in corpus, validation split ({len(held_out)} documents)")
+
+
+def default_evaluation_text(reference: Path) -> EvaluationText:
+    """The built-in corpus's held-out split, with the validation fraction the reference was trained with
+    when its run folder says so (a larger fraction would evaluate on training documents)."""
+    state = Path(reference) / "trainer_state.json"
+    fraction = 0.05
+    if state.is_file():
+        saved = read_json(state)
+        settings = saved.get("train_config") if isinstance(saved, dict) else None
+        value = settings.get("val_fraction") if isinstance(settings, dict) else None
+        if isinstance(value, float) and 0 < value < 1:
+            fraction = value
+    return builtin_evaluation_text(fraction)
+
+
+def evaluation_windows(ids: np.ndarray, ctx: int, max_windows: int, bos_id: int | None) -> np.ndarray:
+    """Up to `max_windows` non-overlapping windows (n, ctx) spread evenly over `ids`; the first token of each
+    becomes `bos_id` unless it is None."""
+    available = len(ids) // ctx
+    if available == 0:
+        raise EdgelmError(
+            f"the evaluation text holds {len(ids)} tokens, fewer than one window of {ctx}; "
+            "give a longer text or a smaller --ctx"
+        )
+    chosen = np.linspace(0, available - 1, num=min(max_windows, available)).round().astype(int)
+    windows = np.stack([np.asarray(ids[i * ctx : (i + 1) * ctx], dtype=np.int64) for i in np.unique(chosen)])
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    return windows
+
+
+def scored_range(ctx: int) -> tuple[int, int]:
+    """The positions [start, stop) whose next-token prediction is scored: the second half of a window."""
+    return ctx // 2, ctx - 1
+
+
+def default_windows(ctx: int) -> int:
+    """Enough windows to cover about WINDOW_TOKENS tokens, at least 2."""
+    return max(2, round(WINDOW_TOKENS / ctx))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running a runtime over the windows
+
+
+def scored_log_probs(runtime: Runtime, window: np.ndarray) -> np.ndarray:
+    """Log-probs (float32, (positions, vocab)) at the scored positions of one window: the first half is fed
+    in one call, the scored half in chunks with all logits."""
+    start, stop = scored_range(len(window))
+    runtime.reset()
+    runtime.forward(window[:start].tolist())
+    rows = []
+    for chunk in range(start, stop, FORWARD_CHUNK):
+        logits = runtime.forward(window[chunk : min(chunk + FORWARD_CHUNK, stop)].tolist(), all_logits=True)
+        rows.append(log_probs(logits))
+    return np.concatenate(rows)
+
+
+def reference_log_probs(
+    runtime: Runtime, windows: np.ndarray, progress: Progress | None = None
+) -> np.ndarray:
+    """Log-probs (n, positions, vocab) at the scored positions of every window: what the cache stores."""
+    rows = []
+    for i, window in enumerate(windows):
+        if progress:
+            progress("reference", i, len(windows))
+        rows.append(scored_log_probs(runtime, window))
+    if progress:
+        progress("reference", len(windows), len(windows))
+    return np.stack(rows)
+
+
+def logits_on_windows(runtime: Runtime, windows: np.ndarray) -> np.ndarray:
+    """Float32 logits at every position of every window (each from a fresh sequence), concatenated."""
+    rows = []
+    for window in windows:
+        runtime.reset()
+        rows.append(runtime.forward(np.asarray(window).tolist(), all_logits=True))
+    return np.concatenate(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reference
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """What the reference log-probs were computed from."""
+
+    path: str
+    sha256: str
+    runtime: str
+    device: str
+    text_source: str
+    text_sha256: str
+    text_tokens: int
+    ctx: int
+    windows: int
+    positions: int  # scored tokens
+    cache: str | None  # the cache folder, or None when the cache could not be written
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The evaluation text, its ids and windows, and the reference's log-probs at the scored positions."""
+
+    text: EvaluationText
+    text_ids: np.ndarray  # int32: the whole text as the reference tokenizer encodes it
+    windows: np.ndarray  # (n, ctx) int64
+    logp: np.ndarray  # (n, positions per window, vocab) float32
+    info: ReferenceInfo
+
+    def next_ids(self, index: int) -> np.ndarray:
+        """The tokens that follow the scored positions of window `index`."""
+        start, stop = scored_range(self.windows.shape[1])
+        return self.windows[index, start + 1 : stop + 1]
+
+
+def artifact_sha256(path: Path) -> str:
+    """A checkpoint's `checkpoint_sha256`; for a file its hash; for a folder the hash of its files."""
+    from edgelm.checkpoint import checkpoint_sha256
+
+    path = Path(path)
+    kind = artifact_kind(path)
+    if kind == "checkpoint":
+        return checkpoint_sha256(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def default_cache_dir(reference: Path) -> Path:
+    """`<reference>/.edgelm-cache`, or beside a reference that is a file."""
+    reference = Path(reference)
+    return (reference if reference.is_dir() else reference.parent) / ".edgelm-cache"
+
+
+def compute_reference(
+    reference: str | Path,
+    text: EvaluationText | None = None,
+    ctx: int | None = None,
+    windows: int | None = None,
+    runtime: str = "auto",
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> Reference:
+    """The reference's log-probs on the evaluation windows, from the cache when it holds them.
+
+    `reference` is any artifact (normally a checkpoint, run by torch); `text` defaults to the held-out split
+    of the built-in corpus; `ctx` to the reference's context length; `windows` to `default_windows(ctx)`.
+    """
+    path = Path(reference)
+    kind = artifact_kind(path)
+    text = text or default_evaluation_text(path)
+    opened: Runtime | None = None
+    if kind == "checkpoint":
+        config, tokenizer = ModelConfig.load(path), Tokenizer.load(path)
+    else:
+        opened = _open(path, runtime, device, threads, {})
+        config, tokenizer = opened.config, opened.tokenizer
+    try:
+        ctx = _window_length(ctx, config.max_position_embeddings, str(path))
+        ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)
+        if ids.size == 0:
+            raise EdgelmError(f"{text.source}: the evaluation text gives no tokens")
+        n = default_windows(ctx) if windows is None else windows
+        if not isinstance(n, int) or n < 1:
+            raise EdgelmError(f"windows={n} must be at least 1")
+        chosen = evaluation_windows(ids, ctx, n, tokenizer.bos_id if tokenizer.add_bos else None)
+        start, stop = scored_range(ctx)
+        size = chosen.shape[0] * (stop - start) * config.vocab_size * 4
+        if size > MAX_REFERENCE_BYTES:
+            raise EdgelmError(
+                f"the reference log-probs would take {size / 1e9:.1f} GB ({chosen.shape[0]} windows × "
+                f"{stop - start} positions × {config.vocab_size} vocabulary × 4 bytes); "
+                "lower --ctx or --windows"
+            )
+        sha = artifact_sha256(path)
+        key_fields = {
+            "format": CACHE_FORMAT,
+            "reference": sha,
+            "runtime": runtime,
+            "device": device,
+            "text": text.sha256,
+            "ctx": ctx,
+            "windows": n,
+        }
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(path)
+        entry = folder / f"reference-{key}"
+        cached = _load_cache(entry, chosen, ids)
+        if cached is not None:
+            logp, meta = cached
+            return Reference(text, ids.astype(np.int32), chosen, logp, _reference_info(meta, str(entry)))
+        opened = opened or _open(path, runtime, device, threads, {})
+        logp = reference_log_probs(opened, chosen, progress)
+        meta = {
+            **key_fields,
+            "path": str(path),
+            "runtime_name": opened.name,
+            "resolved_device": opened.device,
+            "text_source": text.source,
+            "text_tokens": int(ids.size),
+            "vocab_size": int(logp.shape[-1]),
+            "windows_used": int(logp.shape[0]),
+            "positions": int(logp.shape[0] * logp.shape[1]),
+        }
+        written = _save_cache(entry, chosen, logp, meta)
+        return Reference(
+            text, ids.astype(np.int32), chosen, logp, _reference_info(meta, str(entry) if written else None)
+        )
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _window_length(ctx: int | None, context: int, where: str) -> int:
+    if ctx is None:
+        return context
+    if not isinstance(ctx, int) or ctx < 4:
+        raise EdgelmError(f"ctx={ctx!r}: a window needs at least 4 tokens")
+    if ctx > context:
+        raise EdgelmError(f"ctx={ctx} is longer than {where}'s context of {context} tokens")
+    return ctx
+
+
+def _reference_info(meta: dict[str, Any], cache: str | None) -> ReferenceInfo:
+    return ReferenceInfo(
+        path=meta["path"],
+        sha256=meta["reference"],
+        runtime=meta["runtime_name"],
+        device=meta["resolved_device"],
+        text_source=meta["text_source"],
+        text_sha256=meta["text"],
+        text_tokens=meta["text_tokens"],
+        ctx=meta["ctx"],
+        windows=meta["windows_used"],
+        positions=meta["positions"],
+        cache=cache,
+    )
+
+
+def _load_cache(entry: Path, windows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, dict] | None:
+    """The cached log-probs if `entry` holds a complete cache for these windows; None otherwise."""
+    if not (entry / "meta.json").is_file():
+        return None
+    try:
+        meta = read_json(entry / "meta.json")
+        stored = np.load(entry / "windows.npy")
+        logp = np.load(entry / "logp.npy", mmap_mode="r")
+    except (EdgelmError, OSError, ValueError):
+        return None
+    start, stop = scored_range(windows.shape[1])
+    if (
+        not np.array_equal(stored, windows)
+        or meta.get("text_tokens") != ids.size
+        or logp.dtype != np.float32
+        or logp.shape[:2] != (windows.shape[0], stop - start)
+    ):
+        return None
+    return logp, meta
+
+
+def _save_cache(entry: Path, windows: np.ndarray, logp: np.ndarray, meta: dict) -> bool:
+    """Write the cache folder under a temporary name, then rename it into place; False if it cannot be
+    written."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "windows.npy", windows)
+        np.save(tmp / "logp.npy", logp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if entry.exists():
+            shutil.rmtree(entry)
+        tmp.rename(entry)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the target
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """Whether the target's own tokenizer encodes the evaluation text as the reference's does."""
+
+    match: bool
+    reference_tokens: int
+    target_tokens: int
+    first_difference: int | None  # index of the first token that differs
+    detail: str | None  # what differs there, for a person
+
+
+def compare_tokenizers(reference_ids: np.ndarray, tokenizer: Tokenizer, text: str) -> TokenizerCheck:
+    """Encode `text` with `tokenizer` and compare with the reference's ids."""
+    ours = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    ref = np.asarray(reference_ids, dtype=np.int64)
+    n = min(ours.size, ref.size)
+    differ = np.flatnonzero(ours[:n] != ref[:n])
+    if differ.size == 0 and ours.size == ref.size:
+        return TokenizerCheck(True, int(ref.size), int(ours.size), None, None)
+    first = int(differ[0]) if differ.size else n
+    ref_piece = repr(text_of(tokenizer, ref[first : first + 1]))
+    our_piece = repr(text_of(tokenizer, ours[first : first + 1]))
+    detail = (
+        f"{ref.size} reference tokens, {ours.size} from the target's tokenizer; they part at token {first}: "
+        f"reference id {ref[first] if first < ref.size else '(end)'}, "
+        f"target id {ours[first] if first < ours.size else '(end)'} {our_piece} (reference text {ref_piece})"
+    )
+    return TokenizerCheck(False, int(ref.size), int(ours.size), first, detail)
+
+
+def text_of(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    """Decoded ids, or '' for ids outside the tokenizer's vocabulary."""
+    try:
+        return tokenizer.decode(int(i) for i in ids)
+    except EdgelmError:
+        return ""
+
+
+def evaluate(runtime: Runtime, reference: Reference, progress: Progress | None = None) -> Accuracy:
+    """The accuracy statistics of a loaded runtime on the reference's windows."""
+    ctx = reference.windows.shape[1]
+    if runtime.config.max_position_embeddings < ctx:
+        raise EdgelmError(
+            f"the target's context is {runtime.config.max_position_embeddings} tokens, shorter than the "
+            f"evaluation window of {ctx}; use a smaller ctx"
+        )
+    blocks = []
+    for i, window in enumerate(reference.windows):
+        if progress:
+            progress("accuracy", i, len(reference.windows))
+        logp = scored_log_probs(runtime, window)
+        if logp.shape != reference.logp.shape[1:]:
+            raise EdgelmError(
+                f"the target gives logits over {logp.shape[-1]} tokens, the reference over "
+                f"{reference.logp.shape[-1]}; they do not share a vocabulary"
+            )
+        blocks.append(position_stats(reference.logp[i], logp, reference.next_ids(i)))
+    if progress:
+        progress("accuracy", len(reference.windows), len(reference.windows))
+    return accuracy(PositionStats.concatenate(blocks))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# latency
+
+
+@dataclass(frozen=True)
+class Latency:
+    """llama-bench-style speed of one runtime, and its load times."""
+
+    load_cold_s: float  # first load in the process
+    load_warm_s: Timing  # reloads
+    pp_tokens: int  # prompt length of "pp"
+    pp_tps: Timing  # prefill tokens/s
+    tg_tokens: int  # tokens of "tg"
+    tg_tps: Timing  # decode tokens/s
+    ttft_ms: Timing  # prefill of the pp prompt + first token
+
+
+def speed_round(runtime: Runtime, prompt: Sequence[int], decode: Sequence[int]) -> tuple[float, float, float]:
+    """One llama-bench round: (pp tokens/s, tg tokens/s, time to first token in s).
+
+    pp: prefill of `prompt` from an empty sequence; time to first token: the same prefill and the choice of
+    the first token from its logits; tg: the tokens of `decode` fed one at a time from an empty sequence.
+    """
+    runtime.reset()
+    start = time.perf_counter()
+    runtime.forward(prompt)
+    prefill = time.perf_counter() - start
+    runtime.reset()
+    start = time.perf_counter()
+    int(np.argmax(runtime.forward(prompt)[-1]))
+    first_token = time.perf_counter() - start
+    runtime.reset()
+    start = time.perf_counter()
+    for token in decode:
+        runtime.forward([token])
+    generate = time.perf_counter() - start
+    return len(prompt) / prefill, len(decode) / generate, first_token
+
+
+def bench_tokens(window: np.ndarray, context: int) -> tuple[list[int], list[int]]:
+    """The pp prompt (min(512, ctx) tokens) and the tg tokens (min(128, ctx) tokens) from a window."""
+    tokens = np.asarray(window).tolist()
+    prompt = tokens[: min(PP_TOKENS, context, len(tokens))]
+    n_tg = min(TG_TOKENS, context)
+    decode = [tokens[i % len(tokens)] for i in range(n_tg)]
+    return prompt, decode
+
+
+def measure_speed(
+    runtime: Runtime,
+    prompt: Sequence[int],
+    decode: Sequence[int],
+    repetitions: int = 5,
+    progress: Progress | None = None,
+) -> tuple[Timing, Timing, Timing]:
+    """pp and tg tokens/s and the time to first token in ms, mean ± std over `repetitions` rounds after
+    one warm-up round."""
+    rounds = []
+    for i in range(repetitions + 1):
+        if progress:
+            progress("latency", i, repetitions + 1)
+        rounds.append(speed_round(runtime, prompt, decode))
+    if progress:
+        progress("latency", repetitions + 1, repetitions + 1)
+    pp, tg, ttft = zip(*rounds[1:], strict=True)
+    return timing(pp), timing(tg), timing([t * 1000 for t in ttft])
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident-memory high-water mark where the OS allows it (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's resident-memory high-water mark in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A pass/fail threshold and how the target fared."""
+
+    name: str  # "max_kld", "min_top1", "max_ppl_ratio", "tokenizer"
+    limit: float | None
+    value: float | None
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One artifact checked against the reference. `error` is set (and accuracy/latency may be None) when
+    the check could not run; `passed` is False then, as when the tokenizer differs or a gate fails."""
+
+    target: str  # what was asked for: "gguf:q4_0", or the artifact's path
+    artifact: str | None
+    format: str | None  # "checkpoint", "gguf", "onnx"
+    quant: str | None
+    runtime: str | None
+    device: str | None
+    provider: str | None  # the execution provider that ran it, where the runtime has one
+    threads: int | None
+    file_size: int | None
+    peak_rss: int | None
+    reference: ReferenceInfo | None
+    tokenizer: TokenizerCheck | None
+    accuracy: Accuracy | None
+    latency: Latency | None
+    gates: tuple[Gate, ...] = ()
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """No error, the same tokens, and every gate passed."""
+        return self.error is None and all(g.passed for g in self.gates)
+
+    def failures(self) -> list[str]:
+        """One line for each reason the check did not pass."""
+        lines = [f"error: {self.error}"] if self.error else []
+        return lines + [g.message for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (see RECORD_KEYS): plain types, nested groups None when absent."""
+        record = dataclasses.asdict(self)
+        record["gates"] = [dataclasses.asdict(g) for g in self.gates]
+        record["status"] = "ok" if self.error is None else "failed"
+        record["passed"] = self.passed
+        return {key: record[key] for key in RECORD_KEYS}
+
+    @classmethod
+    def failed(cls, target: str, error: str, **known: Any) -> CheckResult:
+        """A result for a target whose check could not run."""
+        fields = {f.name: None for f in dataclasses.fields(cls)} | {"gates": (), "target": target}
+        return cls(**{**fields, **known, "error": error})
+
+
+RECORD_KEYS = (
+    "target",
+    "status",
+    "passed",
+    "error",
+    "artifact",
+    "format",
+    "quant",
+    "runtime",
+    "device",
+    "provider",
+    "threads",
+    "file_size",
+    "peak_rss",
+    "tokenizer",
+    "accuracy",
+    "latency",
+    "gates",
+    "reference",
+)
+
+
+def gates(
+    result_accuracy: Accuracy | None,
+    tokenizer: TokenizerCheck | None,
+    max_kld: float | None = None,
+    min_top1: float | None = None,
+    max_ppl_ratio: float | None = None,
+) -> tuple[Gate, ...]:
+    """The tokenizer gate (always) and the threshold gates that were given."""
+    found: list[Gate] = []
+    if tokenizer is not None:
+        found.append(
+            Gate(
+                "tokenizer",
+                None,
+                None,
+                tokenizer.match,
+                "tokenizer: the same ids as the reference"
+                if tokenizer.match
+                else f"tokenizer: differs from the reference's ({tokenizer.detail})",
+            )
+        )
+    if result_accuracy is None:
+        return tuple(found)
+    checks = (
+        ("max_kld", max_kld, result_accuracy.kld_mean.value, "mean KLD", lambda v, lim: v <= lim),
+        ("min_top1", min_top1, result_accuracy.same_top_p.value, "same top p", lambda v, lim: v >= lim),
+        (
+            "max_ppl_ratio",
+            max_ppl_ratio,
+            result_accuracy.ppl_ratio.value,
+            "PPL(Q)/PPL(base)",
+            lambda v, lim: v <= lim,
+        ),
+    )
+    for name, limit, value, label, ok in checks:
+        if limit is None:
+            continue
+        passed = bool(ok(value, limit))
+        relation = ("≤" if passed else ">") if name != "min_top1" else ("≥" if passed else "<")
+        found.append(
+            Gate(
+                name, float(limit), float(value), passed, f"{name}: {label} {value:.6g} {relation} {limit:g}"
+            )
+        )
+    return tuple(found)
+
+
+def check(
+    artifact: str | Path,
+    reference: str | Path | Reference,
+    text: str | Path | EvaluationText | None = None,
+    *,
+    ctx: int | None = None,
+    windows: int | None = None,
+    repetitions: int = 5,
+    runtime: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    max_kld: float | None = None,
+    min_top1: float | None = None,
+    max_ppl_ratio: float | None = None,
+    target: str | None = None,
+    quant: str | None = None,
+    progress: Progress | None = None,
+) -> CheckResult:
+    """Check `artifact` (a checkpoint, GGUF file or ONNX folder) against `reference` on `text`.
+
+    `reference`: a checkpoint (or any artifact; run with its usual runtime on `device`), or a `Reference`
+    already computed (which brings its own text and windows: `text`, `ctx`, `windows` and `cache_dir` are
+    then not used). `text`: a UTF-8 file or an `EvaluationText`; by default the held-out split of the
+    built-in corpus. `repetitions=0` skips the latency measurement. `runtime`, `device`, `threads` and
+    `options` choose how the artifact runs (llama.cpp gets `kv_cache="f32"` unless `options` say otherwise).
+    The gates (`max_kld`, `min_top1` as a fraction, `max_ppl_ratio`) decide `passed` with the tokenizer
+    check. Bad input (an artifact that does not load, an empty or too short text) raises `EdgelmError`.
+    """
+    if not isinstance(repetitions, int) or repetitions < 0:
+        raise EdgelmError(f"repetitions={repetitions!r} must be 0 or more")
+    for name, limit in (("max_kld", max_kld), ("min_top1", min_top1), ("max_ppl_ratio", max_ppl_ratio)):
+        if limit is not None and not limit >= 0:
+            raise EdgelmError(f"{name}={limit!r} must be a number ≥ 0")
+    if min_top1 is not None and min_top1 > 1:
+        raise EdgelmError(f"min_top1={min_top1} is a fraction: 0.9 means 90 % of positions")
+    path = Path(artifact)
+    kind = artifact_kind(path)
+    if not isinstance(reference, Reference):
+        evaluation = (
+            text if isinstance(text, EvaluationText) or text is None else EvaluationText.from_file(text)
+        )
+        reference = compute_reference(
+            reference,
+            evaluation,
+            ctx,
+            windows,
+            device=device,
+            cache_dir=cache_dir,
+            progress=progress,
+            threads=threads,
+        )
+    known = {
+        "artifact": str(path),
+        "format": kind,
+        "quant": quant or artifact_quant(path, kind),
+        "file_size": artifact_size(path, kind),
+        "reference": reference.info,
+    }
+    reset_peak_rss()
+    if progress:
+        progress("load", 0, 1)
+    start = time.perf_counter()
+    rt = _open(path, runtime, device, threads, options or {})
+    load_cold = time.perf_counter() - start
+    try:
+        known |= {
+            "runtime": rt.name,
+            "device": rt.device,
+            "provider": runtime_provider(rt),
+            "threads": getattr(rt, "threads", None),
+        }
+        tokenizer = compare_tokenizers(reference.text_ids, rt.tokenizer, reference.text.text)
+        result_accuracy = evaluate(rt, reference, progress)
+        speeds = None
+        if repetitions:
+            prompt, decode = bench_tokens(reference.windows[0], rt.config.max_position_embeddings)
+            speeds = measure_speed(rt, prompt, decode, repetitions, progress)
+    finally:
+        rt.close()
+    warm = []
+    for i in range(repetitions):
+        if progress:
+            progress("load", i, repetitions)
+        start = time.perf_counter()
+        again = _open(path, runtime, device, threads, options or {})
+        warm.append(time.perf_counter() - start)
+        again.close()
+    latency = None
+    if speeds is not None:
+        pp, tg, ttft = speeds
+        latency = Latency(load_cold, timing(warm), len(prompt), pp, len(decode), tg, ttft)
+    return CheckResult(
+        target=target or str(path),
+        peak_rss=peak_rss_bytes(),
+        tokenizer=tokenizer,
+        accuracy=result_accuracy,
+        latency=latency,
+        gates=gates(result_accuracy, tokenizer, max_kld, min_top1, max_ppl_ratio),
+        **known,
+    )
+
+
+def _open(path: Path, runtime: str, device: str, threads: int | None, options: dict[str, Any]) -> Runtime:
+    """Open an artifact with the check's options for its runtime; `threads` where the runtime takes it."""
+    name = DEFAULT_RUNTIME.get(artifact_kind(path), runtime) if runtime == "auto" else runtime
+    merged = {**CHECK_OPTIONS.get(name, {}), **options}
+    if threads is not None:
+        try:
+            accepts = "threads" in inspect.signature(runtime_class(name)).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if accepts:
+            merged["threads"] = threads
+    return open_runtime(path, runtime=name, device=device, **merged)
+
+
+def runtime_provider(rt: Runtime) -> str | None:
+    """The execution provider a runtime reports (`provider`, or the first of `providers`), if any."""
+    provider = getattr(rt, "provider", None)
+    if provider is None:
+        providers = getattr(rt, "providers", None)
+        if isinstance(providers, (list, tuple)) and providers:
+            provider = providers[0]
+    return None if provider is None else str(provider)
+
+
+def artifact_size(path: Path, kind: str | None = None) -> int:
+    """Bytes on disk: a file's size; a checkpoint's config, weights and tokenizer files; an ONNX folder's
+    files (model, external data, tokenizer, configs)."""
+    path = Path(path)
+    kind = kind or artifact_kind(path)
+    if path.is_file():
+        return path.stat().st_size
+    if kind == "checkpoint":
+        from edgelm.checkpoint import WEIGHTS_INDEX, weights_path
+
+        weights = weights_path(path)
+        files = {weights}
+        if weights.name == WEIGHTS_INDEX:
+            files |= {path / shard for shard in read_json(weights)["weight_map"].values()}
+        files |= {p for p in path.glob("*.json") if p.is_file()}
+        return sum(p.stat().st_size for p in files)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def artifact_quant(path: Path, kind: str | None = None) -> str | None:
+    """The quantization an artifact says it has: a GGUF file's edgelm.quantization (or llama.cpp file
+    type), an ONNX folder's edgelm.json, "fp32" for a checkpoint (the torch runtime runs it in float32)."""
+    kind = kind or artifact_kind(path)
+    if kind == "checkpoint":
+        return "fp32"
+    if kind == "gguf":
+        from edgelm.gguf_reader import read_gguf
+
+        metadata = read_gguf(path).metadata
+        if isinstance(metadata.get("edgelm.quantization"), str):
+            return metadata["edgelm.quantization"]
+        file_type = metadata.get("general.file_type")
+        return _GGUF_FILE_TYPES.get(file_type, f"file type {file_type}") if file_type is not None else None
+    info_path = Path(path) / "edgelm.json"
+    if not info_path.is_file():
+        return None
+    info = read_json(info_path)
+    value = info.get("quant", info.get("quantization")) if isinstance(info, dict) else None
+    if isinstance(value, dict):
+        value = next((value[k] for k in ("quant", "level", "method", "type", "name") if k in value), None)
+    return str(value) if value is not None else None
