@@ -526,6 +526,10 @@ def _token_bytes(backend: HFTokenizer) -> list[bytes]:
     "▁" as a space, and <0xNN> tokens for the byte NN."""
     byte_level = _decoding(backend) == "byte-level"
     unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
+    # a vocabulary has tens of thousands of tokens, so both steps run in C: a regex finds a character that
+    # stands for no byte, and str.translate maps the others to the latin-1 character of their byte
+    other_character = re.compile("[^" + "".join(map(re.escape, unicode_to_byte)) + "]")
+    to_latin1 = str.maketrans({c: chr(b) for c, b in unicode_to_byte.items()})
     added = {t.content for t in backend.get_added_tokens_decoder().values()}
     vocab = backend.get_vocab(with_added_tokens=True)
     table = [b""] * (max(vocab.values()) + 1)
@@ -533,8 +537,8 @@ def _token_bytes(backend: HFTokenizer) -> list[bytes]:
         if token in added:
             table[token_id] = token.encode("utf-8")
         elif byte_level:
-            if all(c in unicode_to_byte for c in token):
-                table[token_id] = bytes(unicode_to_byte[c] for c in token)
+            if other_character.search(token) is None:
+                table[token_id] = token.translate(to_latin1).encode("latin-1")
             else:
                 table[token_id] = token.encode("utf-8")
         elif match := _BYTE_PIECE.fullmatch(token):
