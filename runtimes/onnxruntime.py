@@ -167,6 +167,9 @@ class OnnxRuntime:
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = _NUMPY_TYPES.get(logits_type, np.float32)
         self._decode_logits = self._new_logits(1)
+        self._token = np.zeros((1, 1), np.int64)  # ORT reads the decode step's token id from this array
+        self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
+        self._decode_bound = False
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
@@ -185,14 +188,23 @@ class OnnxRuntime:
     def _run(self, array: np.ndarray) -> np.ndarray:
         n, start = array.size, self.position
         binding = self._binding
-        binding.bind_cpu_input("input_ids", array.reshape(1, n))
+        if n == 1:  # decode: the one-token input and the logits buffer stay bound from step to step
+            self._token[0, 0] = array[0]
+            if not self._decode_bound:
+                binding.bind_ortvalue_input("input_ids", self._token_value)
+                binding.bind_ortvalue_output("logits", self._decode_logits)
+                self._decode_bound = True
+            logits = self._decode_logits
+        else:
+            logits = self._new_logits(n)
+            binding.bind_cpu_input("input_ids", array.reshape(1, n))
+            binding.bind_ortvalue_output("logits", logits)
+            self._decode_bound = False
         binding.bind_cpu_input("attention_mask", self._mask[:, : start + n])
         if self._position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
         if not self._shared_kv:
             self._bind_growing_past(start, n)
-        logits = self._decode_logits if n == 1 else self._new_logits(n)
-        binding.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(binding)
         return np.array(logits.numpy()[0], dtype=np.float32)  # a copy: the decode buffer is reused
 
