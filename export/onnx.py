@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -616,19 +615,14 @@ def provenance(
             "edgelm": __version__,
             "onnx": onnx.__version__,
             "numpy": np.__version__,
-            **{name: _version(name) for name in ("onnxruntime",)},
+            "onnxruntime": package_version("onnxruntime"),
         },
     }
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of a package, None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def read_provenance(folder: Path) -> dict[str, Any]:
-    """edgelm.json of an ONNX folder ({} for a folder another tool made)."""
-    path = Path(folder) / "edgelm.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -30,6 +30,7 @@ from typing import Any
 from edgelm import __version__
 from edgelm.checkpoint import checkpoint_sha256
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.export.onnx import package_version
 from edgelm.files import temporary_sibling, write_json_atomic
 
 try:
@@ -295,14 +296,7 @@ def provenance(
         "versions": {
             "edgelm": __version__,
             "onnx": onnx.__version__,
-            "onnxruntime": _version("onnxruntime"),  # the quantizer's
+            "onnxruntime": package_version("onnxruntime"),  # the quantizer's
             "optimum_environment": environment,  # the exporter's
         },
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
