@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--via optimum exports any causal LM optimum supports (quantized by ONNX Runtime's own tools).",
     )
     onnx.add_argument("checkpoint", help="checkpoint directory (or, with --via optimum, any HF model folder)")
-    onnx.add_argument("--quant", default="fp32", help="fp32, fp16, int8 or int4")
+    onnx.add_argument(
+        "--quant",
+        default="fp32",
+        help="fp32, fp16, int8, int8_dynamic (ORT's dynamic int8 path), int4, int4_mixed (int4 with the head "
+        "and the most error-prone matrices at 8 bits)",
+    )
     onnx.add_argument("--out", default=None, help="output folder (default: CHECKPOINT-onnx-QUANT beside it)")
     onnx.add_argument("--block-size", type=int, default=32, help="int8/int4: values per scale (power of 2)")
     onnx.add_argument(

@@ -54,16 +54,21 @@ class Precision:
     dtype: str  # "float32" or "float16": activations, norms, embeddings, KV cache
     bits: int | None = None  # None: plain MatMul on float weights
     mixed: bool = False  # the head and the most sensitive matrices at 8 bits, see `sensitive_matrices`
+    dynamic: bool = False  # int8 per output channel in DynamicQuantizeMatMul (activations quantized per call)
 
 
 PRECISIONS = {
     "fp32": Precision("float32"),
     "fp16": Precision("float16"),
     "int8": Precision("float32", 8),
+    "int8_dynamic": Precision("float32", 8, dynamic=True),
     "int4": Precision("float32", 4),
     "int4_mixed": Precision("float32", 4, mixed=True),
 }
 MIXED_EIGHT_BIT_SHARE = 0.25  # int4_mixed: at most this share of the layers' weights is promoted to 8 bits
+# int8_dynamic: weights in [-64, 63]. On AVX2, ONNX Runtime multiplies uint8 activations by int8 weights with
+# instructions that add pairs of products in int16, which full-range weights overflow (ORT's reduce_range).
+DYNAMIC_BITS = 7
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
@@ -231,7 +236,7 @@ def build_model(
     if precision.bits:
         untied_embedding = None if c.tie_word_embeddings else tensors["model.embed_tokens.weight"]
         quantized = quantize_matrices(matrices, untied_embedding, precision, options, hessians)
-    linear = _Linear(g, matrices, quantized, options)
+    linear = _Linear(g, matrices, quantized, options, precision.dynamic)
     x = _embedding(g, c, tensors, quantized, options)
     residual = None
     eps = float(c.rms_norm_eps)
@@ -353,12 +358,14 @@ def fused_matrices(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
 
 @dataclass
 class _Linear:
-    """Adds y = x Wᵀ for a named matrix: MatMul on float weights, or MatMulNBits on its quantized blocks."""
+    """Adds y = x Wᵀ for a named matrix: MatMul on float weights, MatMulNBits on its quantized blocks, or
+    DynamicQuantizeMatMul on per-channel int8 (ONNX Runtime's dynamic int8 path)."""
 
     g: _Graph
     matrices: dict[str, Matrix]
     quantized: dict[str, QuantizedBlocks]
     options: QuantOptions
+    dynamic: bool  # DynamicQuantizeMatMul on per-channel int8, else MatMulNBits
 
     def __call__(self, x: str, node_name: str, matrix: str) -> str:
         w = self.matrices[matrix].w
@@ -366,6 +373,13 @@ class _Linear:
             (y,) = self.g.node("MatMul", [x, self.g.float_weight(matrix + ".weight", w.T)], node_name)
             return y
         q = self.quantized[matrix]
+        if self.dynamic:
+            # one scale per output channel: ONNX Runtime's dynamic int8 path, B as int8 (in, out)
+            signed = q.codes.astype(np.int16) - (1 << (q.bits - 1))
+            b = self.g.weight(matrix + ".weight.int8", signed.astype(np.int8).T)
+            b_scale = self.g.float_weight(matrix + ".weight.scale", q.scales[:, 0])
+            (y,) = self.g.node("DynamicQuantizeMatMul", [x, b, b_scale], node_name, ms=True)
+            return y
         inputs = [x, *_quantized_weight(self.g, matrix, q)]
         (y,) = self.g.node(
             "MatMulNBits",
@@ -404,7 +418,9 @@ def _embedding(
     """The token embeddings of input_ids: Gather of float rows, or GatherBlockQuantized of the quantized
     embedding (the head's own blocks when tied, so the file holds them once)."""
     name = "/model/embed_tokens"
-    key = "lm_head" if config.tie_word_embeddings else "model.embed_tokens"
+    # its own blocks when it has them (untied, or int8_dynamic's per-channel head), else the tied head's
+    own = not config.tie_word_embeddings or "model.embed_tokens" in quantized
+    key = "model.embed_tokens" if own else "lm_head"
     if key not in quantized or quantized[key].codes.shape[1] != config.hidden_size:  # padded: not as a table
         weight = g.float_weight("model.embed_tokens.weight", tensors["model.embed_tokens.weight"])
         (x,) = g.node("Gather", [weight, "input_ids"], name)
@@ -440,6 +456,21 @@ def quantize_matrices(
     matrices `sensitive_matrices` picks at 8 bits."""
     bits = precision.bits
     assert bits is not None
+    if precision.dynamic:  # per output channel: one block spanning each row
+        quantized = {
+            name: quantize_blocks(
+                m.w,
+                DYNAMIC_BITS,
+                m.w.shape[1],
+                True,
+                search=options.search,
+                hessian=hessians.get(m.hessian_key),
+            )
+            for name, m in matrices.items()
+        }
+        embedding = matrices["lm_head"].w if untied_embedding is None else untied_embedding
+        quantized["model.embed_tokens"] = quantize_matrix(embedding, bits, options)  # blocks, for the table
+        return quantized
     quantized = {
         name: quantize_matrix(m.w, bits, options, hessians.get(m.hessian_key)) for name, m in matrices.items()
     }
@@ -599,6 +630,9 @@ def provenance(
     if precision.bits is not None:
         method = "gptq" if hessians else ("search" if options.search else "round-to-nearest")
         quantization |= dataclasses.asdict(options) | {"method": method, "operator": "MatMulNBits"}
+    if precision.dynamic:
+        quantization |= {"bits": DYNAMIC_BITS, "block_size": "per output channel"}
+        quantization |= {"operator": "DynamicQuantizeMatMul", "embedding": "GatherBlockQuantized 8-bit"}
     if precision.mixed:
         quantization["eight_bit"] = [
             node.name
