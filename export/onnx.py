@@ -8,8 +8,9 @@ The graph is written node by node from the checkpoint's numpy arrays (no torch, 
                                                                           ─ final Skip…Norm ─ lm_head ─ logits
 
 `GroupQueryAttention` (domain com.microsoft) applies the rotary embedding itself from cos/sin tables and
-appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized matrices are `MatMulNBits`:
-`edgelm.quant` chooses the codes and scales, this module only packs them into the operator's layout.
+appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized matrices are `MatMulNBits`
+(int8, int4, int4_mixed) or `DynamicQuantizeMatMul` (int8_dynamic), and the quantized embedding table is
+`GatherBlockQuantized`: `edgelm.quant` chooses the codes and scales, this module only packs them.
 
 The folder: model.onnx + model.onnx.data (every weight as external data, so no 2 GiB limit), config.json,
 the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance).
@@ -108,7 +109,7 @@ def export_onnx(
     options: QuantOptions | None = None,
     hessians: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the checkpoint as an ONNX folder of the given precision (fp32, fp16, int8, int4); return it.
+    """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it.
 
     `hessians` (from `edgelm.calibration.activation_covariance`) make the int8/int4 quantizer minimize each
     layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
@@ -137,11 +138,15 @@ def export_onnx(
             location=DATA_FILE,
             size_threshold=0,
         )
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        try:
+            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
+            raise EdgelmError(message) from None
         for name in COPIED_FILES:
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
-        write_json_atomic(tmp / "genai_config.json", genai_config(config, precision))
+        write_json_atomic(tmp / "genai_config.json", genai_config(config))
         record = provenance(checkpoint, quant, precision, options, hessians, model)
         write_json_atomic(tmp / "edgelm.json", record)
         if folder.exists():
@@ -568,7 +573,7 @@ def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ the folder
 
 
-def genai_config(config: ModelConfig, precision: Precision) -> dict[str, Any]:
+def genai_config(config: ModelConfig) -> dict[str, Any]:
     """onnxruntime-genai's description of the model: its shape, I/O names and default search options."""
     eos = config.eos_token_id
     eos = eos if isinstance(eos, int) else list(eos)
