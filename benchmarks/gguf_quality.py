@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 import edgelm
-from edgelm.checking import bench_tokens, compute_reference, evaluate, speed_round
+from edgelm.checking import bench_tokens, evaluate, speed_round
 from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
+from edgelm.reference import compute_reference
 
 
 def speeds(paths: list[Path], prompt: list[int], decode: list[int], runs: int = 5) -> list[tuple[list, list]]:

@@ -413,7 +413,8 @@ def _export_onnx(args: argparse.Namespace) -> None:
             )
         folder = export_via_optimum(Path(args.checkpoint), out, args.quant)
     else:
-        from edgelm.export.onnx import QuantOptions, export_onnx
+        from edgelm.export.onnx import export_onnx
+        from edgelm.export.onnx_quant import QuantOptions
 
         options = QuantOptions(args.block_size, not args.zero_points, args.accuracy_level)
         hessians = None
@@ -468,7 +469,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from edgelm.comparison import compare, print_table
+    from edgelm.comparison import compare
+    from edgelm.report import print_table
 
     targets = [t for t in args.targets.split(",") if t.strip()] if args.targets else None
     result = compare(
@@ -493,7 +495,8 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from edgelm.checking import check
-    from edgelm.comparison import ProgressDisplay, check_rows
+    from edgelm.comparison import ProgressDisplay
+    from edgelm.report import check_rows
 
     with ProgressDisplay(True, ["check"]) as display:
         result = check(

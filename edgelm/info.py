@@ -88,8 +88,10 @@ def describe_onnx(folder: Path) -> dict[str, Any]:
     }
 
 
-def human_size(n: float) -> str:
-    """1234567 → '1.2 MB' (decimal units, as file managers show)."""
+def human_size(n: float | None) -> str:
+    """1234567 → '1.2 MB' (decimal units, as file managers show); None (unknown) → '—'."""
+    if n is None:
+        return "—"
     units = ["B", "kB", "MB", "GB", "TB"]
     i = 0
     while n >= 1000 and i < len(units) - 1:

@@ -31,8 +31,17 @@ from edgelm import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
 from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.export.onnx_quant import (
+    DYNAMIC_BITS,
+    PRECISIONS,
+    Matrix,
+    Precision,
+    QuantOptions,
+    pack_matmul_nbits,
+    quantize_matrices,
+)
 from edgelm.files import temporary_sibling, write_json_atomic
-from edgelm.quant import QuantizedBlocks, quantize_blocks
+from edgelm.quant import QuantizedBlocks
 from edgelm.rope import rope_cos_sin
 
 try:
@@ -48,53 +57,7 @@ DATA_FILE = "model.onnx.data"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How the matrices are stored: `float` dtype, or `bits`-bit MatMulNBits codes (the rest stays float)."""
-
-    dtype: str  # "float32" or "float16": activations, norms, embeddings, KV cache
-    bits: int | None = None  # None: plain MatMul on float weights
-    mixed: bool = False  # the head and the most sensitive matrices at 8 bits, see `sensitive_matrices`
-    dynamic: bool = False  # int8 per output channel in DynamicQuantizeMatMul (activations quantized per call)
-
-
-PRECISIONS = {
-    "fp32": Precision("float32"),
-    "fp16": Precision("float16"),
-    "int8": Precision("float32", 8),
-    "int8_dynamic": Precision("float32", 8, dynamic=True),
-    "int4": Precision("float32", 4),
-    "int4_mixed": Precision("float32", 4, mixed=True),
-}
-MIXED_EIGHT_BIT_SHARE = 0.25  # int4_mixed: at most this share of the layers' weights is promoted to 8 bits
-# int8_dynamic: weights in [-64, 63]. On AVX2, ONNX Runtime multiplies uint8 activations by int8 weights with
-# instructions that add pairs of products in int16, which full-range weights overflow (ORT's reduce_range).
-DYNAMIC_BITS = 7
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """Parameters of the int8/int4 MatMulNBits weights.
-
-    block_size: values per scale along the input dimension (a power of two >= 16).
-    symmetric: codes centred on 2**(bits-1), no zero points; else a uint8 zero point per block.
-    accuracy_level: MatMulNBits' compute type on CPU: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
-    search: refine each block's scale by an error-minimizing search (else plain round-to-nearest).
-    """
-
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 4
-    search: bool = True
-
-    def check(self) -> None:
-        """Raise an EdgelmError for values MatMulNBits does not accept."""
-        b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise EdgelmError(f"block size {b!r}: MatMulNBits needs a power of two >= 16 (e.g. 32, 64, 128)")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise EdgelmError(f"accuracy level {self.accuracy_level!r} must be 0, 1, 2, 3 or 4")
 
 
 def output_folder(checkpoint: Path, out: Path | None, quant: str) -> Path:
@@ -333,15 +296,6 @@ def _norm(
     return normed, summed
 
 
-@dataclass(frozen=True)
-class Matrix:
-    """A weight matrix as the graph multiplies by it: HF weights stacked along the output rows (q, k, v;
-    gate, up), (out, in), with the key of the calibration hessian of its input."""
-
-    w: np.ndarray
-    hessian_key: str
-
-
 def fused_matrices(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, Matrix]:
     """Every matrix of the graph by name: per layer qkv_proj, o_proj, gate_up_proj, down_proj; lm_head (the
     embedding matrix when tied)."""
@@ -445,129 +399,6 @@ def _embedding(
         bits=q.bits,
     )
     return x
-
-
-# ------------------------------------------------------------------------------------------ quantization
-
-
-def quantize_matrices(
-    matrices: dict[str, Matrix],
-    untied_embedding: np.ndarray | None,
-    precision: Precision,
-    options: QuantOptions,
-    hessians: dict[str, np.ndarray],
-) -> dict[str, QuantizedBlocks]:
-    """Every matrix (and an untied embedding table) at the precision's bits; for a mixed precision, the
-    matrices `sensitive_matrices` picks at 8 bits."""
-    bits = precision.bits
-    assert bits is not None
-    if precision.dynamic:  # per output channel: one block spanning each row
-        quantized = {
-            name: quantize_blocks(
-                m.w,
-                DYNAMIC_BITS,
-                m.w.shape[1],
-                True,
-                search=options.search,
-                hessian=hessians.get(m.hessian_key),
-            )
-            for name, m in matrices.items()
-        }
-        embedding = matrices["lm_head"].w if untied_embedding is None else untied_embedding
-        quantized["model.embed_tokens"] = quantize_matrix(embedding, bits, options)  # blocks, for the table
-        return quantized
-    quantized = {
-        name: quantize_matrix(m.w, bits, options, hessians.get(m.hessian_key)) for name, m in matrices.items()
-    }
-    if untied_embedding is not None:
-        quantized["model.embed_tokens"] = quantize_matrix(untied_embedding, bits, options)
-    if precision.mixed:
-        for name in sensitive_matrices(matrices, quantized, hessians, MIXED_EIGHT_BIT_SHARE):
-            m = matrices[name]
-            quantized[name] = quantize_matrix(m.w, 8, options, hessians.get(m.hessian_key))
-    return quantized
-
-
-def sensitive_matrices(
-    matrices: dict[str, Matrix],
-    quantized: dict[str, QuantizedBlocks],
-    hessians: dict[str, np.ndarray],
-    share: float,
-) -> list[str]:
-    """The head, then the layer matrices whose quantization error costs most per weight, up to `share` of the
-    layers' weights.
-
-    A matrix's error is measured on its quantized blocks: with calibration, the expected squared error of its
-    output, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ]; without, the squared weight error ||E||² (the
-    output error for inputs of unit variance, which the RMS-normalized inputs of qkv and gate/up are near).
-    """
-    scores = {}
-    for name, m in matrices.items():
-        error = m.w - quantized[name].dequantize()[:, : m.w.shape[1]]
-        h = hessians.get(m.hessian_key)
-        total = float(np.sum((error @ h) * error)) if h is not None else float(np.sum(error * error))
-        scores[name] = total / m.w.size
-    layers = [name for name in matrices if name != "lm_head"]
-    budget = share * sum(matrices[name].w.size for name in layers)
-    chosen = ["lm_head"]
-    for name in sorted(layers, key=scores.__getitem__, reverse=True):
-        if matrices[name].w.size <= budget:
-            chosen.append(name)
-            budget -= matrices[name].w.size
-    return chosen
-
-
-def quantize_matrix(
-    w: np.ndarray, bits: int, options: QuantOptions, hessian: np.ndarray | None = None
-) -> QuantizedBlocks:
-    """w (out, in) quantized along its rows in blocks of `options.block_size`, the rows zero-padded to a
-    whole number of blocks as MatMulNBits pads them (the padding's codes are never used)."""
-    cols = w.shape[1]
-    padded = -cols % options.block_size
-    if padded:
-        w = np.pad(w, ((0, 0), (0, padded)))
-        if hessian is not None:
-            hessian = np.pad(hessian, ((0, padded), (0, padded)))
-    importance = None
-    if padded and hessian is None:
-        importance = np.concatenate([np.ones(cols), np.zeros(padded)])
-    return quantize_blocks(
-        w,
-        bits,
-        options.block_size,
-        options.symmetric,
-        importance=importance,
-        search=options.search,
-        hessian=hessian,
-        integer_zeros=not options.symmetric,
-    )
-
-
-def pack_matmul_nbits(q: QuantizedBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MatMulNBits' B (N, blocks, block*bits/8) uint8, scales (N, blocks) and packed uint8 zero points
-    (N, ceil(blocks*bits/8)) or None for symmetric codes (whose zero point is the default 2**(bits-1)).
-
-    Codes are packed along K low bits first: for 4 bits, value 2j in the low nibble of byte j, 2j+1 in the
-    high nibble; the zero points of a row likewise, the last byte's high nibble zero when blocks is odd.
-    """
-    rows, cols = q.codes.shape
-    blocks = cols // q.block
-    packed = _pack_low_first(q.codes, q.bits).reshape(rows, blocks, -1)
-    if q.zeros is None:
-        return packed, q.scales, None
-    zero_points = np.rint(-q.zeros / np.where(q.scales == 0, 1, q.scales)).astype(np.uint8)
-    if q.bits == 4 and blocks % 2:
-        zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
-    return packed, q.scales, _pack_low_first(zero_points, q.bits)
-
-
-def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes (rows, n) → bytes (rows, n*bits/8), the earlier value in the lower bits."""
-    if bits == 8:
-        return codes.astype(np.uint8)
-    if bits != 4:
-        raise EdgelmError(f"MatMulNBits packing supports 4 and 8 bits, not {bits}")
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ the folder

@@ -17,22 +17,21 @@ import pytest
 from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
 
 import edgelm
-from edgelm import checking
-from edgelm.checking import (
+import edgelm.reference
+from edgelm.checking import compare_tokenizers, evaluate, measure_speed
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgelmError
+from edgelm.reference import (
     EvaluationText,
     Reference,
     ReferenceInfo,
-    compare_tokenizers,
-    evaluate,
+    compute_reference,
     evaluation_windows,
     logits_on_windows,
-    measure_speed,
     reference_log_probs,
     scored_log_probs,
     scored_range,
 )
-from edgelm.config import ModelConfig
-from edgelm.errors import EdgelmError
 from edgelm.tokenizer import train_tokenizer
 
 VOCAB, CTX = 50, 16
@@ -144,7 +143,7 @@ def test_an_identical_stub_gives_exact_zeros_and_chunks_change_nothing(tables, m
     same = evaluate(reference, ref)
     assert same.kld_mean.value == 0 and same.kld_max == 0 and same.same_top_p.value == 1
     assert same.ppl_ratio.value == 1 and same.ppl_ratio.error == 0 and same.rms_dp.value == 0
-    monkeypatch.setattr(checking, "FORWARD_CHUNK", 3)  # the scored half fed 3 tokens at a time
+    monkeypatch.setattr(edgelm.reference, "FORWARD_CHUNK", 3)  # the scored half fed 3 tokens at a time
     assert np.array_equal(scored_log_probs(reference, windows[0]), ref.logp[0])
 
 
@@ -199,7 +198,7 @@ def test_identical_target_and_the_reference_cache(trained_run: Path, tmp_path: P
     assert cache.parent == tmp_path and np.load(cache / "logp.npy").shape == (4, 63, 4096)
     again = edgelm.check(trained_run, reference=trained_run, windows=4, repetitions=0, cache_dir=tmp_path)
     assert again.accuracy == acc and again.latency is None and again.reference.cache == str(cache)
-    other = checking.compute_reference(trained_run, windows=2, cache_dir=tmp_path)
+    other = compute_reference(trained_run, windows=2, cache_dir=tmp_path)
     assert other.info.cache != str(cache) and len(list(tmp_path.iterdir())) == 2
 
 

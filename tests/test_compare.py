@@ -13,17 +13,11 @@ import pytest
 from conftest import SAMPLE_TEXT
 
 from edgelm import comparison
-from edgelm.checking import CheckResult, EvaluationText, Reference, compute_reference
-from edgelm.comparison import (
-    Comparison,
-    compare,
-    default_targets,
-    export_target,
-    pareto_front,
-    parse_target,
-    write_charts,
-)
+from edgelm.checking import CheckResult
+from edgelm.comparison import Comparison, compare, default_targets, export_target, parse_target
 from edgelm.errors import EdgelmError
+from edgelm.reference import EvaluationText, Reference, compute_reference
+from edgelm.report import pareto_front, write_charts
 
 ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "edgelm.export.onnx"))
 GGUF = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llama_cpp"))

@@ -15,7 +15,6 @@ from gguf.quants import dequantize as gguf_dequantize
 from test_tokenizer import VARIED
 
 import edgelm
-from edgelm.checking import logits_on_windows
 from edgelm.checkpoint import load_checkpoint
 from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
@@ -29,6 +28,7 @@ from edgelm.export.gguf import (
     tensor_type,
 )
 from edgelm.metrics import kl_divergence, log_probs
+from edgelm.reference import logits_on_windows
 from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")

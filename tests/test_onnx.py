@@ -17,7 +17,8 @@ import edgelm
 from edgelm.config import Llama3RopeScaling
 from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
-from edgelm.export.onnx import QuantOptions, export_onnx, pack_matmul_nbits, quantize_matrix
+from edgelm.export.onnx import export_onnx
+from edgelm.export.onnx_quant import QuantOptions, pack_matmul_nbits, quantize_matrix
 from edgelm.runtimes.torch import TorchRuntime
 from edgelm.tokenizer import Tokenizer
 
