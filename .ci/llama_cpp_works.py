@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.checkpoint import save_checkpoint, tensor_shapes
-from edgelm.config import ModelConfig
 from edgelm.export.gguf import export_gguf
+from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import train_tokenizer
 
 DECODE = """

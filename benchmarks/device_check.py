@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 import edgelm
-from edgelm.config import ModelConfig
+from edgelm.model.config import ModelConfig
 
 SEED = 0
 RUNS = 3
@@ -142,10 +142,10 @@ def has_cuda_device() -> bool:
 def build(directory: Path, layers: int) -> dict[str, Path]:
     """The random checkpoint and its exports under `directory`."""
     from edgelm.checkpoint import save_checkpoint, tensor_shapes
-    from edgelm.data import builtin_corpus, read_documents
     from edgelm.export.gguf import export_gguf
     from edgelm.export.onnx import export_onnx
     from edgelm.tokenizer import train_tokenizer
+    from edgelm.training.data import builtin_corpus, read_documents
 
     texts = [d.text for d in read_documents(builtin_corpus()[:150], skip_undecodable=True)]
     tokenizer = train_tokenizer(texts, 4096)

@@ -28,10 +28,10 @@ import torch
 
 import edgelm
 from edgelm.checkpoint import save_checkpoint
-from edgelm.config import preset
 from edgelm.export.gguf import export_gguf
 from edgelm.export.onnx import export_onnx
-from edgelm.model import Transformer, weights_of
+from edgelm.model.config import preset
+from edgelm.model.transformer import Transformer, weights_of
 from edgelm.tokenizer import train_tokenizer
 
 PROMPT = "def read_config(path):\n    "

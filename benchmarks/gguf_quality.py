@@ -7,7 +7,7 @@ edgelm's F32 file (`--via llama.cpp`). Both files run in the same llama.cpp runt
 isolates nothing but the file (expected 1.0 ± noise); the accuracy is the mean KL divergence of each file's
 next-token distribution from the float32 PyTorch reference, measured as `edgelm check` measures it (held-out
 text of the built-in corpus, the second half of each window scored, llama.cpp with an F32 KV cache).
-Speed is llama-bench style (`edgelm.checking.speed_round`): pp (prefill of one context) and tg128 (decode)
+Speed is llama-bench style (`edgelm.evaluation.check.speed_round`): pp (prefill of one context) and tg128 (decode)
 tokens/s, mean ± std of 5 runs, with llama.cpp's default F16 KV cache.
 """
 
@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import edgelm
-from edgelm.checking import bench_tokens, evaluate, speed_round
+from edgelm.evaluation.check import bench_tokens, evaluate, speed_round
+from edgelm.evaluation.reference import compute_reference
 from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
-from edgelm.reference import compute_reference
 
 
 def speeds(paths: list[Path], prompt: list[int], decode: list[int], runs: int = 5) -> list[tuple[list, list]]:
@@ -60,7 +60,7 @@ def main() -> None:
     prompt, decode = bench_tokens(reference.windows[0], reference.windows.shape[1])
     hessians = None
     if args.calibration:
-        from edgelm.calibration import activation_covariance, read_calibration_text
+        from edgelm.quant.calibration import activation_covariance, read_calibration_text
 
         hessians = activation_covariance(args.checkpoint, read_calibration_text(args.calibration))
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # edgelm is imported where used: the optimum worker runs this file in another python
-    from edgelm.config import ModelConfig
+    from edgelm.model.config import ModelConfig
     from edgelm.runtimes.base import Runtime
 
 PROMPTS = (128, 512)  # prefill lengths: pp128, pp512
@@ -59,7 +59,7 @@ SEED = 0
 
 def bench_config(layers: int) -> ModelConfig:
     """SmolLM-135M's shape with `layers` layers."""
-    from edgelm.config import ModelConfig
+    from edgelm.model.config import ModelConfig
 
     return ModelConfig(
         vocab_size=49152,
@@ -86,8 +86,8 @@ def bench_checkpoint(cache: Path, layers: int) -> Path:
         return directory
     tokenizer_dir = cache / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        from edgelm.data import builtin_corpus, read_documents
         from edgelm.tokenizer import train_tokenizer
+        from edgelm.training.data import builtin_corpus, read_documents
 
         print("training a 49152-token BPE tokenizer on the built-in corpus (once) ...", flush=True)
         texts = [d.text for d in read_documents(builtin_corpus(), skip_undecodable=True)]
@@ -402,7 +402,7 @@ def print_table(rows: list[Row]) -> None:
 def accuracy(run: Path, cache: Path, optimum_python: Path | None, windows: int) -> None:
     """Perplexity of every ONNX export of `run` on held-out windows, relative to the float32 torch model."""
     import edgelm
-    from edgelm.data import load_tokens, validation_windows
+    from edgelm.training.data import load_tokens, validation_windows
 
     with edgelm.load(run, device="cpu") as reference:
         context = min(reference.config.max_position_embeddings, 512)
@@ -460,7 +460,7 @@ def speed(args: argparse.Namespace, optimum_python: Path | None) -> None:
     skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
     rows = [row for row in rows if row.name not in skipped]
 
-    from edgelm.config import ModelConfig
+    from edgelm.model.config import ModelConfig
 
     config = ModelConfig.load(checkpoint)
     import onnxruntime

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from edgelm.config import preset
-from edgelm.model import Transformer, weights_of
+from edgelm.model.config import preset
+from edgelm.model.transformer import Transformer, weights_of
 
 
 def step_times(

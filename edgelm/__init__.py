@@ -3,13 +3,13 @@
 `import edgelm` imports neither torch, onnxruntime nor llama_cpp; each is imported when first used.
 """
 
-from edgelm.api import Model, load
-from edgelm.checking import CheckResult, check
-from edgelm.comparison import Comparison, compare
-from edgelm.config import ModelConfig
+from edgelm._version import __version__
 from edgelm.errors import EdgelmError
+from edgelm.evaluation.check import CheckResult, check
+from edgelm.evaluation.compare import Comparison, compare
+from edgelm.generation.api import Model, load
+from edgelm.model.config import ModelConfig
 
-__version__ = "0.1.0"
 __all__ = [
     "CheckResult",
     "Comparison",

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling, write_json_atomic
+from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import Tokenizer
+from edgelm.values import is_int
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -110,26 +110,59 @@ def save_checkpoint(
     """Write a complete checkpoint directory; each file goes to a temporary name and is renamed into place."""
     directory = Path(directory)
     check_tensors(config, tensors, str(directory))
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(directory / WEIGHTS)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": "pt", **(metadata or {})},
-    )
-    tmp.replace(directory / WEIGHTS)
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    write_weights(directory, config, shapes, iter(tensors.items()), metadata)
     tokenizer.save(directory, context_length=config.max_position_embeddings)
     config.save(directory)
-    write_json_atomic(
-        directory / "generation_config.json",
-        {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_id": config.eos_token_id
-            if isinstance(config.eos_token_id, int)
-            else list(config.eos_token_id),
-            "max_length": config.max_position_embeddings,
-        },
-    )
+    write_generation_config(directory, config, max_length=config.max_position_embeddings)
+
+
+def write_weights(
+    directory: Path,
+    config: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream float32 tensors, in the order `shapes` lists them, into directory/model.safetensors.
+
+    The names and shapes are checked against the config first; the header is computed from the shapes, each
+    tensor is then written and dropped, so memory holds one tensor, whatever the model's size. The file is
+    written to a temporary name and renamed when complete.
+    """
+    check_shapes(config, shapes, str(directory))
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(directory / WEIGHTS)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for (name, w), expected in zip(tensors, shapes, strict=True):
+                if name != expected or tuple(w.shape) != tuple(shapes[name]):
+                    raise EdgelmError(f"{directory}: tensor {name} {w.shape} came where {expected} was due")
+                f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+        tmp.replace(directory / WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_generation_config(directory: Path, config: ModelConfig, max_length: int | None = None) -> None:
+    """Write generation_config.json: the BOS id and the EOS id (or list), and `max_length` if given."""
+    eos = config.eos_token_ids
+    settings: dict[str, object] = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else list(eos),
+    }
+    if max_length is not None:
+        settings["max_length"] = max_length
+    write_json_atomic(Path(directory) / "generation_config.json", settings)
 
 
 def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
@@ -322,7 +355,7 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
 
 def is_count(value: object) -> bool:
     """A non-negative integer that is not a bool (JSON true would pass isinstance(int))."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def unreadable(path: Path, reason: str) -> EdgelmError:

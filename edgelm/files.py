@@ -35,3 +35,14 @@ def temporary_sibling(path: Path) -> Path:
     """A hidden name beside `path` to write to before renaming into place."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp")
+
+
+def human_size(n: float | None) -> str:
+    """1234567 → '1.2 MB' (decimal units, as file managers show); None (unknown) → '—'."""
+    if n is None:
+        return "—"
+    units = ["B", "kB", "MB", "GB", "TB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"

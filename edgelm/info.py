@@ -3,13 +3,17 @@ with --load, what loading it costs an app: time, resident memory, and time to fi
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from edgelm.checkpoint import WEIGHTS, tensor_shapes
-from edgelm.config import ModelConfig
+from edgelm.files import human_size, read_json
+from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
+from edgelm.formats.onnx import MODEL_FILE, PROVENANCE
+from edgelm.model.config import ModelConfig
 
 # bytes per weight of a 2-D matrix in each export type: a block of 32 weights carries one fp16 scale
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": (32 + 2) / 32, "int4": (16 + 2) / 32}
@@ -54,8 +58,6 @@ def describe_onnx(folder: Path) -> dict[str, Any]:
     the operators of its graph and its size on disk. Reads model.onnx without its weights."""
     from collections import Counter
 
-    from edgelm.files import read_json
-
     try:
         import onnx
     except ModuleNotFoundError as e:
@@ -64,8 +66,8 @@ def describe_onnx(folder: Path) -> dict[str, Any]:
         raise missing_dependency("onnx", "onnx") from e
     folder = Path(folder)
     config = ModelConfig.load(folder)
-    provenance = read_json(folder / "edgelm.json") if (folder / "edgelm.json").is_file() else {}
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    provenance = read_json(folder / PROVENANCE) if (folder / PROVENANCE).is_file() else {}
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     quantization = provenance.get("quantization", {})
     return {
@@ -88,17 +90,6 @@ def describe_onnx(folder: Path) -> dict[str, Any]:
     }
 
 
-def human_size(n: float | None) -> str:
-    """1234567 → '1.2 MB' (decimal units, as file managers show); None (unknown) → '—'."""
-    if n is None:
-        return "—"
-    units = ["B", "kB", "MB", "GB", "TB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n, i = n / 1000, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
-
-
 FIRST_TOKEN_PROMPT = "Hello, world"
 
 
@@ -106,7 +97,7 @@ def measure_load(path: Path, runtime: str = "auto", device: str = "auto") -> dic
     """Load the artifact at `path` as an app would and measure, in this process: the time to import the
     runtime's engine and to load the model, the resident memory each adds (bytes; None where it cannot be
     read), and the time to first token (prefill of a short prompt and one sampled token, the first call)."""
-    from edgelm.api import load
+    from edgelm.generation.api import load
     from edgelm.runtimes.base import DEFAULT_RUNTIME, artifact_kind, runtime_class
 
     name = DEFAULT_RUNTIME.get(artifact_kind(path)) if runtime == "auto" else runtime
@@ -170,3 +161,42 @@ def resident_memory() -> int | None:
 
 def _difference(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """A summary of a GGUF file, read from its header without touching the tensor data."""
+    gguf = read_gguf(path)
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+
+    def of_arch(suffix: str) -> Any:
+        return meta.get(f"{arch}.{suffix}") if isinstance(arch, str) else None
+
+    types: dict[str, int] = {}
+    for tensor in gguf.tensors.values():
+        name = ggml_type_name(tensor.type)
+        types[name] = types.get(name, 0) + 1
+    tokens = meta.get("tokenizer.ggml.tokens")
+    template = meta.get("tokenizer.chat_template")
+    return {
+        "path": str(gguf.path),
+        "format": f"gguf v{gguf.version}",
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "parameters": sum(math.prod(t.shape) for t in gguf.tensors.values()),
+        "tensors": len(gguf.tensors),
+        "context_length": of_arch("context_length"),
+        "layers": of_arch("block_count"),
+        "embedding_length": of_arch("embedding_length"),
+        "heads": of_arch("attention.head_count"),
+        "kv_heads": of_arch("attention.head_count_kv"),
+        "file_size": gguf.path.stat().st_size,
+        "tensor_types": types,
+        "file_type": meta.get("general.file_type"),
+        "tokenizer_model": meta.get("tokenizer.ggml.model"),
+        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
+        "vocab_size": len(tokens) if isinstance(tokens, list) else None,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "chat_template": isinstance(template, str) and bool(template),
+    }

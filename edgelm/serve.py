@@ -26,9 +26,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from edgelm.api import Model, load
 from edgelm.errors import EdgelmError, missing_dependency
-from edgelm.generate import TextStream
+from edgelm.generation.api import Model, load
+from edgelm.generation.generate import TextStream
+from edgelm.values import is_int, is_number
 
 try:
     from fastapi import FastAPI, Request
@@ -203,11 +204,11 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise RequestError("'stream' must be true or false", "stream")
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
+    if n is not None and (not is_int(n) or n != 1):
         raise RequestError("only n=1 is supported", "n")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
         raise RequestError(f"'{key}' must be an integer >= 0", key)
     temperature = _number(body, "temperature", 0.8)
     if not 0 <= temperature <= MAX_TEMPERATURE:
@@ -216,10 +217,10 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     if not 0 < top_p <= 1:
         raise RequestError("'top_p' must be in (0, 1]", "top_p")
     top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+    if top_k is not None and (not is_int(top_k) or top_k < 0):
         raise RequestError("'top_k' must be an integer >= 0 (0 = no limit)", "top_k")
     seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise RequestError("'seed' must be an integer >= 0", "seed")
     stop = body.get("stop")
     if stop is not None and not (
@@ -261,13 +262,9 @@ def _number(body: dict[str, Any], key: str, default: float) -> float:
     value = body.get(key)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         raise RequestError(f"'{key}' must be a number", key)
     return float(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---- generation ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Checkpoint → GGUF file (architecture `llama`), for llama.cpp and everything built on it.
 
-The weights are read with numpy (no torch), quantized by `edgelm.quant`, packed into block bytes by
+The weights are read with numpy (no torch), quantized by `edgelm.quant.blocks`, packed into block bytes by
 `gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `llama.*` hyperparameter and the
 full tokenizer. The type of each tensor follows llama.cpp's rules for the chosen mixture, so that
 `--quant q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
@@ -9,25 +9,25 @@ full tokenizer. The type of each tensor follows llama.cpp's rules for the chosen
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import decoders
 
-from edgelm import __version__
+from edgelm._version import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.files import temporary_sibling
-from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
-from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, gguf_pre_tokenizer_name
+from edgelm.formats.gguf import gguf_name, permute_for_gguf
+from edgelm.formats.gguf_tokenizer import tokenizer_metadata
+from edgelm.model.config import ModelConfig
+from edgelm.model.rope import rope_frequencies
+from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.tokenizer import Tokenizer
 
 try:
     import gguf
@@ -63,41 +63,6 @@ MIXTURES: dict[str, Mixture] = {
 # llama.cpp's substitutes when a row's length is not a multiple of a K-quant's 256-value super-block
 K_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
 
-# Hugging Face tensor name → GGUF tensor name
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-def gguf_name(hf_name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (and likewise for `.bias`)."""
-    stem, kind = hf_name.rsplit(".", 1)
-    if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
-        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.{kind}"
-    return f"{_GLOBAL_NAMES[stem]}.{kind}"
-
-
-def hf_name(name: str) -> str:
-    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; the inverse of `gguf_name`."""
-    stem, kind = name.rsplit(".", 1)
-    if match := re.fullmatch(r"blk\.(\d+)\.(.+)", stem):
-        layer_names = {v: k for k, v in _LAYER_NAMES.items()}
-        if match[2] in layer_names:
-            return f"model.layers.{match[1]}.{layer_names[match[2]]}.{kind}"
-    global_names = {v: k for k, v in _GLOBAL_NAMES.items()}
-    if stem not in global_names:
-        raise EdgelmError(f"GGUF tensor {name!r} has no counterpart in a Llama checkpoint")
-    return f"{global_names[stem]}.{kind}"
-
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
     """llama.cpp's choice of layers that get more bits in the _M mixtures: the first and last eighth, and
@@ -124,27 +89,13 @@ def tensor_type(name: str, shape: tuple[int, ...], mixture: Mixture, n_layers: i
     return chosen
 
 
-def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k projection rows from HF's rotate-half RoPE pairs (i, i + d/2) to GGUF's adjacent pairs."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_from_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The inverse of `permute_for_gguf`: GGUF's adjacent RoPE pairs back to HF's rotate-half layout."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
     """llama.cpp's `rope_freqs` for Llama 3's RoPE scaling: by how much each pair's frequency is divided.
 
-    Computed by the model's own (torch) function, which the tests hold equal to transformers'.
+    Computed from the frequencies the PyTorch model also uses, which the tests hold equal to transformers'.
     """
-    from edgelm.model import rope_frequencies
-
     base = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
-    return (base / rope_frequencies(config)).numpy().astype(np.float32)
+    return (base / rope_frequencies(config)).astype(np.float32)
 
 
 def encode_tensor(w: np.ndarray, qtype: T, hessian: np.ndarray | None) -> np.ndarray:
@@ -165,50 +116,6 @@ QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
     T.Q4_K: (lambda w, h: quantize_q4_k(w, hessian=h), gguf_blocks.pack_q4_k),
     T.Q6_K: (lambda w, h: quantize_q6_k(w, hessian=h), gguf_blocks.pack_q6_k),
 }
-
-
-def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
-    """The name llama.cpp gives the tokenizer's pre-tokenizer; anything it would split differently fails."""
-    if not isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
-        raise EdgelmError(
-            "GGUF export writes byte-level BPE tokenizers (tokenizer.ggml.model gpt2); this one is "
-            "SentencePiece-style, which edgelm does not export yet"
-        )
-    name = gguf_pre_tokenizer_name(tokenizer.backend)
-    if name is None:
-        spec = json.loads(tokenizer.backend.to_str())["pre_tokenizer"]
-        raise EdgelmError(
-            f"the tokenizer's pre-tokenizer {spec!r} is not one that llama.cpp recognizes (edgelm writes "
-            f"{', '.join(PRE_TOKENIZER_REGEXES)}); GGUF export needs a tokenizer that splits text the way "
-            "llama.cpp will"
-        )
-    return name
-
-
-def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
-    """Every `tokenizer.ggml.*` value llama.cpp needs to reproduce the tokenizer's ids."""
-    model = json.loads(tokenizer.backend.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise EdgelmError(
-            f"{checkpoint}: GGUF export supports byte-level BPE tokenizers, not {model.get('type')}"
-        )
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    tokens = [""] * len(tokenizer.token_bytes)
-    for token, token_id in vocab.items():
-        tokens[token_id] = token
-    if "" in tokens:
-        raise EdgelmError(f"{checkpoint}: tokenizer ids are not contiguous (id {tokens.index('')} is unused)")
-    added = {t.content: t.special for t in tokenizer.backend.get_added_tokens_decoder().values()}
-    types = [
-        gguf.TokenType.CONTROL
-        if added.get(t)
-        else gguf.TokenType.USER_DEFINED
-        if t in added
-        else gguf.TokenType.NORMAL
-        for t in tokens
-    ]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"pre": pre_tokenizer_name(tokenizer), "tokens": tokens, "types": types, "merges": merges}
 
 
 def output_path(checkpoint: Path, out: Path | None, quant: str) -> Path:
@@ -308,25 +215,11 @@ def _write_metadata(
         writer.add_chat_template(tokenizer.chat_template)
 
 
-# llama.cpp's llama_ftype for each mixture, for --via llama.cpp
-_LLAMA_FTYPES = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q8_0": 7,
-    "q8_0_f16emb": 7,
-    "q4_k": 14,
-    "q4_k_m": 15,
-    "q6_k": 18,
-}
-
-
 def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: str = "q4_k_m") -> Path:
     """Write an F32 GGUF with edgelm, then quantize it with llama.cpp's own quantizer (llama_model_quantize),
     so that both quantizers can be compared on the same model."""
-    if quant not in _LLAMA_FTYPES:
-        raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(_LLAMA_FTYPES)}")
+    if quant not in MIXTURES:
+        raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
     try:
         import llama_cpp
     except ModuleNotFoundError:
@@ -337,7 +230,7 @@ def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: 
     tmp = temporary_sibling(path)
     try:
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = _LLAMA_FTYPES[quant]
+        params.ftype = int(MIXTURES[quant].file_type)  # llama.cpp's llama_ftype
         params.nthread = os.cpu_count() or 1
         if quant == "q8_0_f16emb":
             params.token_embedding_type = params.output_tensor_type = int(T.F16)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgelm.quant import Q4KBlocks, Q6KBlocks, QuantizedBlocks
+from edgelm.quant.blocks import Q4KBlocks, Q6KBlocks, QuantizedBlocks
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:

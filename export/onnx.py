@@ -10,7 +10,7 @@ The graph is written node by node from the checkpoint's numpy arrays (no torch, 
 `GroupQueryAttention` (domain com.microsoft) applies the rotary embedding itself from cos/sin tables and
 appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized matrices are `MatMulNBits`
 (int8, int4, int4_mixed) or `DynamicQuantizeMatMul` (int8_dynamic), and the quantized embedding table is
-`GatherBlockQuantized`: `edgelm.quant` chooses the codes and scales, this module only packs them.
+`GatherBlockQuantized`: `edgelm.quant.blocks` chooses the codes and scales, this module only packs them.
 
 The folder: model.onnx + model.onnx.data (every weight as external data, so no 2 GiB limit), config.json,
 the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance).
@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from edgelm import __version__
+from edgelm._version import __version__
 from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export.onnx_quant import (
     DYNAMIC_BITS,
@@ -41,8 +40,10 @@ from edgelm.export.onnx_quant import (
     quantize_matrices,
 )
 from edgelm.files import temporary_sibling, write_json_atomic
-from edgelm.quant import QuantizedBlocks
-from edgelm.rope import rope_cos_sin
+from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
+from edgelm.model.config import ModelConfig
+from edgelm.model.rope import rope_cos_sin
+from edgelm.quant.blocks import QuantizedBlocks
 
 try:
     import onnx
@@ -52,8 +53,6 @@ except ModuleNotFoundError as e:
 
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -109,9 +108,9 @@ def export_onnx(
         for name in COPIED_FILES:
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
-        write_json_atomic(tmp / "genai_config.json", genai_config(config))
+        write_json_atomic(tmp / GENAI_CONFIG, genai_config(config))
         record = provenance(checkpoint, quant, precision, options, hessians, model)
-        write_json_atomic(tmp / "edgelm.json", record)
+        write_json_atomic(tmp / PROVENANCE, record)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.replace(folder)

@@ -1,4 +1,4 @@
-"""The precisions of an ONNX export and their weights: each matrix quantized by `edgelm.quant`
+"""The precisions of an ONNX export and their weights: each matrix quantized by `edgelm.quant.blocks`
 (round-to-nearest with a scale search, GPTQ with calibration), the int4_mixed choice of 8-bit matrices, and
 the packing into MatMulNBits' layout. Nothing here builds a graph (`export/onnx.py` does).
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.quant import QuantizedBlocks, quantize_blocks
+from edgelm.quant.blocks import QuantizedBlocks, quantize_blocks
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import __version__
+from edgelm._version import __version__
 from edgelm.checkpoint import checkpoint_sha256
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export.onnx import package_version
 from edgelm.files import temporary_sibling, write_json_atomic
+from edgelm.formats.onnx import DATA_FILE, MODEL_FILE, PROVENANCE
 
 try:
     import onnx
@@ -40,8 +41,6 @@ except ModuleNotFoundError as e:
 
 PYTHON_VARIABLE = "EDGELM_OPTIMUM_PYTHON"
 DEFAULT_ENV = Path("~/.edgelm-optimum")
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 TASK = "text-generation-with-past"
 # the source's own files win over optimum's re-saved ones, so that the folder reads like the checkpoint
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -140,7 +139,7 @@ def export_via_optimum(checkpoint: Path, out: Path | None = None, quant: str = "
                 shutil.copyfile(checkpoint / name, tmp / name)
         shutil.rmtree(raw)
         shutil.rmtree(tmp / "quantized", ignore_errors=True)
-        write_json_atomic(tmp / "edgelm.json", provenance(checkpoint, quant, precision, opset, environment))
+        write_json_atomic(tmp / PROVENANCE, provenance(checkpoint, quant, precision, opset, environment))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.replace(folder)

@@ -14,8 +14,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.formats.artifact import artifact_kind
+from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import Tokenizer
 
 
@@ -47,26 +48,6 @@ BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
 }
 # which built-in runtime opens each artifact kind when none is named
 DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp", "onnx": "onnxruntime"}
-
-
-def artifact_kind(path: Path) -> str:
-    """ "checkpoint" (a Hugging Face-layout directory), "onnx" (a folder with model.onnx) or "gguf"."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "model.onnx").is_file():
-            return "onnx"
-        if (path / "config.json").is_file():
-            return "checkpoint"
-        raise EdgelmError(f"{path}: neither a checkpoint (no config.json) nor an ONNX folder (no model.onnx)")
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
-        raise EdgelmError(
-            f"{path}: not a GGUF file (bad magic); give a .gguf file, a checkpoint "
-            "directory or an ONNX folder"
-        )
-    raise EdgelmError(f"{path}: no such file or directory")
 
 
 def runtime_names() -> list[str]:

@@ -21,11 +21,11 @@ from typing import ClassVar
 import llama_cpp
 import numpy as np
 
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
-from edgelm.gguf_reader import read_gguf
+from edgelm.formats.gguf_config import config_from_gguf
+from edgelm.formats.gguf_reader import read_gguf
+from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.runtimes.base import check_ids
-from edgelm.tokenizer import tokenizer_from_gguf
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
 DEFAULT_CONTEXT = 4096  # tokens of context when none is asked for, as llama.cpp's own tools default to
@@ -67,7 +67,7 @@ class LlamaCppRuntime:
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgelmError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         gguf = read_gguf(path)
-        self.config = ModelConfig.from_gguf(gguf.metadata, gguf.tensors, str(path))
+        self.config = config_from_gguf(gguf.metadata, gguf.tensors, str(path))
         self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         self.device = resolve_device(device)
         # llama.cpp reserves the KV cache for the whole context up front: by default at most DEFAULT_CONTEXT

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
+from edgelm.formats.onnx import MODEL_FILE
+from edgelm.model.config import ModelConfig
 from edgelm.runtimes.base import check_ids
 from edgelm.tokenizer import Tokenizer
 
-MODEL_FILE = "model.onnx"
 # device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],

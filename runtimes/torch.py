@@ -11,29 +11,11 @@ import torch
 
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
-from edgelm.model import Transformer, load_weights
+from edgelm.model.device import resolve_device
+from edgelm.model.transformer import Transformer, load_weights
 from edgelm.runtimes.base import check_ids
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" → cuda, then mps, then cpu; a named device that is absent is an error."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise EdgelmError(
-            "device cuda requested but this torch has no CUDA device "
-            "(install a CUDA build of torch, or use --device cpu)"
-        )
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise EdgelmError("device mps requested but MPS is not available (Apple silicon with macOS 12.3+)")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise EdgelmError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 class TorchRuntime:

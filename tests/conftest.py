@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from edgelm.checkpoint import save_checkpoint
-from edgelm.config import ModelConfig
-from edgelm.model import Transformer, weights_of
+from edgelm.model.config import ModelConfig
+from edgelm.model.transformer import Transformer, weights_of
 from edgelm.tokenizer import Tokenizer, train_tokenizer
 
 SAMPLE_TEXT = """\
@@ -74,7 +74,7 @@ def checkpoint(tmp_path: Path, small_tokenizer: Tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset trained briefly on the built-in corpus (the Python standard library)."""
-    from edgelm.train import TrainConfig, train
+    from edgelm.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(out=str(out), steps=250, batch_size=16, context=128, eval_every=125, warmup=20))

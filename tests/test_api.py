@@ -19,10 +19,10 @@ import pytest
 from conftest import SMALL
 
 import edgelm
-from edgelm.api import Model
 from edgelm.errors import EdgelmError
-from edgelm.generate import generate_ids
-from edgelm.sampling import SamplingParams
+from edgelm.generation.api import Model
+from edgelm.generation.generate import generate_ids
+from edgelm.generation.sampling import SamplingParams
 from edgelm.tokenizer import Tokenizer
 
 TEMPLATE = (

@@ -13,10 +13,10 @@ import torch
 from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
 from transformers import LlamaForCausalLM
 
-from edgelm.calibration import activation_importance, calibration_windows, read_calibration_text
 from edgelm.checkpoint import load_checkpoint, tensor_shapes
 from edgelm.errors import EdgelmError
-from edgelm.quant import quantize_blocks
+from edgelm.quant.blocks import quantize_blocks
+from edgelm.quant.calibration import activation_importance, calibration_windows, read_calibration_text
 from edgelm.tokenizer import Tokenizer
 
 CONTEXT = 24  # SAMPLE_TEXT (86 tokens) becomes 3 windows of 24 and a short one of 18

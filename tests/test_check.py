@@ -17,11 +17,10 @@ import pytest
 from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
 
 import edgelm
-import edgelm.reference
-from edgelm.checking import compare_tokenizers, evaluate, measure_speed
-from edgelm.config import ModelConfig
+import edgelm.evaluation.reference
 from edgelm.errors import EdgelmError
-from edgelm.reference import (
+from edgelm.evaluation.check import compare_tokenizers, evaluate, measure_speed
+from edgelm.evaluation.reference import (
     EvaluationText,
     Reference,
     ReferenceInfo,
@@ -32,6 +31,7 @@ from edgelm.reference import (
     scored_log_probs,
     scored_range,
 )
+from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import train_tokenizer
 
 VOCAB, CTX = 50, 16
@@ -143,7 +143,7 @@ def test_an_identical_stub_gives_exact_zeros_and_chunks_change_nothing(tables, m
     same = evaluate(reference, ref)
     assert same.kld_mean.value == 0 and same.kld_max == 0 and same.same_top_p.value == 1
     assert same.ppl_ratio.value == 1 and same.ppl_ratio.error == 0 and same.rms_dp.value == 0
-    monkeypatch.setattr(edgelm.reference, "FORWARD_CHUNK", 3)  # the scored half fed 3 tokens at a time
+    monkeypatch.setattr(edgelm.evaluation.reference, "FORWARD_CHUNK", 3)  # 3 tokens a call
     assert np.array_equal(scored_log_probs(reference, windows[0]), ref.logp[0])
 
 

@@ -11,8 +11,8 @@ import pytest
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
-from edgelm.config import PRESETS, ModelConfig
 from edgelm.errors import EdgelmError
+from edgelm.model.config import PRESETS, ModelConfig
 
 
 def test_missing_and_corrupt_config(checkpoint: Path) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_TEXT
 
-from edgelm import comparison
-from edgelm.checking import CheckResult
-from edgelm.comparison import Comparison, compare, default_targets, export_target, parse_target
+from edgelm.evaluation import compare as comparison
 from edgelm.errors import EdgelmError
-from edgelm.reference import EvaluationText, Reference, compute_reference
-from edgelm.report import pareto_front, write_charts
+from edgelm.evaluation.check import CheckResult
+from edgelm.evaluation.compare import Comparison, compare, default_targets, export_target, parse_target
+from edgelm.evaluation.reference import EvaluationText, Reference, compute_reference
+from edgelm.evaluation.report import pareto_front, write_charts
 
 ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "edgelm.export.onnx"))
 GGUF = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llama_cpp"))

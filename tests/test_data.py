@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgelm.data import (
+from edgelm.errors import EdgelmError
+from edgelm.training.data import (
     Document,
     batch_windows,
     builtin_corpus,
@@ -18,7 +19,6 @@ from edgelm.data import (
     split_documents,
     validation_windows,
 )
-from edgelm.errors import EdgelmError
 
 
 def write_corpus(root: Path) -> Path:
@@ -92,7 +92,7 @@ def test_tokens_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("tokenized a second time")
 
-    monkeypatch.setattr("edgelm.data.train_tokenizer", no_training)
+    monkeypatch.setattr("edgelm.training.data.train_tokenizer", no_training)
     again = prepare_tokens(tmp_path / "cache", [str(root)], vocab_size=300, val_fraction=0.2)
     assert np.array_equal(again.train, data.train) and np.array_equal(again.val, data.val)
     with pytest.raises(AssertionError, match="second time"):  # a changed file invalidates the cache

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import edgelm
 from edgelm.errors import EdgelmError
-from edgelm.generate import generate_ids
-from edgelm.sampling import SamplingParams, sample
+from edgelm.generation.generate import generate_ids
+from edgelm.generation.sampling import SamplingParams, sample
 
 
 def test_greedy_generation_equals_transformers(checkpoint: Path) -> None:

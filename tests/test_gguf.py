@@ -16,20 +16,14 @@ from test_tokenizer import VARIED
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
-from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
-from edgelm.export.gguf import (
-    MIXTURES,
-    QUANTIZERS,
-    export_gguf,
-    export_gguf_via_llama_cpp,
-    gguf_name,
-    permute_for_gguf,
-    tensor_type,
-)
-from edgelm.metrics import kl_divergence, log_probs
-from edgelm.reference import logits_on_windows
-from edgelm.tokenizer import Tokenizer, tokenizer_from_gguf
+from edgelm.evaluation.metrics import kl_divergence, log_probs
+from edgelm.evaluation.reference import logits_on_windows
+from edgelm.export.gguf import MIXTURES, QUANTIZERS, export_gguf, export_gguf_via_llama_cpp, tensor_type
+from edgelm.formats.gguf import gguf_name, permute_for_gguf
+from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
+from edgelm.tokenizer import Tokenizer
+from edgelm.training.data import load_tokens, validation_windows
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -56,7 +50,7 @@ def test_llama_cpp_tokenizes_like_edgelm(trained_run: Path, exported: dict[str, 
 
 
 def gguf_metadata(path: Path) -> dict:
-    from edgelm.gguf_reader import read_gguf
+    from edgelm.formats.gguf_reader import read_gguf
 
     return read_gguf(path).metadata
 

@@ -20,7 +20,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from edgelm.errors import EdgelmError
-from edgelm.gguf_reader import GGML_TYPES, describe_gguf, read_gguf
+from edgelm.formats.gguf_reader import GGML_TYPES, read_gguf
+from edgelm.info import describe_gguf
 
 # ------------------------------------------------------------------------------ files written by GGUFWriter
 

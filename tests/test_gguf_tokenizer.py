@@ -17,15 +17,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
 from edgelm.errors import EdgelmError
-from edgelm.gguf_reader import read_gguf
-from edgelm.tokenizer import (
-    GGUF_PRE_TOKENIZERS,
-    PRE_TOKENIZER_REGEXES,
-    Tokenizer,
-    gguf_pre_tokenizer_name,
-    tokenizer_from_gguf,
-    train_tokenizer,
-)
+from edgelm.formats.gguf_reader import read_gguf
+from edgelm.formats.gguf_tokenizer import GGUF_PRE_TOKENIZERS, gguf_pre_tokenizer_name, tokenizer_from_gguf
+from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, train_tokenizer
 
 TRAIN = [
     "The quick brown fox jumps over the lazy dog. It's what they'd do, isn't it? We're sure you've seen\n",

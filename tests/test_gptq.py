@@ -11,9 +11,9 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from test_quant import ALL
 
-from edgelm.calibration import activation_covariance, activation_importance
 from edgelm.errors import EdgelmError
-from edgelm.quant import QuantizedBlocks, quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.quant.blocks import QuantizedBlocks, quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.quant.calibration import activation_covariance, activation_importance
 
 ROWS, COLS, TOKENS = 64, 256, 1024
 
@@ -92,7 +92,7 @@ def test_dead_and_singular_columns(qtype: T) -> None:
 
 
 def test_more_rows_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgelm.quant as quant
+    import edgelm.quant.blocks as quant
 
     w, h = matrix(), second_moment(activations("mixed"))
     whole = [quantize_blocks(w, 4, 32, False, hessian=h), quantize_q4_k(w, hessian=h)]

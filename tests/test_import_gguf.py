@@ -11,11 +11,11 @@ from conftest import SMALL, make_checkpoint
 
 import edgelm
 from edgelm.checkpoint import read_weights
-from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
 from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 from edgelm.importer import import_model
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.data import load_tokens, validation_windows
 
 pytest.importorskip("llama_cpp")
 

@@ -31,9 +31,9 @@ from edgelm.checkpoint import (
     weight_names,
     weight_shapes,
 )
-from edgelm.config import Llama3RopeScaling, ModelConfig
 from edgelm.errors import EdgelmError
-from edgelm.model import rope_frequencies
+from edgelm.model.config import Llama3RopeScaling, ModelConfig
+from edgelm.model.rope import rope_frequencies
 from edgelm.tokenizer import Tokenizer
 
 LLAMA3_ROPE = {
@@ -196,8 +196,10 @@ def test_biases_and_llama3_rope_are_read(hf_folder: Callable[[str], Path]) -> No
     rope = ModelConfig.load(hf_folder("llama3-rope-fp16-sharded"))
     assert rope.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 64) and rope.rope_theta == 10000.0
     hf = AutoModelForCausalLM.from_pretrained(hf_folder("llama3-rope-fp16-sharded"))
-    assert torch.equal(rope_frequencies(rope), hf.model.rotary_emb.inv_freq)
-    assert not torch.equal(rope_frequencies(ModelConfig(head_dim=16)), hf.model.rotary_emb.inv_freq)
+    assert torch.equal(torch.from_numpy(rope_frequencies(rope)), hf.model.rotary_emb.inv_freq)
+    assert not torch.equal(
+        torch.from_numpy(rope_frequencies(ModelConfig(head_dim=16))), hf.model.rotary_emb.inv_freq
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
-from edgelm.model import Transformer, load_weights
+from edgelm.model.transformer import Transformer, load_weights
 from edgelm.tokenizer import Tokenizer
 
 CONFIGS = {

@@ -14,13 +14,13 @@ import pytest
 from conftest import SMALL, make_checkpoint
 
 import edgelm
-from edgelm.config import Llama3RopeScaling
-from edgelm.data import load_tokens, validation_windows
 from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
 from edgelm.export.onnx_quant import QuantOptions, pack_matmul_nbits, quantize_matrix
+from edgelm.model.config import Llama3RopeScaling
 from edgelm.runtimes.torch import TorchRuntime
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.data import load_tokens, validation_windows
 
 ort = pytest.importorskip("onnxruntime")
 

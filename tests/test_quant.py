@@ -9,10 +9,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-import edgelm.quant as quant
+import edgelm.quant.blocks as quant
 from edgelm.errors import EdgelmError
 from edgelm.export.gguf_blocks import pack_q4_0, pack_q4_1, pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
-from edgelm.quant import quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 
 # quantizer and packer for each GGUF type
 PLAIN = {

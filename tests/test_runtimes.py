@@ -13,8 +13,9 @@ import pytest
 import edgelm
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
+from edgelm.formats.artifact import artifact_kind
 from edgelm.runtimes import base
-from edgelm.runtimes.base import Runtime, artifact_kind, open_runtime
+from edgelm.runtimes.base import Runtime, open_runtime
 
 
 class ReplayRuntime:

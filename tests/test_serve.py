@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from conftest import make_checkpoint
 
-from edgelm.api import Model
 from edgelm.errors import EdgelmError
+from edgelm.generation.api import Model
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
 

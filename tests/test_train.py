@@ -13,9 +13,9 @@ import pytest
 from conftest import SAMPLE_TEXT, unigram_entropy
 
 from edgelm.checkpoint import load_checkpoint, read_weights
-from edgelm.data import load_tokens
 from edgelm.errors import EdgelmError
-from edgelm.train import TrainConfig, learning_rate, resume, train
+from edgelm.training.data import load_tokens
+from edgelm.training.train import TrainConfig, learning_rate, resume, train
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgelm.checking import CheckResult
-from edgelm.info import human_size
-from edgelm.reference import ReferenceInfo
+from edgelm.evaluation.check import CheckResult
+from edgelm.evaluation.reference import ReferenceInfo
+from edgelm.files import human_size
 
 SCHEMA = "edgelm.compare/1"
 
@@ -258,7 +258,7 @@ def report_record(
 ) -> dict[str, Any]:
     """report.json: schema name, versions, machine, settings, reference, and one record per target (the
     same record `edgelm check --json` prints)."""
-    from edgelm import __version__
+    from edgelm._version import __version__
 
     return {
         "schema": SCHEMA,

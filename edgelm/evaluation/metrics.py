@@ -1,7 +1,7 @@
 """Accuracy and speed statistics as pure numpy functions, with llama.cpp's names and uncertainties.
 
 The accuracy metrics are those of `llama-perplexity --kl-divergence`, computed over the scored positions of
-a set of token windows (see `edgelm.checking` for which positions are scored):
+a set of token windows (see `edgelm.evaluation.check` for which positions are scored):
 
 - PPL = exp(mean NLL of the next token), ± PPL · (standard error of the mean NLL);
 - PPL(Q)/PPL(base) = exp(mean NLL(Q) − mean NLL(base)), its ± from both standard errors and their

@@ -3,7 +3,7 @@
 For a linear weight W (out, in) applied to activations x (in,), the output error of a quantized Wq is
 ||(W - Wq) x||². Averaged over calibration tokens and keeping only the diagonal of E[x xᵀ], that is
 sum over columns c of E[x_c²] * ||W[:, c] - Wq[:, c]||²: the mean squared input activation of each column is
-the weight that `edgelm.quant`'s `importance=` parameter expects.
+the weight that `edgelm.quant.blocks`'s `importance=` parameter expects.
 
     text ──tokenize──▶ [BOS t1 .. t(C-1)] [BOS tC ..] ..   windows of C = context tokens, at most max_tokens
                               │
@@ -25,11 +25,12 @@ import numpy as np
 
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.values import is_int
 
 if TYPE_CHECKING:
     import torch
 
-    from edgelm.model import Transformer
+    from edgelm.model.transformer import Transformer
 
 # the module of a layer whose input is measured → the weights of that layer that read the same input
 SHARED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -118,8 +119,8 @@ def activation_covariance(
     `activation_importance` (same keys, same windows, same tokens): "model.layers.0.mlp.down_proj.weight" →
     float32 (in_features, in_features), accumulated in float64. Its diagonal is `activation_importance`.
 
-    H is what `edgelm.quant`'s `hessian=` parameter expects (GPTQ's error feedback). It holds in_features²
-    values per weight: about 4 * (4 * hidden² + intermediate²) bytes per layer.
+    H is what `edgelm.quant.blocks`'s `hessian=` parameter expects (GPTQ's error feedback). It holds
+    in_features² values per weight: about 4 * (4 * hidden² + intermediate²) bytes per layer.
     """
     model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
     return _measure(model, windows, _sum_of_outer_products)
@@ -137,7 +138,7 @@ def _model_and_windows(
     if not text.strip():
         raise EdgelmError("calibration text is empty: give a text like what the model will see")
     _import_torch()
-    from edgelm.model import Transformer, load_weights  # imports torch
+    from edgelm.model.transformer import Transformer, load_weights  # imports torch
 
     config, tensors, tokenizer = load_checkpoint(checkpoint)
     context = min(config.max_position_embeddings, DEFAULT_CONTEXT) if context is None else context
@@ -218,7 +219,7 @@ def _measure(
 
 def _check_at_least_two(name: str, value: object) -> None:
     """Refuse a token count that is not an int >= 2 (a window holds BOS and at least one token of text)."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise EdgelmError(f"{name} must be an integer number of tokens, not {value!r}")
     if value < 2:
         raise EdgelmError(

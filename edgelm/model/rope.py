@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from edgelm.config import ModelConfig
+from edgelm.model.config import ModelConfig
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:

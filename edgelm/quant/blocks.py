@@ -27,14 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgelm.errors import EdgelmError
-
-if TYPE_CHECKING:
-    from edgelm.gptq import GroupFit
+from edgelm.quant import gptq
+from edgelm.quant.arith import divide
+from edgelm.quant.gptq import GroupFit
+from edgelm.values import is_int
 
 QK_K = 256  # values in a K-quant super-block
 
@@ -168,7 +168,7 @@ def quantize_blocks(
       by `importance` if given, else by diag(hessian); the codes are then rounded column by column.
     """
     for name, value, low, high in (("bits", bits, 2, 8), ("block", block, 1, None)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+        if not is_int(value) or value < low or (high and value > high):
             allowed = f"from {low} to {high}" if high else f">= {low}"
             raise EdgelmError(f"quantize: {name}={value!r} must be an integer {allowed}")
     if integer_zeros and symmetric:
@@ -308,7 +308,7 @@ def _q4_k_finish(x: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> Q4KBlocks:
     mn, dmin = _six_bits(-lo[..., 0])
     d, dmin = _f16(d), _f16(dmin)
     step, offset = (d * sc)[..., None], (dmin * mn)[..., None]
-    q = np.clip(np.rint(_divide(x + offset, step)), 0, 15)  # llama.cpp divides here
+    q = np.clip(np.rint(divide(x + offset, step)), 0, 15)  # llama.cpp divides here
     return Q4KBlocks(
         q.astype(np.uint8).reshape(rows, -1),
         sc.astype(np.uint8).reshape(rows, -1),
@@ -321,7 +321,7 @@ def _q4_k_finish(x: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> Q4KBlocks:
 def _six_bits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Non-negative v (..., 8) → 6-bit codes round(v * 63 / max v) and the float32 step max v / 63."""
     top = v.max(axis=-1, keepdims=True)
-    return np.clip(np.rint(_divide(np.float32(63), top) * v), 0, 63), top / np.float32(63)
+    return np.clip(np.rint(divide(np.float32(63), top) * v), 0, 63), top / np.float32(63)
 
 
 def _q6_k_rows(w: np.ndarray, weights: np.ndarray, search: bool) -> Q6KBlocks:
@@ -341,10 +341,10 @@ def _q6_k_finish(x: np.ndarray, scale: np.ndarray) -> Q6KBlocks:
     """Round sub-block scales (..., 16, 1) to int8 under a float16 d, then choose the codes with those."""
     rows = x.shape[0]
     s = scale[..., 0]  # (rows, super-blocks, 16)
-    inverse = _divide(np.float32(-128), _signed_peak(s))  # the largest |scale| becomes -128
-    d = _f16(_divide(np.float32(1), inverse))
+    inverse = divide(np.float32(-128), _signed_peak(s))  # the largest |scale| becomes -128
+    d = _f16(divide(np.float32(1), inverse))
     sc = np.minimum(np.rint(inverse * s), 127)  # >= -128, since no |scale| exceeds the peak's
-    q = np.clip(np.rint(_divide(x, (d * sc)[..., None])), -32, 31) + 32
+    q = np.clip(np.rint(divide(x, (d * sc)[..., None])), -32, 31) + 32
     codes, scales = q.astype(np.uint8).reshape(rows, -1), sc.astype(np.int8).reshape(rows, -1)
     return Q6KBlocks(codes, scales, d.reshape(rows, -1))
 
@@ -364,7 +364,6 @@ def _error_feedback_rows(
     """`gptq.error_feedback` over chunks of rows: codes (rows, cols) and, per group of columns, the fits of
     the chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat). The groups'
     scales are steered by `importance` if given, else by diag(hessian)."""
-    from edgelm import gptq  # only calibrated quantization needs it
 
     factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
     weights = diagonal if importance is None else importance
@@ -393,11 +392,11 @@ def _nearest_symmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray
     zero = np.zeros((*x.shape[:-1], 1), np.float32)
     if bits == 8:
         d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
-        return d, zero, _round_half_away(x * _divide(np.float32(1), d))
+        return d, zero, _round_half_away(x * divide(np.float32(1), d))
     half = 1 << (bits - 1)
     d = _signed_peak(x) / np.float32(-half)
     # C: MIN(2*half - 1, (int8_t)(x*id + half + 0.5f)), a truncation of a value >= 0
-    q = np.clip(np.trunc(x * _divide(np.float32(1), d) + np.float32(half + 0.5)), 0, 2 * half - 1)
+    q = np.clip(np.trunc(x * divide(np.float32(1), d) + np.float32(half + 0.5)), 0, 2 * half - 1)
     return d, zero, q - half
 
 
@@ -406,7 +405,7 @@ def _nearest_asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     top = (1 << bits) - 1
     m = x.min(axis=-1, keepdims=True)
     d = (x.max(axis=-1, keepdims=True) - m) / np.float32(top)
-    q = np.minimum(np.trunc((x - m) * _divide(np.float32(1), d) + np.float32(0.5)), top)
+    q = np.minimum(np.trunc((x - m) * divide(np.float32(1), d) + np.float32(0.5)), top)
     return d, m, q
 
 
@@ -471,7 +470,7 @@ def _least_squares(
 
 def _codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """The nearest codes in [lo, hi] for value = s*q + m (0 where s is 0), as float32."""
-    return np.clip(np.rint((x - m) * _divide(np.float32(1), s)), lo, hi)
+    return np.clip(np.rint((x - m) * divide(np.float32(1), s)), lo, hi)
 
 
 def _squared_error(x: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -507,7 +506,7 @@ def _integer_zero_store(bits: int) -> Store:
 
     def store(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = _f16(scale)
-        z = np.clip(np.rint(_divide(-offset, s)), 0, (1 << bits) - 1)
+        z = np.clip(np.rint(divide(-offset, s)), 0, (1 << bits) - 1)
         return s, -s * z
 
     return store
@@ -517,13 +516,6 @@ def _f16(v: np.ndarray) -> np.ndarray:
     """v rounded to the nearest float16 (ties to even, as ggml's conversion), returned as float32."""
     with np.errstate(over="ignore"):  # overflow becomes inf; callers that must not store inf check
         return v.astype(np.float16).astype(np.float32)
-
-
-def _divide(numerator: np.ndarray | np.float32, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator in float32, 0 where the denominator is 0 (llama.cpp's `d ? 1.0f/d : 0.0f`)."""
-    shape = np.broadcast_shapes(np.shape(numerator), denominator.shape)
-    out = np.zeros(shape, np.float32)
-    return np.divide(numerator, denominator, out=out, where=denominator != 0)
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:

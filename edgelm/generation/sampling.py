@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.values import is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -22,23 +23,19 @@ class SamplingParams:
     top_p: float = 0.95
 
     def __post_init__(self) -> None:
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise EdgelmError(f"temperature={self.temperature!r} must be a number >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise EdgelmError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no limit)")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise EdgelmError(f"top_p={self.top_p!r} must be in (0, 1] (1 = no limit)")
 
 
 def make_rng(seed: int | None) -> np.random.Generator:
     """The random generator of one generation: the same seed, the same tokens; None seeds it from the OS."""
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise EdgelmError(f"seed={seed!r} must be an integer >= 0, or None for a random seed")
     return np.random.default_rng(seed)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -1,5 +1,5 @@
 """The reference side of the check: the evaluation text, its windows, and the reference's log-probabilities
-at the scored positions, computed once and cached on disk. See `edgelm.checking` for what is measured.
+at the scored positions, computed once and cached on disk. See `edgelm.evaluation.check` for what is measured.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.config import ModelConfig
 from edgelm.errors import EdgelmError
+from edgelm.evaluation.metrics import log_probs
 from edgelm.files import read_json
-from edgelm.metrics import log_probs
-from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, artifact_kind, open_runtime, runtime_class
+from edgelm.formats.artifact import artifact_kind
+from edgelm.model.config import ModelConfig
+from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -68,7 +69,7 @@ class EvaluationText:
 
 def builtin_evaluation_text(val_fraction: float = 0.05) -> EvaluationText:
     """The held-out documents of the built-in corpus (the standard library), joined by blank lines."""
-    from edgelm.data import builtin_corpus, read_documents, split_documents
+    from edgelm.training.data import builtin_corpus, read_documents, split_documents
 
     _, held_out = split_documents(read_documents(builtin_corpus(), skip_undecodable=True), val_fraction)
     text = "\n\n".join(d.text for d in held_out)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelm.config import ModelConfig
+from edgelm.model.config import ModelConfig
+from edgelm.model.rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -31,30 +32,9 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """The rotation frequency of each pair of dimensions (head_dim/2,), Llama 3's scaling applied if any."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)  # (d/2,)
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    # Llama 3: keep short wavelengths, slow long ones by `factor`, interpolate between (as transformers does)
-    original = scaling.original_max_position_embeddings
-    wavelength = 2 * math.pi / inv_freq
-    slowed = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
-    smooth = (original / wavelength - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * slowed / scaling.factor + smooth * slowed
-    medium = (wavelength >= original / scaling.high_freq_factor) & (
-        wavelength <= original / scaling.low_freq_factor
-    )
-    return torch.where(medium, smoothed, slowed)
-
-
 def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for the given positions in the rotate-half layout, each (T, head_dim)."""
-    inv_freq = rope_frequencies(config, positions.device)  # (d/2,)
+    inv_freq = torch.from_numpy(rope_frequencies(config)).to(positions.device)  # (d/2,)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
     return angles.cos(), angles.sin()

@@ -320,7 +320,7 @@ def _add_compare_and_check(commands: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     try:
-        from edgelm.train import TrainConfig, resume, train
+        from edgelm.training.train import TrainConfig, resume, train
     except ModuleNotFoundError as e:
         raise missing_dependency(e.name or "torch", "torch") from None
 
@@ -357,9 +357,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import edgelm
+    from edgelm.generation.api import load
 
-    with edgelm.load(args.model, runtime=args.runtime, device=args.device) as model:
+    with load(args.model, runtime=args.runtime, device=args.device) as model:
         pieces = model.stream(
             args.prompt,
             max_new_tokens=args.max_new_tokens,
@@ -394,7 +394,7 @@ def _export_gguf(args: argparse.Namespace) -> None:
     else:
         hessians = None
         if args.calibration:
-            from edgelm.calibration import activation_covariance, read_calibration_text
+            from edgelm.quant.calibration import activation_covariance, read_calibration_text
 
             text = read_calibration_text(Path(args.calibration))
             hessians = activation_covariance(Path(args.checkpoint), text)
@@ -419,7 +419,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
         options = QuantOptions(args.block_size, not args.zero_points, args.accuracy_level)
         hessians = None
         if args.calibration:
-            from edgelm.calibration import activation_covariance, read_calibration_text
+            from edgelm.quant.calibration import activation_covariance, read_calibration_text
 
             text = read_calibration_text(Path(args.calibration))
             hessians = activation_covariance(Path(args.checkpoint), text)
@@ -429,9 +429,9 @@ def _export_onnx(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from edgelm.gguf_reader import describe_gguf
-    from edgelm.info import describe_checkpoint, describe_onnx, human_size, load_rows
-    from edgelm.runtimes.base import artifact_kind
+    from edgelm.files import human_size
+    from edgelm.formats.artifact import artifact_kind
+    from edgelm.info import describe_checkpoint, describe_gguf, describe_onnx, load_rows
 
     describe = {"checkpoint": describe_checkpoint, "gguf": describe_gguf, "onnx": describe_onnx}
     summary = describe[artifact_kind(Path(args.model))](Path(args.model))
@@ -469,8 +469,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from edgelm.comparison import compare
-    from edgelm.report import print_table
+    from edgelm.evaluation.compare import compare
+    from edgelm.evaluation.report import print_table
 
     targets = [t for t in args.targets.split(",") if t.strip()] if args.targets else None
     result = compare(
@@ -494,9 +494,9 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from edgelm.checking import check
-    from edgelm.comparison import ProgressDisplay
-    from edgelm.report import check_rows
+    from edgelm.evaluation.check import check
+    from edgelm.evaluation.compare import ProgressDisplay
+    from edgelm.evaluation.report import check_rows
 
     with ProgressDisplay(True, ["check"]) as display:
         result = check(
@@ -533,7 +533,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _version() -> str:
-    from edgelm import __version__
+    from edgelm._version import __version__
 
     return __version__
 

@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from edgelm.checkpoint import WEIGHTS, read_metadata, save_checkpoint
-from edgelm.config import ModelConfig, preset
-from edgelm.data import TokenData, batch_windows, load_tokens, prepare_tokens, validation_windows
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling, write_json_atomic
-from edgelm.model import Transformer, load_weights, weights_of
-from edgelm.runtimes.torch import resolve_device
+from edgelm.model.config import ModelConfig, preset
+from edgelm.model.device import resolve_device
+from edgelm.model.transformer import Transformer, load_weights, weights_of
+from edgelm.training.data import TokenData, batch_windows, load_tokens, prepare_tokens, validation_windows
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.checking import CheckResult, artifact_quant, check
 from edgelm.errors import EdgelmError
+from edgelm.evaluation.check import CheckResult, artifact_quant, check
+from edgelm.evaluation.reference import EvaluationText, Reference, ReferenceInfo, compute_reference
+from edgelm.evaluation.report import report_markdown, report_record, summary, write_charts
 from edgelm.files import write_json_atomic
-from edgelm.reference import EvaluationText, Reference, ReferenceInfo, compute_reference
-from edgelm.report import report_markdown, report_record, summary, write_charts
-from edgelm.runtimes.base import artifact_kind
+from edgelm.formats.artifact import artifact_kind
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def _check_in_child(
     runtimes print goes to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     job = pickle.dumps((str(artifact), reference, kwargs, str(log)), protocol=pickle.HIGHEST_PROTOCOL)
-    command = [sys.executable, "-c", "from edgelm.comparison import _child; _child()"]
+    command = [sys.executable, "-c", "from edgelm.evaluation.compare import _child; _child()"]
     failed = {"artifact": str(artifact), "quant": kwargs.get("quant"), "reference": reference.info}
     with open(log, "wb") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)

@@ -8,15 +8,13 @@ MistralForCausalLM (a sliding window) and Qwen2ForCausalLM (q/k/v biases, an opt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, write_json_atomic
+from edgelm.values import is_int
 
 # architecture (config.json "architectures") → transformers model_type
 ARCHITECTURES = {
@@ -72,7 +70,7 @@ class Llama3RopeScaling:
                 f"got {self.factor}, {self.low_freq_factor}, {self.high_freq_factor}"
             )
         original = self.original_max_position_embeddings
-        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+        if not is_int(original) or original <= 0:
             raise EdgelmError(
                 f"config: llama3 rope scaling original_max_position_embeddings={original!r} "
                 "must be a positive integer"
@@ -128,7 +126,7 @@ class ModelConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise EdgelmError(f"config: {name}={value!r} must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
             raise EdgelmError(
@@ -265,55 +263,6 @@ class ModelConfig:
             rope_scaling=rope_scaling,
         )
 
-    @classmethod
-    def from_gguf(cls, metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
-        """Read the `llama.*` hyperparameters of a GGUF file; its tensor names tell tied embeddings (no
-        output.weight) and attention biases (q/k/v only, as Qwen2 has them, or all four, as Llama)."""
-        arch = metadata.get("general.architecture")
-        if arch != "llama":
-            raise EdgelmError(f"{where}: architecture {arch!r} is not supported (edgelm runs llama)")
-
-        def key(name: str, default: Any = None) -> Any:
-            value = metadata.get(f"llama.{name}", default)
-            if value is None:
-                raise EdgelmError(f"{where}: metadata key llama.{name} is missing")
-            return value
-
-        heads, hidden = key("attention.head_count"), key("embedding_length")
-        head_dim = key("attention.key_length", hidden // heads if heads else None)
-        scaling = metadata.get("llama.rope.scaling.type", "none")
-        if scaling != "none" or key("rope.dimension_count", head_dim) != head_dim:
-            raise EdgelmError(
-                f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
-                "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
-            )
-        qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
-        # without the keys, llama.cpp's own defaults: 11/11 for byte-level BPE, 1/2 for SentencePiece
-        spm = metadata.get("tokenizer.ggml.model") == "llama"
-        eos = [
-            metadata[k]
-            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-            if k in metadata
-        ] or [2 if spm else 11]
-        return cls(
-            vocab_size=key("vocab_size", len(metadata.get("tokenizer.ggml.tokens") or []) or None),
-            hidden_size=hidden,
-            intermediate_size=key("feed_forward_length"),
-            num_hidden_layers=key("block_count"),
-            num_attention_heads=heads,
-            num_key_value_heads=key("attention.head_count_kv", heads),
-            head_dim=head_dim,
-            max_position_embeddings=key("context_length"),
-            rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_shortest(key("rope.freq_base", 10000.0)),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            architecture="LlamaForCausalLM" if o_bias or not qkv_bias else "Qwen2ForCausalLM",
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", 1 if spm else 11),
-            eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
-        )
-
     def save(self, directory: Path) -> None:
         """Write `config.json` into `directory` (atomically)."""
         write_json_atomic(directory / "config.json", self.to_hf_dict())
@@ -404,7 +353,7 @@ def hf_sliding_window(
         ]
         if "sliding_attention" not in layer_types:
             return None
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+    if window is not None and (not is_int(window) or window <= 0):
         raise EdgelmError(f"{where}: sliding_window={window!r} must be a positive integer or null")
     return window
 
@@ -442,9 +391,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise EdgelmError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def _shortest(value: float) -> float:
-    """GGUF stores these as float32: 1e-5 comes back as 9.99999975e-06. Return the shortest decimal that
-    rounds to the same float32, the number the model's author wrote."""
-    return float(str(np.float32(value)))

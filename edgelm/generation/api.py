@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.generate import FinishReason, TextStream, check_stop, generate_ids, stop_token_ids
+from edgelm.generation.generate import FinishReason, TextStream, check_stop, generate_ids, stop_token_ids
+from edgelm.generation.sampling import SamplingParams
 from edgelm.runtimes.base import Runtime, open_runtime
-from edgelm.sampling import SamplingParams
 
 
 class Model:

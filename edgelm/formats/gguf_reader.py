@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.formats.artifact import GGUF_MAGIC
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -520,45 +520,3 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise EdgelmError(f"{path}: cannot be read ({e})") from None
     with buf:
         return _parse(buf, path)
-
-
-# ------------------------------------------------------------------------------------------------ summary
-
-
-def describe_gguf(path: str | Path) -> dict[str, Any]:
-    """A summary of a GGUF file, read from its header without touching the tensor data."""
-    gguf = read_gguf(path)
-    meta = gguf.metadata
-    arch = meta.get("general.architecture")
-
-    def of_arch(suffix: str) -> Any:
-        return meta.get(f"{arch}.{suffix}") if isinstance(arch, str) else None
-
-    types: dict[str, int] = {}
-    for tensor in gguf.tensors.values():
-        name = ggml_type_name(tensor.type)
-        types[name] = types.get(name, 0) + 1
-    tokens = meta.get("tokenizer.ggml.tokens")
-    template = meta.get("tokenizer.chat_template")
-    return {
-        "path": str(gguf.path),
-        "format": f"gguf v{gguf.version}",
-        "architecture": arch,
-        "name": meta.get("general.name"),
-        "parameters": sum(math.prod(t.shape) for t in gguf.tensors.values()),
-        "tensors": len(gguf.tensors),
-        "context_length": of_arch("context_length"),
-        "layers": of_arch("block_count"),
-        "embedding_length": of_arch("embedding_length"),
-        "heads": of_arch("attention.head_count"),
-        "kv_heads": of_arch("attention.head_count_kv"),
-        "file_size": gguf.path.stat().st_size,
-        "tensor_types": types,
-        "file_type": meta.get("general.file_type"),
-        "tokenizer_model": meta.get("tokenizer.ggml.model"),
-        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
-        "vocab_size": len(tokens) if isinstance(tokens, list) else None,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "chat_template": isinstance(template, str) and bool(template),
-    }

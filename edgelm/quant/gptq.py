@@ -2,8 +2,8 @@
 rounding error on to the columns not yet rounded, through the inverse of H = E[x xᵀ], so that the layer's
 output error ||(W - Wq) x||², not the weight error, is made small.
 
-`edgelm.quant` calls this when a quantizer gets `hessian=`; how each group's scales are fitted stays the
-quantizer's own (`fit`), so the result has the same codes-and-scales form as without H.
+`edgelm.quant.blocks` calls this when a quantizer gets `hessian=`; how each group's scales are fitted stays
+the quantizer's own (`fit`), so the result has the same codes-and-scales form as without H.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.quant import _divide
+from edgelm.quant.arith import divide
 
 _DAMPENING = 0.01  # H + 0.01 * mean(diag H) * I before inverting
 
@@ -45,7 +45,7 @@ def error_feedback(
         for j in range(group):
             c = start + j
             target = w[:, c].astype(np.float32)
-            q = np.clip(np.rint(_divide(target - offset[:, j], step[:, j])), lo, hi)
+            q = np.clip(np.rint(divide(target - offset[:, j], step[:, j])), lo, hi)
             codes[:, c] = q
             errors[:, j] = (w[:, c] - (step[:, j] * q + offset[:, j])) / factor[c, c]
             w[:, c + 1 : end] -= np.outer(errors[:, j], factor[c, c + 1 : end])

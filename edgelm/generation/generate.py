@@ -10,9 +10,10 @@ from typing import Literal
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.generation.sampling import SamplingParams, make_rng, sample
 from edgelm.runtimes.base import Runtime
-from edgelm.sampling import SamplingParams, make_rng, sample
 from edgelm.tokenizer import Tokenizer
+from edgelm.values import is_int
 
 # Why a generation ended: an EOS id, a stop id or a stop string ("stop"); max_new_tokens or the end of the
 # context ("length"); a cancel request ("cancelled").
@@ -200,7 +201,7 @@ def stop_token_ids(runtime: Runtime, stop_ids: Sequence[int] = ()) -> list[int]:
 
 def check_max_new_tokens(max_new_tokens: object) -> int:
     """`max_new_tokens` as an int >= 0, or a clear error."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise EdgelmError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     return max_new_tokens
 
@@ -245,7 +246,7 @@ def check_stop_ids(stop_ids: Sequence[int] | None, vocab_size: int) -> tuple[int
 
 
 def _is_id(value: object, vocab_size: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < vocab_size
+    return is_int(value) and 0 <= value < vocab_size
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

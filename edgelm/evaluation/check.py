@@ -50,8 +50,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.files import read_json
-from edgelm.metrics import (
+from edgelm.evaluation.metrics import (
     Accuracy,
     PositionStats,
     Timing,
@@ -59,7 +58,7 @@ from edgelm.metrics import (
     position_stats,
     timing,
 )
-from edgelm.reference import (
+from edgelm.evaluation.reference import (
     EvaluationText,
     Progress,
     Reference,
@@ -68,22 +67,14 @@ from edgelm.reference import (
     open_checked,
     scored_log_probs,
 )
-from edgelm.runtimes.base import Runtime, artifact_kind
+from edgelm.files import read_json
+from edgelm.formats.artifact import artifact_kind
+from edgelm.formats.onnx import PROVENANCE
+from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
 
 PP_TOKENS = 512
 TG_TOKENS = 128
-# llama.cpp's llama_ftype → the name its quantize tool uses, for GGUF files that do not say
-_GGUF_FILE_TYPES = {
-    0: "f32",
-    1: "f16",
-    2: "q4_0",
-    3: "q4_1",
-    7: "q8_0",
-    14: "q4_k_s",
-    15: "q4_k_m",
-    18: "q6_k",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -517,14 +508,15 @@ def artifact_quant(path: Path, kind: str | None = None) -> str | None:
     if kind == "checkpoint":
         return "fp32"
     if kind == "gguf":
-        from edgelm.gguf_reader import read_gguf
+        from edgelm.formats.gguf import file_type_name
+        from edgelm.formats.gguf_reader import read_gguf
 
         metadata = read_gguf(path).metadata
         if isinstance(metadata.get("edgelm.quantization"), str):
             return metadata["edgelm.quantization"]
         file_type = metadata.get("general.file_type")
-        return _GGUF_FILE_TYPES.get(file_type, f"file type {file_type}") if file_type is not None else None
-    info_path = Path(path) / "edgelm.json"
+        return file_type_name(file_type) if isinstance(file_type, int) else None
+    info_path = Path(path) / PROVENANCE
     if not info_path.is_file():
         return None
     info = read_json(info_path)

@@ -1,0 +1,1 @@
+"""Evaluation: llama.cpp's accuracy metrics, the cached reference, `check`, `compare` and the report."""

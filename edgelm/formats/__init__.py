@@ -1,0 +1,2 @@
+"""Format knowledge shared by readers and writers: GGUF names, types and keys, the safe GGUF reader,
+GGUF ⇄ tokenizer, ONNX folder names."""

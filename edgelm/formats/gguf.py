@@ -1,0 +1,75 @@
+"""GGUF facts shared by the reader, the importer, the exporter and the runtimes: llama.cpp's tensor names
+for a Llama-family checkpoint, its q/k row order, its file types and its default token ids."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from edgelm.errors import EdgelmError
+
+# llama.cpp's default BOS/EOS ids when a file names none, by `tokenizer.ggml.model`: byte-level BPE ("gpt2")
+# or SentencePiece ("llama")
+DEFAULT_TOKEN_IDS = {"gpt2": {"bos": 11, "eos": 11}, "llama": {"bos": 1, "eos": 2}}
+
+
+def file_type_name(file_type: int) -> str:
+    """The name llama.cpp's quantize tool gives a `general.file_type` (llama_ftype): 15 → "q4_k_m"."""
+    try:
+        from gguf import LlamaFileType
+    except ModuleNotFoundError:
+        return f"file type {file_type}"
+    try:
+        name = LlamaFileType(file_type).name
+    except ValueError:
+        return f"file type {file_type}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+# Hugging Face tensor name → GGUF tensor name
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (and likewise for `.bias`)."""
+    stem, kind = hf_name.rsplit(".", 1)
+    if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
+        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.{kind}"
+    return f"{_GLOBAL_NAMES[stem]}.{kind}"
+
+
+def hf_name(name: str) -> str:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; the inverse of `gguf_name`."""
+    stem, kind = name.rsplit(".", 1)
+    if match := re.fullmatch(r"blk\.(\d+)\.(.+)", stem):
+        layer_names = {v: k for k, v in _LAYER_NAMES.items()}
+        if match[2] in layer_names:
+            return f"model.layers.{match[1]}.{layer_names[match[2]]}.{kind}"
+    global_names = {v: k for k, v in _GLOBAL_NAMES.items()}
+    if stem not in global_names:
+        raise EdgelmError(f"GGUF tensor {name!r} has no counterpart in a Llama checkpoint")
+    return f"{global_names[stem]}.{kind}"
+
+
+def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k projection rows from HF's rotate-half RoPE pairs (i, i + d/2) to GGUF's adjacent pairs."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `permute_for_gguf`: GGUF's adjacent RoPE pairs back to HF's rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,65 @@
+"""A GGUF file's `llama.*` hyperparameters → `ModelConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import EdgelmError
+from edgelm.formats.gguf import DEFAULT_TOKEN_IDS
+from edgelm.model.config import ModelConfig
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
+    """Read the `llama.*` hyperparameters of a GGUF file; its tensor names tell tied embeddings (no
+    output.weight) and attention biases (q/k/v only, as Qwen2 has them, or all four, as Llama)."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise EdgelmError(f"{where}: architecture {arch!r} is not supported (edgelm runs llama)")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = metadata.get(f"llama.{name}", default)
+        if value is None:
+            raise EdgelmError(f"{where}: metadata key llama.{name} is missing")
+        return value
+
+    heads, hidden = key("attention.head_count"), key("embedding_length")
+    head_dim = key("attention.key_length", hidden // heads if heads else None)
+    scaling = metadata.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or key("rope.dimension_count", head_dim) != head_dim:
+        raise EdgelmError(
+            f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
+            "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
+        )
+    qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
+    # without the keys, llama.cpp's own defaults for the tokenizer model
+    defaults = DEFAULT_TOKEN_IDS["llama" if metadata.get("tokenizer.ggml.model") == "llama" else "gpt2"]
+    eos = [
+        metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in metadata
+    ] or [defaults["eos"]]
+    return ModelConfig(
+        vocab_size=key("vocab_size", len(metadata.get("tokenizer.ggml.tokens") or []) or None),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        max_position_embeddings=key("context_length"),
+        rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_shortest(key("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        architecture="LlamaForCausalLM" if o_bias or not qkv_bias else "Qwen2ForCausalLM",
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", defaults["bos"]),
+        eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
+    )
+
+
+def _shortest(value: float) -> float:
+    """GGUF stores these as float32: 1e-5 comes back as 9.99999975e-06. Return the shortest decimal that
+    rounds to the same float32, the number the model's author wrote."""
+    return float(str(np.float32(value)))

@@ -1,0 +1,1 @@
+"""Generation over any runtime: sampling, the generation loop, and `Model` (load, stream, chat, cancel)."""

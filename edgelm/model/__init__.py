@@ -1,0 +1,1 @@
+"""The model: `ModelConfig`, the PyTorch Transformer, rotary embeddings, the torch device."""

@@ -1,0 +1,1 @@
+"""Quantization as numpy functions: block quantizers, GPTQ's error feedback, calibration statistics."""

@@ -1,0 +1,1 @@
+"""Training: corpus → documents → tokens → batches, and the training loop (one process or DDP)."""
