@@ -111,7 +111,9 @@ class Tokenizer:
             except UnicodeEncodeError as e:
                 raise EdgelmError(f"text is not valid Unicode at character {e.start}: {e.reason}") from None
             raise
-        return [self.bos_id, *ids] if add_bos and self.add_bos else ids
+        if add_bos and self.add_bos and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids` as the start of a text (a SentencePiece space prefix is removed); bytes that do
@@ -177,7 +179,7 @@ class Tokenizer:
         )
         # a key set to null (Qwen2's bos_token) means the tokenizer has no such token
         bos, eos, pad = (
-            _special_id(backend, settings.get(key, default), path) if settings.get(key, default) else None
+            _special_id(backend, token, path) if (token := settings.get(key, default)) else None
             for key, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", None))
         )
         # without add_bos_token, what the tokenizer's post-processor does is what transformers does
@@ -250,7 +252,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(texts, trainer)
-    bos, eos = backend.token_to_id(BOS), backend.token_to_id(EOS)
+    bos, eos = _special_id(backend, BOS, "trained tokenizer"), _special_id(backend, EOS, "trained tokenizer")
     # transformers' PreTrainedTokenizerFast adds BOS through the post-processor, as for Llama
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
@@ -263,7 +265,8 @@ def _post_processor_adds_bos(backend: HFTokenizer, bos: int | None) -> bool:
     return bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
 
 
-def _special_id(backend: HFTokenizer, token: str | dict, path: Path) -> int:
+def _special_id(backend: HFTokenizer, token: str | dict, path: Path | str) -> int:
+    """The id of a special token given as its text or as tokenizer_config.json's {"content": ...} form."""
     content = token["content"] if isinstance(token, dict) else token
     token_id = backend.token_to_id(content)
     if token_id is None:

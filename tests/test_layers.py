@@ -4,6 +4,7 @@ the package root, and there are no import cycles (lazy imports inside functions 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,11 @@ def test_imports_stay_light(module: str, forbidden: tuple[str, ...]) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert loaded.stdout.split() == []
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists the packages a wheel holds: each folder of the source is among them."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    listed = set(re.findall(r'"(edgelm(?:\.\w+)*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    folders = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert folders == listed
