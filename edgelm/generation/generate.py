@@ -140,7 +140,7 @@ class TextStream:
 
     def _run(
         self, tokenizer: Tokenizer, ids: Generator[int, None, FinishReason], stop: tuple[str, ...]
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         decoder = tokenizer.stream_decoder()
         pending = ""
         try:
