@@ -29,6 +29,7 @@ from typing import Any
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.generation.api import Model, load
 from edgelm.generation.generate import TextStream
+from edgelm.generation.sampling import SamplingParams
 from edgelm.values import is_int, is_number
 
 try:
@@ -56,8 +57,8 @@ class RequestError(Exception):
 def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
     """The OpenAI-compatible application serving `model` under the id `model_name` (see the module doc).
 
-    Sampling defaults are the model's (llama.cpp's): temperature 0.8, top_k 40, top_p 0.95; `top_k` is an
-    extension. `max_tokens` defaults to 16 for completions and to the rest of the context for chat.
+    Sampling defaults are `SamplingParams`' (llama.cpp's); `top_k` is an extension. `max_tokens` defaults
+    to 16 for completions and to the rest of the context for chat.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-generate")
     created = int(time.time())
@@ -210,10 +211,10 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     max_tokens = body.get(key)
     if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
         raise RequestError(f"'{key}' must be an integer >= 0", key)
-    temperature = _number(body, "temperature", 0.8)
+    temperature = _number(body, "temperature", SamplingParams.temperature)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise RequestError(f"'temperature' must be between 0 and {MAX_TEMPERATURE}", "temperature")
-    top_p = _number(body, "top_p", 0.95)
+    top_p = _number(body, "top_p", SamplingParams.top_p)
     if not 0 < top_p <= 1:
         raise RequestError("'top_p' must be in (0, 1]", "top_p")
     top_k = body.get("top_k")
@@ -230,7 +231,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "top_k": 40 if top_k is None else top_k,
+        "top_k": SamplingParams.top_k if top_k is None else top_k,
         "top_p": top_p,
         "seed": seed,
         "stop": stop or (),

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.generation.generate import FinishReason, TextStream, check_stop, generate_ids, stop_token_ids
+from edgelm.generation.generate import (
+    MAX_NEW_TOKENS,
+    FinishReason,
+    TextStream,
+    check_stop,
+    generate_ids,
+    stop_token_ids,
+)
 from edgelm.generation.sampling import SamplingParams
 from edgelm.runtimes.base import Runtime, open_runtime
 
@@ -45,10 +52,10 @@ class Model:
     def generate(
         self,
         prompt: str,
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = SamplingParams.temperature,
+        top_k: int = SamplingParams.top_k,
+        top_p: float = SamplingParams.top_p,
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         *,
@@ -63,10 +70,10 @@ class Model:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = SamplingParams.temperature,
+        top_k: int = SamplingParams.top_k,
+        top_p: float = SamplingParams.top_p,
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         *,
@@ -83,10 +90,10 @@ class Model:
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = SamplingParams.temperature,
+        top_k: int = SamplingParams.top_k,
+        top_p: float = SamplingParams.top_p,
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         *,
@@ -102,10 +109,10 @@ class Model:
     def chat_stream(
         self,
         messages: Sequence[Mapping[str, Any]],
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = SamplingParams.temperature,
+        top_k: int = SamplingParams.top_k,
+        top_p: float = SamplingParams.top_p,
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         *,

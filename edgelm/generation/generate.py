@@ -19,6 +19,9 @@ from edgelm.values import is_int
 # context ("length"); a cancel request ("cancelled").
 FinishReason = Literal["stop", "length", "cancelled"]
 
+# new tokens a generation asks for when the caller does not say
+MAX_NEW_TOKENS = 128
+
 # prompt tokens per forward call during prefill; a cancel request is honoured between chunks
 PREFILL_CHUNK = 256
 
@@ -137,7 +140,7 @@ class TextStream:
 
     def _run(
         self, tokenizer: Tokenizer, ids: Generator[int, None, FinishReason], stop: tuple[str, ...]
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         decoder = tokenizer.stream_decoder()
         pending = ""
         try:
@@ -168,28 +171,6 @@ class TextStream:
                 yield pending
         finally:
             ids.close()
-
-
-def stream_text(
-    runtime: Runtime,
-    prompt: str,
-    max_new_tokens: int,
-    params: SamplingParams,
-    seed: int | None = None,
-    stop: Sequence[str] | str = (),
-    stop_ids: Sequence[int] = (),
-) -> TextStream:
-    """Generate from `runtime` directly (no lock: the caller owns the runtime) and stream the text.
-
-    The prompt starts a sequence (BOS in front if the tokenizer adds one); the EOS ids of the model's config
-    and of its tokenizer, and `stop_ids`, end the generation.
-    """
-    tokenizer = runtime.tokenizer
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)
-    eos_ids = stop_token_ids(runtime, stop_ids)
-    event = threading.Event()
-    ids = generate_ids(runtime, prompt_ids, max_new_tokens, params, seed, eos_ids, event.is_set)
-    return TextStream(tokenizer, ids, len(prompt_ids), stop, event)
 
 
 def stop_token_ids(runtime: Runtime, stop_ids: Sequence[int] = ()) -> list[int]:

@@ -1,0 +1,30 @@
+"""`edgelm import`: a Hugging Face folder or a GGUF file into an edgelm checkpoint. (`import` is a keyword,
+hence the underscore.)"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """The `import` subcommand and its flags."""
+    importer = commands.add_parser(
+        "import",
+        help="import a Hugging Face folder or a GGUF file",
+        description="Convert a Llama-family model into an edgelm checkpoint that every command accepts: "
+        "a Hugging Face folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; safetensors, sharded "
+        "or not, in float32, float16 or bfloat16) or a GGUF file of architecture llama (any tensor type "
+        "gguf-py dequantizes; its tokenizer is rebuilt from the GGUF metadata).",
+    )
+    importer.add_argument("source", help="Hugging Face model folder or .gguf file")
+    importer.add_argument("--out", required=True, help="new checkpoint folder")
+    importer.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Import the model and say where it went."""
+    from edgelm.importer import import_model
+
+    out = import_model(Path(args.source), Path(args.out))
+    print(f"imported {args.source} into {out}")

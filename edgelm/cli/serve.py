@@ -1,0 +1,35 @@
+"""`edgelm serve`: one model behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgelm.cli.flags import MODEL_HELP, add_runtime_and_device
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """The `serve` subcommand and its flags."""
+    server = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve one model with OpenAI's HTTP API: POST /v1/completions and "
+        '/v1/chat/completions (JSON, or server-sent events with "stream": true), GET /v1/models. '
+        "Requests queue and run one at a time; a client that disconnects cancels its generation. Only "
+        "this machine can connect unless --host says otherwise. Needs: pip install 'edgelm[serve]'.",
+    )
+    server.add_argument("model", help=MODEL_HELP)
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, the network too)"
+    )
+    server.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    add_runtime_and_device(server)
+    server.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Serve the model until interrupted."""
+    from edgelm.serve import serve
+
+    serve(Path(args.model), host=args.host, port=args.port, runtime=args.runtime, device=args.device)
