@@ -141,11 +141,11 @@ def has_cuda_device() -> bool:
 
 def build(directory: Path, layers: int) -> dict[str, Path]:
     """The random checkpoint and its exports under `directory`."""
-    from edgelm.checkpoint import save_checkpoint, tensor_shapes
     from edgelm.export.gguf import export_gguf
     from edgelm.export.onnx import export_onnx
     from edgelm.tokenizer import train_tokenizer
     from edgelm.training.data import builtin_corpus, read_documents
+    from edgelm.training.random_checkpoint import random_checkpoint
 
     texts = [d.text for d in read_documents(builtin_corpus()[:150], skip_undecodable=True)]
     tokenizer = train_tokenizer(texts, 4096)
@@ -160,16 +160,9 @@ def build(directory: Path, layers: int) -> dict[str, Path]:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    rng = np.random.default_rng(SEED)
-    tensors = {}
-    for name, shape in tensor_shapes(config).items():
-        if len(shape) == 1:  # norms around 1
-            tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-        else:  # the head wider, so that the logits spread (std ~2) and top-1 is not a near tie
-            std = 0.1 if name in ("lm_head.weight", "model.embed_tokens.weight") else 0.05
-            tensors[name] = (rng.standard_normal(shape, np.float32) * std).astype(np.float32)
+    # the head wider, so that the logits spread (std ~2) and top-1 is not a near tie
     checkpoint = directory / "checkpoint"
-    save_checkpoint(checkpoint, config, tensors, tokenizer)
+    random_checkpoint(checkpoint, config, tokenizer, SEED, 0.05, embedding_std=0.1, vector_range=(0.8, 1.2))
     return {
         "checkpoint": checkpoint,
         "onnx-fp32": export_onnx(checkpoint, directory / "onnx-fp32", "fp32"),

@@ -78,8 +78,8 @@ def bench_config(layers: int) -> ModelConfig:
 def bench_checkpoint(cache: Path, layers: int) -> Path:
     """The random checkpoint of `layers` layers under `cache` (written once), with a BPE tokenizer trained on
     the built-in corpus (the model's vocabulary stays 49152 whatever the tokenizer reaches)."""
-    from edgelm.checkpoint import save_checkpoint, tensor_shapes
     from edgelm.tokenizer import Tokenizer
+    from edgelm.training.random_checkpoint import random_checkpoint
 
     directory = cache / f"llama135m-{layers}L" / "checkpoint"
     if (directory / "model.safetensors").is_file():
@@ -94,15 +94,9 @@ def bench_checkpoint(cache: Path, layers: int) -> Path:
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         train_tokenizer(texts, 49152).save(tokenizer_dir, context_length=2048)
     config = bench_config(layers)
-    rng = np.random.default_rng(SEED)
-    tensors = {
-        name: np.ones(shape, np.float32)
-        if len(shape) == 1
-        else (rng.standard_normal(shape, np.float32) * 0.02)
-        for name, shape in tensor_shapes(config).items()
-    }
     print(f"writing {directory} ({config.num_parameters / 1e6:.0f}M parameters) ...", flush=True)
-    save_checkpoint(directory, config, tensors, Tokenizer.load(tokenizer_dir))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    random_checkpoint(directory, config, tokenizer, SEED, std=0.02, vector_range=(1.0, 1.0))
     return directory
 
 

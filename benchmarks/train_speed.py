@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgelm.model.config import preset
 from edgelm.model.transformer import Transformer, weights_of
+from edgelm.training.train import next_token_loss
 
 
 def step_times(
@@ -35,10 +36,6 @@ def step_times(
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
-
-
-def edgelm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model.loss(x, y)
 
 
 def hf_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,7 +75,7 @@ def main() -> None:
     results = {}
     # interleave the two so that a change in machine load affects both alike
     for _ in range(2):
-        for name, model, loss_of in (("edgelm", ours, edgelm_loss), ("transformers", theirs, hf_loss)):
+        for name, model, loss_of in (("edgelm", ours, next_token_loss), ("transformers", theirs, hf_loss)):
             rates = [tokens / t for t in step_times(model, loss_of, (x, y), args.steps // 2 or 1)]
             results.setdefault(name, []).extend(rates)
     for name, rates in results.items():
