@@ -201,11 +201,6 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
 
-    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) of `targets` given `ids`, both (B, T)."""
-        logits = self(ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
 
 def load_weights(model: Transformer, tensors: dict[str, np.ndarray], assign: bool = False) -> None:
     """Copy checkpoint tensors (HF names, as `checkpoint.load_checkpoint` returns them) into the model.
