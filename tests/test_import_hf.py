@@ -512,7 +512,6 @@ def test_imported_folder_runs_in_llama_cpp(
 ) -> None:
     """Biases, Llama 3's RoPE scaling (rope_freqs) and a capped window survive GGUF export: llama.cpp's
     logits on the F32 file equal edgelm's on the import."""
-    pytest.importorskip("llama_cpp")
     from edgelm.export.gguf import export_gguf
     from edgelm.importer import import_model
 

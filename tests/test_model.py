@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL, make_checkpoint
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
+from edgelm.model.config import PRESETS, ModelConfig
 from edgelm.model.transformer import Transformer, load_weights
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.train import next_token_loss
 
 CONFIGS = {
     "gqa-untied-theta": SMALL,
@@ -131,3 +133,37 @@ def test_kv_cache_grows_past_its_first_allocation(tmp_path: Path, small_tokenize
             rt.forward([t], all_logits=True) for t in ids[1030:]
         ]
     assert np.abs(np.concatenate(pieces) - full).max() <= 1e-4
+
+
+PARAMETER_CONFIGS: dict[str, ModelConfig] = {
+    **{f"preset-{name}": config for name, config in PRESETS.items()},
+    "llama-biased-untied": dataclasses.replace(SMALL, qkv_bias=True, o_bias=True),
+    "llama-biased-tied": dataclasses.replace(SMALL, qkv_bias=True, o_bias=True, tie_word_embeddings=True),
+    "qwen2-qkv-bias-untied": dataclasses.replace(SMALL, architecture="Qwen2ForCausalLM", qkv_bias=True),
+    "mistral-tied": dataclasses.replace(SMALL, architecture="MistralForCausalLM", tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", PARAMETER_CONFIGS)
+def test_parameter_count_equals_transformers(name: str) -> None:
+    """ModelConfig.num_parameters (the closed form) against both models' own parameters, tied weights once."""
+    config = PARAMETER_CONFIGS[name]
+    hf = config.to_hf_dict()
+    with torch.device("meta"):  # shapes only: the base preset has ~100 M parameters
+        ours = Transformer(config)
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
+    assert config.num_parameters == sum(p.numel() for p in ours.parameters()) == theirs.num_parameters()
+
+
+def test_training_loss_equals_transformers(checkpoint: Path) -> None:
+    """The loss that training minimises is transformers' causal-LM loss (labels shifted inside)."""
+    config, tensors, _ = load_checkpoint(checkpoint)
+    model = Transformer(config)
+    load_weights(model, tensors)
+    windows = torch.from_numpy(np.random.default_rng(5).integers(0, config.vocab_size, size=(3, 26)))
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = next_token_loss(model, windows[:, :-1], windows[:, 1:]).item()
+        theirs = hf(input_ids=windows, labels=windows).loss.item()
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours > 1.0  # random weights: far from a model that predicts these random ids
