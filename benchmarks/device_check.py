@@ -37,6 +37,7 @@ import numpy as np
 
 import edgelm
 from edgelm.model.config import ModelConfig
+from edgelm.runtimes.base import Runtime
 
 SEED = 0
 RUNS = 3
@@ -174,7 +175,7 @@ def build(directory: Path, layers: int) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------ measurement
 
 
-def logits_of(runtime, ids: list[int], prompt: int) -> np.ndarray:
+def logits_of(runtime: Runtime, ids: list[int], prompt: int) -> np.ndarray:
     """The prompt's logits (all positions), then one row per single-token decode step: (len(ids), vocab)."""
     runtime.reset()
     rows = [runtime.forward(ids[:prompt], all_logits=True)]
@@ -182,7 +183,7 @@ def logits_of(runtime, ids: list[int], prompt: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
-def speed(runtime, ids: list[int], prompt: int, decode: int) -> tuple[float, float]:
+def speed(runtime: Runtime, ids: list[int], prompt: int, decode: int) -> tuple[float, float]:
     """Median prefill and decode tokens/s over RUNS runs after a warm-up."""
     pp, tg = [], []
     for run in range(RUNS + 1):

@@ -29,6 +29,7 @@ import edgelm
 from edgelm.export.gguf import export_gguf
 from edgelm.export.onnx import export_onnx
 from edgelm.model.config import preset
+from edgelm.runtimes.onnxruntime import OnnxRuntime
 from edgelm.tokenizer import train_tokenizer
 from edgelm.training.random_checkpoint import random_checkpoint
 
@@ -50,7 +51,7 @@ def preset_checkpoint(name: str, directory: Path) -> Path:
     return random_checkpoint(folder, config, tokenizer, std=0.02, vector_range=(1.0, 1.0))
 
 
-def per_token(step: Callable[[], None], tokens: int) -> float:
+def per_token(step: Callable[[], object], tokens: int) -> float:
     """Seconds per call of `step`, over `tokens` calls."""
     start = time.perf_counter()
     for _ in range(tokens):
@@ -61,6 +62,7 @@ def per_token(step: Callable[[], None], tokens: int) -> float:
 def onnx_engine(model: edgelm.Model, tokens: int) -> float:
     """ONNX Runtime's own call on the runtime's bound inputs and outputs, one new position at a time."""
     runtime = model.runtime
+    assert isinstance(runtime, OnnxRuntime)  # its bound buffers are this class's own, not the protocol's
     runtime.reset()
     runtime.forward(model.tokenizer.encode(PROMPT, add_bos=True))
     binding, session = runtime._binding, runtime.session

@@ -58,7 +58,8 @@ def main() -> None:
     ours = Transformer(config)
     ours.init_weights()
     hf_config = {k: v for k, v in config.to_hf_dict().items() if k != "architectures"}
-    theirs = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa"))
+    # PretrainedConfig takes attn_implementation; LlamaConfig's annotations leave it out
+    theirs = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa"))  # type: ignore[call-arg]
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in weights_of(ours).items()}, strict=False)
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.context))
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.context))
@@ -72,7 +73,7 @@ def main() -> None:
         f"{args.context} tokens, {torch.get_num_threads()} threads, {args.steps} timed steps"
     )
     print(f"{'model':<14} {'tokens/s':>18} {'GFLOP/s':>9}")
-    results = {}
+    results: dict[str, list[float]] = {}
     # interleave the two so that a change in machine load affects both alike
     for _ in range(2):
         for name, model, loss_of in (("edgelm", ours, next_token_loss), ("transformers", theirs, hf_loss)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,11 @@ def test_logits_equal_transformers(tmp_path: Path, small_tokenizer: Tokenizer, n
 
 
 def test_transformers_loads_checkpoint_without_missing_keys(checkpoint: Path) -> None:
-    _, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+    # transformers types the result as the model alone, not the (model, info) of output_loading_info
+    loaded: tuple[Any, dict[str, Any]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
+        checkpoint, output_loading_info=True
+    )
+    info = loaded[1]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
@@ -61,7 +66,7 @@ def test_checkpoint_saved_by_transformers_loads(
         num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=2,
-        rope_theta=25000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0},
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         bos_token_id=0,
@@ -88,7 +93,8 @@ def test_kv_cache_decoding_equals_full_forward(checkpoint: Path) -> None:
         rt.reset()
         pieces = [rt.forward(ids[:17], all_logits=True), rt.forward(ids[17:30], all_logits=True)]
         pieces += [rt.forward([t], all_logits=True) for t in ids[30:]]
-        last_only = rt.reset() or rt.forward(ids[:33])
+        rt.reset()
+        last_only = rt.forward(ids[:33])
     assert np.abs(np.concatenate(pieces) - full).max() <= 1e-5
     assert last_only.shape == (1, full.shape[1]) and np.abs(last_only[0] - full[32]).max() <= 1e-5
 

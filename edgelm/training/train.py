@@ -110,7 +110,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices only: not on norms, not on embeddings."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -193,7 +194,7 @@ class _Loop:
     data: TokenData
     val: np.ndarray  # validation windows (n, L+1)
     model: Transformer
-    ddp_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel when there are several
+    ddp_model: Transformer | DistributedDataParallel  # wrapped when there are several processes
     optimizer: torch.optim.AdamW
     autocast: AbstractContextManager[Any]
 
@@ -287,9 +288,10 @@ def _accumulate_gradients(loop: _Loop, step: int) -> torch.Tensor:
         )
         ids, targets = torch.from_numpy(x).to(loop.device), torch.from_numpy(y).to(loop.device)
         last = micro == cfg.grad_accum - 1
-        sync = nullcontext() if last or ddp.world == 1 else loop.ddp_model.no_sync()
+        model = loop.ddp_model
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
         with sync, loop.autocast:
-            loss = next_token_loss(loop.ddp_model, ids, targets) / cfg.grad_accum
+            loss = next_token_loss(model, ids, targets) / cfg.grad_accum
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum
@@ -449,19 +451,25 @@ class _Progress:
             TimeRemainingColumn(),
         )
         self.bar.start()
+        self.val = ""  # the last validation loss, shown until the next
         self.task = self.bar.add_task(
             "train", total=self.total, completed=self.done, loss="-", speed="-", val=""
         )
         return self._advance
 
     def _advance(self, record: dict[str, Any]) -> None:
-        fields = {"loss": f"{record['loss']:.3f}", "speed": f"{record['tokens_per_s']:,.0f}"}
         if "val_loss" in record:
-            fields["val"] = f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f})"
+            self.val = f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f})"
             self.bar.console.print(
                 f"step {record['step']}: val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f}"
             )
-        self.bar.update(self.task, completed=record["step"], **fields)
+        self.bar.update(
+            self.task,
+            completed=record["step"],
+            loss=f"{record['loss']:.3f}",
+            speed=f"{record['tokens_per_s']:,.0f}",
+            val=self.val,
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
