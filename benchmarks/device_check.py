@@ -37,6 +37,7 @@ import numpy as np
 
 import edgelm
 from edgelm.model.config import ModelConfig
+from edgelm.runtimes.base import Runtime
 
 SEED = 0
 RUNS = 3
@@ -141,11 +142,11 @@ def has_cuda_device() -> bool:
 
 def build(directory: Path, layers: int) -> dict[str, Path]:
     """The random checkpoint and its exports under `directory`."""
-    from edgelm.checkpoint import save_checkpoint, tensor_shapes
     from edgelm.export.gguf import export_gguf
     from edgelm.export.onnx import export_onnx
     from edgelm.tokenizer import train_tokenizer
     from edgelm.training.data import builtin_corpus, read_documents
+    from edgelm.training.random_checkpoint import random_checkpoint
 
     texts = [d.text for d in read_documents(builtin_corpus()[:150], skip_undecodable=True)]
     tokenizer = train_tokenizer(texts, 4096)
@@ -160,16 +161,9 @@ def build(directory: Path, layers: int) -> dict[str, Path]:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    rng = np.random.default_rng(SEED)
-    tensors = {}
-    for name, shape in tensor_shapes(config).items():
-        if len(shape) == 1:  # norms around 1
-            tensors[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-        else:  # the head wider, so that the logits spread (std ~2) and top-1 is not a near tie
-            std = 0.1 if name in ("lm_head.weight", "model.embed_tokens.weight") else 0.05
-            tensors[name] = (rng.standard_normal(shape, np.float32) * std).astype(np.float32)
+    # the head wider, so that the logits spread (std ~2) and top-1 is not a near tie
     checkpoint = directory / "checkpoint"
-    save_checkpoint(checkpoint, config, tensors, tokenizer)
+    random_checkpoint(checkpoint, config, tokenizer, SEED, 0.05, embedding_std=0.1, vector_range=(0.8, 1.2))
     return {
         "checkpoint": checkpoint,
         "onnx-fp32": export_onnx(checkpoint, directory / "onnx-fp32", "fp32"),
@@ -181,7 +175,7 @@ def build(directory: Path, layers: int) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------ measurement
 
 
-def logits_of(runtime, ids: list[int], prompt: int) -> np.ndarray:
+def logits_of(runtime: Runtime, ids: list[int], prompt: int) -> np.ndarray:
     """The prompt's logits (all positions), then one row per single-token decode step: (len(ids), vocab)."""
     runtime.reset()
     rows = [runtime.forward(ids[:prompt], all_logits=True)]
@@ -189,7 +183,7 @@ def logits_of(runtime, ids: list[int], prompt: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
-def speed(runtime, ids: list[int], prompt: int, decode: int) -> tuple[float, float]:
+def speed(runtime: Runtime, ids: list[int], prompt: int, decode: int) -> tuple[float, float]:
     """Median prefill and decode tokens/s over RUNS runs after a warm-up."""
     pp, tg = [], []
     for run in range(RUNS + 1):
@@ -209,17 +203,9 @@ def speed(runtime, ids: list[int], prompt: int, decode: int) -> tuple[float, flo
     return statistics.median(pp), statistics.median(tg)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (pp)")
-    parser.add_argument("--decode", type=int, default=64, help="decode steps (tg)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
-    parser.add_argument("--keep", type=Path, help="build the artifacts here and keep them")
-    args = parser.parse_args()
-
+def choose_checks() -> list[Check]:
+    """The GPU checks whose runtime reaches a CUDA device (saying why each other one is skipped); where none
+    does, the CPU checks, so that the script still runs end to end."""
     reasons = cuda_support()
     import onnxruntime
     import torch
@@ -236,15 +222,58 @@ def main() -> int:
                 f"{check.max_delta:g}, top-1 ≥ {check.min_top1:.2f}, pp/tg tokens/s"
             )
         print("running the CPU paths instead, to exercise this script.")
-        checks = cpu_checks()
-    else:
-        checks = []
-        for check in gpu_checks():
-            if reasons[check.runtime] is None:
-                checks.append(check)
-            else:
-                print(f"skipped: {check.runtime} on cuda: {reasons[check.runtime]}")
+        return cpu_checks()
+    checks = []
+    for check in gpu_checks():
+        if reasons[check.runtime] is None:
+            checks.append(check)
+        else:
+            print(f"skipped: {check.runtime} on cuda: {reasons[check.runtime]}")
+    return checks
 
+
+def run_check(
+    check: Check,
+    artifact: Path,
+    threads: dict[str, int],
+    reference: np.ndarray,
+    ids: list[int],
+    prompt: int,
+    decode: int,
+) -> bool:
+    """Run `artifact` as `check` says and print its row (logit error, top-1, speed); whether it passed."""
+    try:
+        options = check.options | threads
+        with edgelm.load(artifact, runtime=check.runtime, device=check.device, **options) as model:
+            got = logits_of(model.runtime, ids, prompt)
+            rates = speed(model.runtime, ids, prompt, decode)
+    except Exception as e:  # one runtime's failure is a result, not the end of the check
+        print(f"{check.runtime:<12} {check.label:<20} {check.device:<6} FAILED: {e}")
+        traceback.print_exc(limit=3, file=sys.stdout)
+        return False
+    delta = float(np.abs(got - reference).max())
+    top1 = float((got.argmax(-1) == reference.argmax(-1)).mean())
+    ok = delta <= check.max_delta and top1 >= check.min_top1
+    verdict = "ok" if ok else f"FAIL (bounds: ≤ {check.max_delta:g}, ≥ {check.min_top1:.2f})"
+    print(
+        f"{check.runtime:<12} {check.label:<20} {check.device:<6} {delta:12.2e} {top1:6.3f} "
+        f"{rates[0]:11.1f} {rates[1]:10.1f}  {verdict}"
+    )
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (pp)")
+    parser.add_argument("--decode", type=int, default=64, help="decode steps (tg)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
+    parser.add_argument("--keep", type=Path, help="build the artifacts here and keep them")
+    args = parser.parse_args()
+
+    checks = choose_checks()
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.keep or Path(tmp)
         start = time.perf_counter()
@@ -270,29 +299,10 @@ def main() -> int:
             f"{'torch':<12} {'checkpoint':<20} {'cpu':<6} {'reference':>12} {'':>6} "
             f"{base_speed[0]:11.1f} {base_speed[1]:10.1f}"
         )
-        failed = 0
-        for check in checks:
-            options = check.options | threads
-            try:
-                with edgelm.load(
-                    artifacts[check.artifact], runtime=check.runtime, device=check.device, **options
-                ) as model:
-                    got = logits_of(model.runtime, ids, args.prompt)
-                    rates = speed(model.runtime, ids, args.prompt, args.decode)
-            except Exception as e:  # one runtime's failure is a result, not the end of the check
-                failed += 1
-                print(f"{check.runtime:<12} {check.label:<20} {check.device:<6} FAILED: {e}")
-                traceback.print_exc(limit=3, file=sys.stdout)
-                continue
-            delta = float(np.abs(got - reference).max())
-            top1 = float((got.argmax(-1) == reference.argmax(-1)).mean())
-            ok = delta <= check.max_delta and top1 >= check.min_top1
-            failed += not ok
-            verdict = "ok" if ok else f"FAIL (bounds: ≤ {check.max_delta:g}, ≥ {check.min_top1:.2f})"
-            print(
-                f"{check.runtime:<12} {check.label:<20} {check.device:<6} {delta:12.2e} {top1:6.3f} "
-                f"{rates[0]:11.1f} {rates[1]:10.1f}  {verdict}"
-            )
+        failed = sum(
+            not run_check(check, artifacts[check.artifact], threads, reference, ids, args.prompt, args.decode)
+            for check in checks
+        )
     print(f"\n{len(checks) - failed} of {len(checks)} checks passed")
     return 1 if failed else 0
 

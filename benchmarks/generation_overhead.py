@@ -24,20 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import edgelm
-from edgelm.checkpoint import save_checkpoint
 from edgelm.export.gguf import export_gguf
 from edgelm.export.onnx import export_onnx
 from edgelm.model.config import preset
-from edgelm.model.transformer import Transformer, weights_of
+from edgelm.runtimes.onnxruntime import OnnxRuntime
 from edgelm.tokenizer import train_tokenizer
+from edgelm.training.random_checkpoint import random_checkpoint
 
 PROMPT = "def read_config(path):\n    "
 
 
-def random_checkpoint(name: str, directory: Path) -> Path:
+def preset_checkpoint(name: str, directory: Path) -> Path:
     """The preset with random weights and a tokenizer of its vocabulary size, trained on the stdlib."""
     import sysconfig
 
@@ -49,12 +48,10 @@ def random_checkpoint(name: str, directory: Path) -> Path:
     config = preset(name)
     tokenizer = train_tokenizer(text, vocab_size=config.vocab_size)
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    save_checkpoint(folder, config, weights_of(Transformer(config)), tokenizer)
-    return folder
+    return random_checkpoint(folder, config, tokenizer, std=0.02, vector_range=(1.0, 1.0))
 
 
-def per_token(step: Callable[[], None], tokens: int) -> float:
+def per_token(step: Callable[[], object], tokens: int) -> float:
     """Seconds per call of `step`, over `tokens` calls."""
     start = time.perf_counter()
     for _ in range(tokens):
@@ -65,6 +62,7 @@ def per_token(step: Callable[[], None], tokens: int) -> float:
 def onnx_engine(model: edgelm.Model, tokens: int) -> float:
     """ONNX Runtime's own call on the runtime's bound inputs and outputs, one new position at a time."""
     runtime = model.runtime
+    assert isinstance(runtime, OnnxRuntime)  # its bound buffers are this class's own, not the protocol's
     runtime.reset()
     runtime.forward(model.tokenizer.encode(PROMPT, add_bos=True))
     binding, session = runtime._binding, runtime.session
@@ -142,7 +140,7 @@ def main() -> None:
     header = ("preset", "artifact", "engine ms", "runtime ms", "generate ms", "overhead")
     print("{:6} {:10} {:>9} {:>10} {:>11} {:>8}".format(*header))
     for name in args.presets.split(","):
-        checkpoint = random_checkpoint(name, cache)
+        checkpoint = preset_checkpoint(name, cache)
         onnx = export_onnx(checkpoint, cache / f"{name}-onnx-int4", "int4")
         gguf = export_gguf(checkpoint, cache, "q4_0")
         for kind, path in (("onnx int4", onnx), ("gguf q4_0", gguf)):

@@ -7,8 +7,8 @@ edgelm's F32 file (`--via llama.cpp`). Both files run in the same llama.cpp runt
 isolates nothing but the file (expected 1.0 ± noise); the accuracy is the mean KL divergence of each file's
 next-token distribution from the float32 PyTorch reference, measured as `edgelm check` measures it (held-out
 text of the built-in corpus, the second half of each window scored, llama.cpp with an F32 KV cache).
-Speed is llama-bench style (`edgelm.evaluation.check.speed_round`): pp (prefill of one context) and tg128 (decode)
-tokens/s, mean ± std of 5 runs, with llama.cpp's default F16 KV cache.
+Speed is llama-bench style (`edgelm.evaluation.check.speed_round`): pp (prefill of one context) and tg128
+(decode) tokens/s, mean ± std of 5 runs, with llama.cpp's default F16 KV cache.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,8 +78,8 @@ def bench_config(layers: int) -> ModelConfig:
 def bench_checkpoint(cache: Path, layers: int) -> Path:
     """The random checkpoint of `layers` layers under `cache` (written once), with a BPE tokenizer trained on
     the built-in corpus (the model's vocabulary stays 49152 whatever the tokenizer reaches)."""
-    from edgelm.checkpoint import save_checkpoint, tensor_shapes
     from edgelm.tokenizer import Tokenizer
+    from edgelm.training.random_checkpoint import random_checkpoint
 
     directory = cache / f"llama135m-{layers}L" / "checkpoint"
     if (directory / "model.safetensors").is_file():
@@ -94,15 +94,9 @@ def bench_checkpoint(cache: Path, layers: int) -> Path:
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         train_tokenizer(texts, 49152).save(tokenizer_dir, context_length=2048)
     config = bench_config(layers)
-    rng = np.random.default_rng(SEED)
-    tensors = {
-        name: np.ones(shape, np.float32)
-        if len(shape) == 1
-        else (rng.standard_normal(shape, np.float32) * 0.02)
-        for name, shape in tensor_shapes(config).items()
-    }
     print(f"writing {directory} ({config.num_parameters / 1e6:.0f}M parameters) ...", flush=True)
-    save_checkpoint(directory, config, tensors, Tokenizer.load(tokenizer_dir))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    random_checkpoint(directory, config, tokenizer, SEED, std=0.02, vector_range=(1.0, 1.0))
     return directory
 
 
@@ -142,18 +136,18 @@ def exports(
     folders = {}
     for quant in ("fp32", "int8", "int4"):
         folders[f"edgelm {quant}"] = built(
-            root / f"edgelm-{quant}", lambda out, q=quant: export_onnx(checkpoint, out, q)
+            root / f"edgelm-{quant}", partial(export_onnx, checkpoint, quant=quant)
         )
     for quant in ("fp32", "int8", "int4"):
         folders[f"genai {quant}"] = built(
-            root / f"genai-{quant}", lambda out, q=quant: build_genai(checkpoint, out, q)
+            root / f"genai-{quant}", partial(build_genai, checkpoint, precision=quant)
         )
     if optimum_python is not None:
         from edgelm.export.optimum import export_via_optimum
 
         for quant in optimum_quants:
             folders[f"optimum {quant}"] = built(
-                root / f"optimum-{quant}", lambda out, q=quant: export_via_optimum(checkpoint, out, q)
+                root / f"optimum-{quant}", partial(export_via_optimum, checkpoint, quant=quant)
             )
     return folders
 
@@ -230,7 +224,7 @@ class GenaiRunner(Runner):
         self.og = og
         self.model = og.Model(str(path))
 
-    def _generator(self, length: int):
+    def _generator(self, length: int) -> Any:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=length, min_length=length)
         return self.og.Generator(self.model, params)
@@ -294,7 +288,7 @@ def optimum_worker(path: Path, threads: int) -> None:
     """Answer OptimumRunner's requests with ORTModelForCausalLM (runs in the optimum python, no edgelm)."""
     import onnxruntime as ort
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
+    from optimum.onnxruntime import ORTModelForCausalLM  # type: ignore[import-not-found]  # its own venv
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -449,14 +443,17 @@ def speed(args: argparse.Namespace, optimum_python: Path | None) -> None:
     rows = []
     for name, folder in folders.items():
         kind, quant = name.split()
-        runner = {
-            "edgelm": partial(EdgelmRunner, folder, "onnxruntime", t),
-            "genai": partial(GenaiRunner, folder, t),
-            "optimum": partial(OptimumRunner, optimum_python, folder, t),
-        }[kind]
+        runner: Callable[[], Runner]
+        if kind == "edgelm":
+            runner = partial(EdgelmRunner, folder, "onnxruntime", t)
+        elif kind == "genai":
+            runner = partial(GenaiRunner, folder, t)
+        else:
+            assert optimum_python is not None  # optimum rows exist only with an optimum python
+            runner = partial(OptimumRunner, optimum_python, folder, t)
         rows.append(Row(name, engines[kind], folder, runner, None if kind == "genai" else f"genai {quant}"))
-    runner = partial(EdgelmRunner, checkpoint, "torch", t)
-    rows.append(Row("torch fp32", "edgelm TorchRuntime", checkpoint, runner, "genai fp32"))
+    torch_runner = partial(EdgelmRunner, checkpoint, "torch", t)
+    rows.append(Row("torch fp32", "edgelm TorchRuntime", checkpoint, torch_runner, "genai fp32"))
     skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
     rows = [row for row in rows if row.name not in skipped]
 

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgelm.model.config import preset
 from edgelm.model.transformer import Transformer, weights_of
+from edgelm.training.train import next_token_loss
 
 
 def step_times(
@@ -35,10 +36,6 @@ def step_times(
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
-
-
-def edgelm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model.loss(x, y)
 
 
 def hf_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +58,8 @@ def main() -> None:
     ours = Transformer(config)
     ours.init_weights()
     hf_config = {k: v for k, v in config.to_hf_dict().items() if k != "architectures"}
-    theirs = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa"))
+    # PretrainedConfig takes attn_implementation; LlamaConfig's annotations leave it out
+    theirs = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa"))  # type: ignore[call-arg]
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in weights_of(ours).items()}, strict=False)
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.context))
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.context))
@@ -75,10 +73,10 @@ def main() -> None:
         f"{args.context} tokens, {torch.get_num_threads()} threads, {args.steps} timed steps"
     )
     print(f"{'model':<14} {'tokens/s':>18} {'GFLOP/s':>9}")
-    results = {}
+    results: dict[str, list[float]] = {}
     # interleave the two so that a change in machine load affects both alike
     for _ in range(2):
-        for name, model, loss_of in (("edgelm", ours, edgelm_loss), ("transformers", theirs, hf_loss)):
+        for name, model, loss_of in (("edgelm", ours, next_token_loss), ("transformers", theirs, hf_loss)):
             rates = [tokens / t for t in step_times(model, loss_of, (x, y), args.steps // 2 or 1)]
             results.setdefault(name, []).extend(rates)
     for name, rates in results.items():

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from edgelm.checkpoint import save_checkpoint
 from edgelm.model.config import ModelConfig
-from edgelm.model.transformer import Transformer, weights_of
 from edgelm.tokenizer import Tokenizer, train_tokenizer
+from edgelm.training.random_checkpoint import random_checkpoint
 
 SAMPLE_TEXT = """\
 def fibonacci(n: int) -> int:
@@ -53,17 +51,10 @@ def small_tokenizer() -> Tokenizer:
 def make_checkpoint(
     directory: Path, tokenizer: Tokenizer, config: ModelConfig = SMALL, seed: int = 0
 ) -> Path:
-    """A checkpoint with random weights (std 0.1, so that the logits are far from uniform)."""
+    """A checkpoint with random weights (std 0.1, so that the logits are far from uniform) and the
+    tokenizer's vocabulary size."""
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-    model = Transformer(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1, generator=generator) if p.dim() > 1 else p.uniform_(
-                0.5, 1.5, generator=generator
-            )
-    save_checkpoint(directory, config, weights_of(model), tokenizer)
-    return directory
+    return random_checkpoint(directory, config, tokenizer, seed=seed)
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def write_model(path: Path, rng: np.random.Generator) -> dict[str, tuple[int, np
         expected[qtype.name.lower()] = (qtype, gguf_dequantize(packed, qtype))
     # Q4_K has no quantizer in gguf-py: random blocks with finite float16 scales, dequantized by gguf-py
     blocks = rng.integers(0, 256, (2, 144), dtype=np.uint8)
-    blocks[:, :4] = np.frombuffer(np.float16([0.01, 0.002]).tobytes(), np.uint8)
+    blocks[:, :4] = np.frombuffer(np.array([0.01, 0.002], np.float16).tobytes(), np.uint8)
     writer.add_tensor("q4_k", blocks, raw_dtype=T.Q4_K)
     expected["q4_k"] = (T.Q4_K, gguf_dequantize(blocks, T.Q4_K))
     writer.write_header_to_file()

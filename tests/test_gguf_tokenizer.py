@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import gguf
 import llama_cpp
@@ -93,7 +94,7 @@ def byte_level_vocab(backend: HFTokenizer) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def write_gguf(path: Path, model: str, vocab: dict, **keys: object) -> Path:
+def write_gguf(path: Path, model: str, vocab: dict, **keys: Any) -> Path:
     """A vocabulary-only GGUF file with the given tokenizer metadata: llama.cpp opens it with `vocab_only`
     from general.architecture and the tokenizer keys alone (no llama.* hyperparameters, no tensors)."""
     writer = gguf.GGUFWriter(str(path), arch="llama")
@@ -150,7 +151,7 @@ def llama_special_ids(llama: llama_cpp.Llama) -> tuple[int, set[int], int, bool]
     return bos, ends, pad, llama_cpp.llama_vocab_get_add_bos(vocab)
 
 
-def special_ids(tokenizer: Tokenizer) -> tuple[int, set[int], int, bool]:
+def special_ids(tokenizer: Tokenizer) -> tuple[int | None, set[int], int, bool]:
     pad = -1 if tokenizer.pad_id is None else tokenizer.pad_id
     return tokenizer.bos_id, set(tokenizer.eos_ids), pad, tokenizer.add_bos
 
@@ -212,7 +213,7 @@ def test_every_pre_tokenizer_name_on_a_shared_vocabulary(tmp_path: Path, shared_
             ids = assert_like_llama_cpp(tokenizer, llama)
             assert tokenizer.decode(ids) == TEXT
             assert special_ids(tokenizer) == llama_special_ids(llama), name
-        kind = GGUF_PRE_TOKENIZERS.get(name, "default")
+        kind = "default" if name is None else GGUF_PRE_TOKENIZERS[name]
         assert by_kind.setdefault(kind, ids) == ids
         assert gguf_pre_tokenizer_name(tokenizer.backend) == kind
     assert len({tuple(ids) for ids in by_kind.values()}) == len(PRE_TOKENIZER_REGEXES)

@@ -240,7 +240,11 @@ def test_resaved_checkpoint_loads_in_transformers(
     config, tensors, tokenizer = load_checkpoint(hf_folder(name))
     save_checkpoint(tmp_path, config, tensors, tokenizer)
     assert ModelConfig.load(tmp_path) == config
-    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    # transformers types the result as the model alone, not the (model, info) of output_loading_info
+    loaded: tuple[Any, dict[str, Any]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
+        tmp_path, dtype=torch.float32, output_loading_info=True
+    )
+    hf, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert type(hf).__name__ == config.architecture
     ids = IDS[: config.max_position_embeddings]
@@ -265,12 +269,14 @@ def test_both_rope_spellings_read_the_same() -> None:
     legacy = ModelConfig.from_hf_dict(
         {**base, "rope_theta": 5e5, "rope_scaling": {**scaling, "type": "llama3"}}
     )
-    assert v4 == v5 == legacy and v4.rope_theta == 5e5 and v4.rope_scaling.factor == 8.0
+    assert v4 == v5 == legacy and v4.rope_theta == 5e5
+    assert v4.rope_scaling is not None and v4.rope_scaling.factor == 8.0
     written = v4.to_hf_dict()
     assert written["rope_theta"] == 5e5 and written["rope_scaling"]["rope_type"] == "llama3"
     assert "rope_parameters" not in written and ModelConfig.from_hf_dict(written) == v4
     without_original = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
     default = ModelConfig.from_hf_dict({**base, "rope_scaling": without_original})
+    assert default.rope_scaling is not None
     assert default.rope_scaling.original_max_position_embeddings == 128  # transformers' fallback
 
 
@@ -354,11 +360,12 @@ def test_unsupported_rope_is_refused(
 def test_other_refusals(hf_folder: Callable[[str], Path], tmp_path: Path) -> None:
     folder = copy_of(hf_folder("llama-gqa-6-3-untied-f32"), tmp_path)
     data = json.loads((folder / "config.json").read_text())
-    for change, named in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"quantization_config": {"quant_method": "gptq"}}, r"quantized \(gptq\)"),
-    ]:
+    ]
+    for change, named in changes:
         (folder / "config.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(EdgelmError, match=named):
             load_checkpoint(folder)
@@ -512,7 +519,6 @@ def test_imported_folder_runs_in_llama_cpp(
 ) -> None:
     """Biases, Llama 3's RoPE scaling (rope_freqs) and a capped window survive GGUF export: llama.cpp's
     logits on the F32 file equal edgelm's on the import."""
-    pytest.importorskip("llama_cpp")
     from edgelm.export.gguf import export_gguf
     from edgelm.importer import import_model
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from conftest import SMALL, make_checkpoint
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
+from edgelm.model.config import PRESETS, ModelConfig
 from edgelm.model.transformer import Transformer, load_weights
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.train import next_token_loss
 
 CONFIGS = {
     "gqa-untied-theta": SMALL,
@@ -44,7 +47,11 @@ def test_logits_equal_transformers(tmp_path: Path, small_tokenizer: Tokenizer, n
 
 
 def test_transformers_loads_checkpoint_without_missing_keys(checkpoint: Path) -> None:
-    _, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+    # transformers types the result as the model alone, not the (model, info) of output_loading_info
+    loaded: tuple[Any, dict[str, Any]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
+        checkpoint, output_loading_info=True
+    )
+    info = loaded[1]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
@@ -59,7 +66,7 @@ def test_checkpoint_saved_by_transformers_loads(
         num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=2,
-        rope_theta=25000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 25000.0},
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         bos_token_id=0,
@@ -86,7 +93,8 @@ def test_kv_cache_decoding_equals_full_forward(checkpoint: Path) -> None:
         rt.reset()
         pieces = [rt.forward(ids[:17], all_logits=True), rt.forward(ids[17:30], all_logits=True)]
         pieces += [rt.forward([t], all_logits=True) for t in ids[30:]]
-        last_only = rt.reset() or rt.forward(ids[:33])
+        rt.reset()
+        last_only = rt.forward(ids[:33])
     assert np.abs(np.concatenate(pieces) - full).max() <= 1e-5
     assert last_only.shape == (1, full.shape[1]) and np.abs(last_only[0] - full[32]).max() <= 1e-5
 
@@ -131,3 +139,37 @@ def test_kv_cache_grows_past_its_first_allocation(tmp_path: Path, small_tokenize
             rt.forward([t], all_logits=True) for t in ids[1030:]
         ]
     assert np.abs(np.concatenate(pieces) - full).max() <= 1e-4
+
+
+PARAMETER_CONFIGS: dict[str, ModelConfig] = {
+    **{f"preset-{name}": config for name, config in PRESETS.items()},
+    "llama-biased-untied": dataclasses.replace(SMALL, qkv_bias=True, o_bias=True),
+    "llama-biased-tied": dataclasses.replace(SMALL, qkv_bias=True, o_bias=True, tie_word_embeddings=True),
+    "qwen2-qkv-bias-untied": dataclasses.replace(SMALL, architecture="Qwen2ForCausalLM", qkv_bias=True),
+    "mistral-tied": dataclasses.replace(SMALL, architecture="MistralForCausalLM", tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", PARAMETER_CONFIGS)
+def test_parameter_count_equals_transformers(name: str) -> None:
+    """ModelConfig.num_parameters (the closed form) against both models' own parameters, tied weights once."""
+    config = PARAMETER_CONFIGS[name]
+    hf = config.to_hf_dict()
+    with torch.device("meta"):  # shapes only: the base preset has ~100 M parameters
+        ours = Transformer(config)
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
+    assert config.num_parameters == sum(p.numel() for p in ours.parameters()) == theirs.num_parameters()
+
+
+def test_training_loss_equals_transformers(checkpoint: Path) -> None:
+    """The loss that training minimises is transformers' causal-LM loss (labels shifted inside)."""
+    config, tensors, _ = load_checkpoint(checkpoint)
+    model = Transformer(config)
+    load_weights(model, tensors)
+    windows = torch.from_numpy(np.random.default_rng(5).integers(0, config.vocab_size, size=(3, 26)))
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = next_token_loss(model, windows[:, :-1], windows[:, 1:]).item()
+        theirs = hf(input_ids=windows, labels=windows).loss.item()
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours > 1.0  # random weights: far from a model that predicts these random ids

@@ -39,10 +39,40 @@ def fresh_environment(directory: Path, extra: str) -> Path:
         text=True,
     )
     if install.returncode != 0:
-        if "Could not find a version" in install.stderr or "NewConnectionError" in install.stderr:
+        if index_unreachable(install.stderr):
             pytest.skip(f"no package index reachable to build a fresh environment: {install.stderr[-300:]}")
         raise AssertionError(f"pip install {extra} failed:\n{install.stderr[-3000:]}")
     return python
+
+
+# what pip prints when it cannot reach the index at all; "Could not find a version" alone is a broken pin
+UNREACHABLE = (
+    "NewConnectionError",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "ProxyError",
+)
+
+
+def index_unreachable(pip_stderr: str) -> bool:
+    """Whether a failed `pip install` failed because no package index could be reached."""
+    return any(message in pip_stderr for message in UNREACHABLE)
+
+
+def test_only_an_unreachable_index_skips() -> None:
+    broken_pin = (
+        "ERROR: Could not find a version that satisfies the requirement onnxruntime>=99 (from edgelm[onnx])\n"
+        "ERROR: No matching distribution found for onnxruntime>=99\n"
+    )
+    offline = (
+        "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after "
+        "connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object>: "
+        "Failed to establish a new connection: [Errno 101] Network is unreachable')': /simple/onnx/\n"
+        + broken_pin
+    )
+    assert not index_unreachable(broken_pin)
+    assert index_unreachable(offline)
 
 
 @pytest.mark.slow
@@ -53,7 +83,6 @@ def test_a_fresh_environment_without_torch_generates(extra: str, checkpoint: Pat
 
         artifact = export_onnx(checkpoint, tmp_path / "onnx", "int4")
     else:
-        pytest.importorskip("llama_cpp")
         from edgelm.export.gguf import export_gguf
 
         artifact = export_gguf(checkpoint, tmp_path, "q8_0")

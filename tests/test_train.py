@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from conftest import SAMPLE_TEXT, unigram_entropy
 
 from edgelm.checkpoint import load_checkpoint, read_weights
 from edgelm.errors import EdgelmError
-from edgelm.training.data import load_tokens
+from edgelm.training import train as train_module
+from edgelm.training.data import batch_windows, load_tokens
 from edgelm.training.train import TrainConfig, learning_rate, resume, train
 
 
@@ -29,7 +32,7 @@ def corpus(tmp_path: Path) -> Path:
 
 def micro(out: Path, corpus: Path, **overrides: object) -> TrainConfig:
     """A model small enough to train a few steps in a second."""
-    settings = dict(
+    settings: dict[str, Any] = dict(
         out=str(out),
         corpus=(str(corpus),),
         vocab_size=300,
@@ -46,8 +49,8 @@ def micro(out: Path, corpus: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def interrupt_at(step: int):
-    def on_step(record: dict) -> None:
+def interrupt_at(step: int) -> Callable[[dict[str, Any]], None]:
+    def on_step(record: dict[str, Any]) -> None:
         if record["step"] == step:
             raise KeyboardInterrupt
 
@@ -64,6 +67,7 @@ def test_training_learns_far_below_unigram_entropy(trained_run: Path) -> None:
     val_tokens = load_tokens(trained_run / "data").val
     baseline = unigram_entropy(val_tokens)
     val_loss = losses(trained_run)[-1][2]
+    assert val_loss is not None
     # a unigram model of these tokens scores ~6.6 nats; 250 steps reach ~5: perplexity 5x lower
     assert val_loss < baseline - 1.0, (val_loss, baseline)
     assert (trained_run / "loss.png").stat().st_size > 1000
@@ -91,6 +95,63 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_new_steps_follows_the_new_schedule(tmp_path: Path, corpus: Path) -> None:
+    """A 4-step run resumed with --steps 8 is the 8-step run: with a warm-up of 4 steps the first four
+    learning rates do not depend on the total, and from step 5 the resumed run follows the 8-step cosine."""
+    short = tmp_path / "short"
+    train(micro(short, corpus, steps=4, warmup=4, eval_every=4))
+    result = subprocess.run(
+        [sys.executable, "-m", "edgelm", "train", "--resume", "--out", str(short), "--steps", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    long = tmp_path / "long"
+    train(micro(long, corpus, steps=8, warmup=4, eval_every=4))
+    schedule = micro(long, corpus, steps=8, warmup=4, eval_every=4)
+    records = [json.loads(line) for line in (short / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["lr"] for r in records] == [learning_rate(schedule, step) for step in range(1, 9)]
+    assert records[4]["lr"] < records[3]["lr"]  # the cosine has started
+    assert json.loads((short / "trainer_state.json").read_text())["train_config"]["steps"] == 8
+    assert losses(short) == losses(long)
+    a, b = read_weights(short / "model.safetensors"), read_weights(long / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def global_batch(total: int) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """A window chooser that draws `total` windows per step and hands micro-step m the m-th slice of them, so
+    that any split into micro-batches of one step sees the same data (the library draws per micro-step)."""
+
+    def windows(
+        tokens: np.ndarray, seq_len: int, batch: int, seed: int, step: int, micro: int, *_: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        x, y = batch_windows(tokens, seq_len, total, seed, step, 0)
+        return x[micro * batch : (micro + 1) * batch], y[micro * batch : (micro + 1) * batch]
+
+    return windows
+
+
+def test_grad_accum_trains_the_same_model_as_a_larger_batch(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 2 accumulated over 2 micro-steps is one step on batch 4: the same losses and weights."""
+    monkeypatch.setattr(train_module, "batch_windows", global_batch(4))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(micro(whole, corpus, batch_size=4, steps=4))
+    train(micro(split, corpus, batch_size=2, grad_accum=2, steps=4))
+    a, b = read_weights(whole / "model.safetensors"), read_weights(split / "model.safetensors")
+    # float rounding in the two-part sum, grown by Adam's division by the gradients' own scale
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-4
+    assert np.allclose(
+        [loss for _, loss, _ in losses(split)], [loss for _, loss, _ in losses(whole)], atol=1e-5
+    )
+    # the control: another seed moves the weights by far more than the tolerance
+    train(micro(tmp_path / "other", corpus, batch_size=4, steps=4, seed=2))
+    c = read_weights(tmp_path / "other" / "model.safetensors")
+    assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
+
+
 def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> None:
     run = tmp_path / "run"
     train(micro(run, corpus, steps=3))
@@ -102,7 +163,7 @@ def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> Non
         resume(tmp_path / "new")
 
 
-def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+def torchrun_train(*args: str) -> subprocess.CompletedProcess[str]:
     """`edgelm train` in two CPU processes under torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(

@@ -186,7 +186,7 @@ class ModelConfig:
             del fields[name]
         if not isinstance(self.eos_token_id, int):
             fields["eos_token_id"] = list(self.eos_token_id)
-        specific = {
+        specific: dict[str, dict[str, Any]] = {
             "LlamaForCausalLM": {"attention_bias": self.o_bias, "mlp_bias": False},
             "MistralForCausalLM": {"sliding_window": None},
             "Qwen2ForCausalLM": {"use_sliding_window": False, "sliding_window": None},

@@ -63,6 +63,8 @@ class KVCache(nn.Module):
         super().__init__()
         self.max_len = max_len
         shape = (batch, n_kv_heads, min(max_len, 512), head_dim)
+        self.k: torch.Tensor  # (B, nkv, allocated, hd), registered as buffers so that .to() moves them
+        self.v: torch.Tensor
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -185,6 +187,7 @@ class Transformer(nn.Module):
         max_len = max_len or self.config.max_position_embeddings
         p = self.lm_head.weight
         for block in self.model.layers:
+            assert isinstance(block, Block)  # an nn.ModuleList hands out plain Modules
             block.self_attn.cache = KVCache(
                 batch, self.config.num_key_value_heads, max_len, self.config.head_dim, p.dtype, p.device
             )
@@ -200,11 +203,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
-
-    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) of `targets` given `ids`, both (B, T)."""
-        logits = self(ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def load_weights(model: Transformer, tensors: dict[str, np.ndarray], assign: bool = False) -> None:

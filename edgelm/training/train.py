@@ -13,10 +13,10 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -110,7 +110,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices only: not on norms, not on embeddings."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -182,6 +183,30 @@ def _run(
             dist.destroy_process_group()
 
 
+@dataclass
+class _Loop:
+    """What every step of a run uses: its settings, data and folder, the model and optimizer, this process."""
+
+    cfg: TrainConfig
+    out: Path
+    ddp: _Distributed
+    device: str
+    data: TokenData
+    val: np.ndarray  # validation windows (n, L+1)
+    model: Transformer
+    ddp_model: Transformer | DistributedDataParallel  # wrapped when there are several processes
+    optimizer: torch.optim.AdamW
+    autocast: AbstractContextManager[Any]
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.ddp.world * self.seq_len
+
+
 def _train(
     cfg: TrainConfig,
     out: Path,
@@ -190,77 +215,107 @@ def _train(
     device: str,
     on_step: Callable[[dict[str, Any]], None] | None,
 ) -> TrainResult:
-    data = _prepare_data(cfg, out, ddp)
-    config = cfg.model_config(data.tokenizer.vocab_size)
-    seq_len = config.max_position_embeddings
-    val = validation_windows(data.val, seq_len, cfg.eval_windows)
-
-    torch.manual_seed(cfg.seed)
-    model = Transformer(config)
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    step = 0
-    if resume:
-        step = _load_training_state(out, model, optimizer, device)
-    ddp_model = DistributedDataParallel(model) if ddp.world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * ddp.world * seq_len
-
+    """Set the run up, then step until `cfg.steps`: evaluate and save every `eval_every` steps and at the end,
+    log every step."""
+    loop, step = _set_up(cfg, out, resume, ddp, device)
     log = _open_log(out / LOG, step) if ddp.main else None
     train_loss, val_loss = float("nan"), float("nan")
     with _Progress(ddp.main, cfg.steps, step) as advance:
         while step < cfg.steps:
             step += 1
-            started = time.perf_counter()
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = batch_windows(
-                    data.train, seq_len, cfg.batch_size, cfg.seed, step, micro, ddp.rank, ddp.world
-                )
-                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                last = micro == cfg.grad_accum - 1
-                sync = nullcontext() if last or ddp.world == 1 else ddp_model.no_sync()
-                with sync, autocast:
-                    loss = _loss(ddp_model, x, y) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ddp.world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss = loss_sum.item()
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": train_loss,
-                "lr": lr,
-                "grad_norm": norm.item(),
-                "tokens": step * tokens_per_step,
-                "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
-            }
+            record = _step(loop, step)
+            train_loss = record["loss"]
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = evaluate(model, val, device, autocast)
-                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                if ddp.main:
-                    _save(out, cfg, model, optimizer, data, step)
-            if ddp.main:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if "val_loss" in record:
-                    plot_loss_curve(out / LOG, out / "loss.png")
+                val_loss = _evaluate_and_save(loop, step, record)
+            if log:
+                _log(loop, log, record)
                 advance(record)
             if on_step:
                 on_step(record)
     if log:
         log.close()
-    return TrainResult(step, train_loss, val_loss, step * tokens_per_step)
+    return TrainResult(step, train_loss, val_loss, step * loop.tokens_per_step)
 
 
-def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _set_up(cfg: TrainConfig, out: Path, resume: bool, ddp: _Distributed, device: str) -> tuple[_Loop, int]:
+    """Tokens, model, optimizer (restored from `out` when resuming) and autocast; and the step done so far."""
+    data = _prepare_data(cfg, out, ddp)
+    config = cfg.model_config(data.tokenizer.vocab_size)
+    val = validation_windows(data.val, config.max_position_embeddings, cfg.eval_windows)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(config)
+    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    step = _load_training_state(out, model, optimizer, device) if resume else 0
+    ddp_model = DistributedDataParallel(model) if ddp.world > 1 else model
+    autocast: AbstractContextManager[Any] = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    )
+    return _Loop(cfg, out, ddp, device, data, val, model, ddp_model, optimizer, autocast), step
+
+
+def _step(loop: _Loop, step: int) -> dict[str, Any]:
+    """One optimizer step at the schedule's learning rate over `grad_accum` micro-batches; its log record."""
+    started = time.perf_counter()
+    lr = learning_rate(loop.cfg, step)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = _accumulate_gradients(loop, step)
+    norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.grad_clip or float("inf"))
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.ddp.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    return {
+        "step": step,
+        "loss": loss_sum.item(),
+        "lr": lr,
+        "grad_norm": norm.item(),
+        "tokens": step * loop.tokens_per_step,
+        "tokens_per_s": loop.tokens_per_step / (time.perf_counter() - started),
+    }
+
+
+def _accumulate_gradients(loop: _Loop, step: int) -> torch.Tensor:
+    """Backpropagate the micro-batches of `step` (the gradients synchronised across processes on the last one
+    only); their mean loss on this process."""
+    cfg, ddp = loop.cfg, loop.ddp
+    loss_sum = torch.zeros((), device=loop.device)
+    for micro in range(cfg.grad_accum):
+        x, y = batch_windows(
+            loop.data.train, loop.seq_len, cfg.batch_size, cfg.seed, step, micro, ddp.rank, ddp.world
+        )
+        ids, targets = torch.from_numpy(x).to(loop.device), torch.from_numpy(y).to(loop.device)
+        last = micro == cfg.grad_accum - 1
+        model = loop.ddp_model
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        with sync, loop.autocast:
+            loss = next_token_loss(model, ids, targets) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def _evaluate_and_save(loop: _Loop, step: int, record: dict[str, Any]) -> float:
+    """Add the validation loss and perplexity to `record`; save the run (on the main process). The loss."""
+    val_loss = evaluate(loop.model, loop.val, loop.device, loop.autocast)
+    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if loop.ddp.main:
+        _save(loop.out, loop.cfg, loop.model, loop.optimizer, loop.data, step)
+    return val_loss
+
+
+def _log(loop: _Loop, log: TextIO, record: dict[str, Any]) -> None:
+    """Append `record` to the JSONL log; redraw the loss curve when it holds a validation loss."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    if "val_loss" in record:
+        plot_loss_curve(loop.out / LOG, loop.out / "loss.png")
+
+
+def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of targets y given ids x, both (B, T): the loss that training minimises."""
     logits = model(x)  # (B, T, vocab)
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -347,7 +402,7 @@ def _load_training_state(out: Path, model: Transformer, optimizer: torch.optim.O
     return step
 
 
-def _open_log(path: Path, step: int) -> Any:
+def _open_log(path: Path, step: int) -> TextIO:
     """Open the JSONL log for appending, first dropping records past `step` (left by an interrupted run)."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -396,19 +451,25 @@ class _Progress:
             TimeRemainingColumn(),
         )
         self.bar.start()
+        self.val = ""  # the last validation loss, shown until the next
         self.task = self.bar.add_task(
             "train", total=self.total, completed=self.done, loss="-", speed="-", val=""
         )
         return self._advance
 
     def _advance(self, record: dict[str, Any]) -> None:
-        fields = {"loss": f"{record['loss']:.3f}", "speed": f"{record['tokens_per_s']:,.0f}"}
         if "val_loss" in record:
-            fields["val"] = f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f})"
+            self.val = f"val {record['val_loss']:.3f} (ppl {record['val_ppl']:.1f})"
             self.bar.console.print(
                 f"step {record['step']}: val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f}"
             )
-        self.bar.update(self.task, completed=record["step"], **fields)
+        self.bar.update(
+            self.task,
+            completed=record["step"],
+            loss=f"{record['loss']:.3f}",
+            speed=f"{record['tokens_per_s']:,.0f}",
+            val=self.val,
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
