@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_TEXT
 
-from edgelm.evaluation import compare as comparison
 from edgelm.errors import EdgelmError
+from edgelm.evaluation import compare as comparison
 from edgelm.evaluation.check import CheckResult
 from edgelm.evaluation.compare import Comparison, compare, default_targets, export_target, parse_target
 from edgelm.evaluation.reference import EvaluationText, Reference, compute_reference

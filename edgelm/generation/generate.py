@@ -184,7 +184,7 @@ def check_max_new_tokens(max_new_tokens: object) -> int:
     """`max_new_tokens` as an int >= 0, or a clear error."""
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise EdgelmError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    return max_new_tokens
+    return int(max_new_tokens)
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, context: int) -> list[int]:
@@ -227,7 +227,7 @@ def check_stop_ids(stop_ids: Sequence[int] | None, vocab_size: int) -> tuple[int
 
 
 def _is_id(value: object, vocab_size: int) -> bool:
-    return is_int(value) and 0 <= value < vocab_size
+    return is_int(value) and 0 <= int(value) < vocab_size
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
