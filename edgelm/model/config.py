@@ -355,7 +355,7 @@ def hf_sliding_window(
             return None
     if window is not None and (not is_int(window) or window <= 0):
         raise EdgelmError(f"{where}: sliding_window={window!r} must be a positive integer or null")
-    return window
+    return None if window is None else int(window)
 
 
 PRESETS: dict[str, ModelConfig] = {
