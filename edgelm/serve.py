@@ -58,10 +58,10 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
     """The OpenAI-compatible application serving `model` under the id `model_name` (see the module doc).
 
     Sampling defaults are `SamplingParams`' (llama.cpp's); `top_k` is an extension. `max_tokens` defaults
-    to 16 for completions and to the rest of the context for chat.
+    to 16 for completions and to the rest of the context for chat. Generations run one at a time in a
+    worker thread, shut down with the application.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-generate")
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +69,15 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="edgelm", lifespan=lifespan)
+    _add_error_handlers(app)
+    _add_model_list(app, model, model_name)
+    _add_completions(app, model, model_name, executor)
+    _add_chat_completions(app, model, model_name, executor)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers in OpenAI's error shape: 400s for bad requests, 500 for edgelm's own faults."""
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> Response:
@@ -83,11 +92,20 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return _error(500, f"internal error: {error}", "server_error")
 
+
+def _add_model_list(app: FastAPI, model: Model, model_name: str) -> None:
+    """GET /v1/models: the one model, with its context length."""
+    created = int(time.time())
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         context = model.config.max_position_embeddings
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "edgelm"}
         return {"object": "list", "data": [{**entry, "context_length": context}]}
+
+
+def _add_completions(app: FastAPI, model: Model, model_name: str, executor: ThreadPoolExecutor) -> None:
+    """POST /v1/completions: a text prompt continued, as JSON or server-sent events."""
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -104,6 +122,10 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
+
+def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor: ThreadPoolExecutor) -> None:
+    """POST /v1/chat/completions: the messages rendered with the chat template and answered."""
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await _json_body(request)
@@ -119,8 +141,6 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
-
-    return app
 
 
 def serve(

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import llama_cpp
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edgelm
 from edgelm.errors import EdgelmError
+from edgelm.export.gguf import export_gguf
 from edgelm.generation.generate import generate_ids
 from edgelm.generation.sampling import SamplingParams, sample
 
@@ -28,6 +30,34 @@ def test_greedy_generation_equals_transformers(checkpoint: Path) -> None:
     generated = out[0, len(prompt) :].tolist()
     theirs = generated[: generated.index(1)] if 1 in generated else generated  # edgelm yields no EOS
     assert len(ours) > 0 and ours == theirs
+
+
+def test_model_generate_equals_transformers_text(checkpoint: Path) -> None:
+    """`Model.generate`'s greedy text is what transformers' greedy search and its tokenizer's decode give."""
+    with edgelm.load(checkpoint, device="cpu") as model:
+        ours = model.generate("def push(self", max_new_tokens=40, temperature=0)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = tokenizer("def push(self", return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        out = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=1, pad_token_id=1)
+    generated = out[0, prompt.shape[1] :].tolist()
+    generated = generated[: generated.index(1)] if 1 in generated else generated
+    assert len(ours) > 0 and ours == tokenizer.decode(generated)
+
+
+@pytest.mark.slow
+def test_model_generate_equals_llama_cpp_completion(checkpoint: Path, tmp_path: Path) -> None:
+    """On a GGUF file, `Model.generate`'s greedy text is llama-cpp-python's own greedy completion."""
+    path = export_gguf(checkpoint, tmp_path / "model.gguf", "f32")
+    with edgelm.load(path) as model:
+        ours = model.generate("def push(self", max_new_tokens=30, temperature=0)
+        context = model.config.max_position_embeddings
+    llama = llama_cpp.Llama(str(path), n_ctx=context, verbose=False)
+    theirs = llama.create_completion("def push(self", max_tokens=30, temperature=0)
+    llama.close()
+    # llama-cpp-python drops the bytes of an incomplete character (errors="ignore"); edgelm writes U+FFFD
+    assert len(ours) > 0 and ours.replace("\ufffd", "") == theirs["choices"][0]["text"]
 
 
 def test_sampling_follows_the_distribution() -> None:
