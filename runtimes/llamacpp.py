@@ -54,6 +54,8 @@ class LlamaCppRuntime:
 
     name: ClassVar[str] = "llamacpp"
     artifacts: ClassVar[tuple[str, ...]] = ("gguf",)
+    options: ClassVar[frozenset[str]] = frozenset({"threads", "context", "kv_cache"})
+    provider: str | None = None
 
     def __init__(
         self,

@@ -23,6 +23,8 @@ class TorchRuntime:
 
     name: ClassVar[str] = "torch"
     artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    options: ClassVar[frozenset[str]] = frozenset({"dtype", "threads"})
+    provider: str | None = None
 
     def __init__(
         self, path: Path, device: str = "auto", dtype: str = "float32", threads: int | None = None

@@ -70,7 +70,7 @@ from edgelm.evaluation.reference import (
 from edgelm.files import read_json
 from edgelm.formats.artifact import artifact_kind
 from edgelm.formats.onnx import PROVENANCE
-from edgelm.runtimes.base import Runtime
+from edgelm.runtimes.base import Runtime, runtime_provider, runtime_threads
 from edgelm.tokenizer import Tokenizer
 
 PP_TOKENS = 512
@@ -439,7 +439,7 @@ def check(
             "runtime": rt.name,
             "device": rt.device,
             "provider": runtime_provider(rt),
-            "threads": getattr(rt, "threads", None),
+            "threads": runtime_threads(rt),
         }
         tokenizer = compare_tokenizers(reference.text_ids, rt.tokenizer, reference.text.text)
         result_accuracy = evaluate(rt, reference, progress)
@@ -470,16 +470,6 @@ def check(
         gates=gates(result_accuracy, tokenizer, max_kld, min_top1, max_ppl_ratio),
         **known,
     )
-
-
-def runtime_provider(rt: Runtime) -> str | None:
-    """The execution provider a runtime reports (`provider`, or the first of `providers`), if any."""
-    provider = getattr(rt, "provider", None)
-    if provider is None:
-        providers = getattr(rt, "providers", None)
-        if isinstance(providers, (list, tuple)) and providers:
-            provider = providers[0]
-    return None if provider is None else str(provider)
 
 
 def artifact_size(path: Path, kind: str | None = None) -> int:

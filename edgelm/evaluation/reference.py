@@ -5,7 +5,6 @@ at the scored positions, computed once and cached on disk. See `edgelm.evaluatio
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from edgelm.evaluation.metrics import log_probs
 from edgelm.files import read_json
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
-from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
+from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, declared_options, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -366,14 +365,10 @@ def _save_cache(entry: Path, windows: np.ndarray, logp: np.ndarray, meta: dict) 
 def open_checked(
     path: Path, runtime: str, device: str, threads: int | None, options: dict[str, Any]
 ) -> Runtime:
-    """Open an artifact with the check's options for its runtime; `threads` where the runtime takes it."""
+    """Open an artifact with the check's options for its runtime; `threads` where the runtime declares it
+    takes them."""
     name = DEFAULT_RUNTIME.get(artifact_kind(path), runtime) if runtime == "auto" else runtime
     merged = {**CHECK_OPTIONS.get(name, {}), **options}
-    if threads is not None:
-        try:
-            accepts = "threads" in inspect.signature(runtime_class(name)).parameters
-        except (TypeError, ValueError):
-            accepts = False
-        if accepts:
-            merged["threads"] = threads
+    if threads is not None and "threads" in declared_options(runtime_class(name)):
+        merged["threads"] = threads
     return open_runtime(path, runtime=name, device=device, **merged)
