@@ -17,7 +17,7 @@ import numpy as np
 
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import log_probs
-from edgelm.files import read_json
+from edgelm.files import read_json, read_text
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
 from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, declared_options, open_runtime, runtime_class
@@ -53,14 +53,7 @@ class EvaluationText:
     def from_file(cls, path: str | Path) -> EvaluationText:
         """A UTF-8 text file; an empty one is refused."""
         path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise EdgelmError(f"{path}: no such evaluation text file") from None
-        except UnicodeDecodeError as e:
-            raise EdgelmError(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8") from None
-        except OSError as e:
-            raise EdgelmError(f"{path}: cannot be read ({e.strerror})") from None
+        text = read_text(path, f"evaluation text {path}")
         if not text.strip():
             raise EdgelmError(f"{path}: the evaluation text is empty; give a file with text in it")
         return cls(text, str(path))
