@@ -40,7 +40,6 @@ the target loads; elsewhere the process's lifetime peak).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.evaluation.memory import peak_rss_bytes, reset_peak_rss
 from edgelm.evaluation.metrics import (
     Accuracy,
     PositionStats,
@@ -209,32 +209,6 @@ def measure_speed(
         progress("latency", repetitions + 1, repetitions + 1)
     pp, tg, ttft = zip(*rounds[1:], strict=True)
     return timing(pp), timing(tg), timing([t * 1000 for t in ttft])
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's resident-memory high-water mark where the OS allows it (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's resident-memory high-water mark in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------
