@@ -22,6 +22,7 @@ from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
 from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, declared_options, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.data import spread_windows
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -91,8 +92,7 @@ def evaluation_windows(ids: np.ndarray, ctx: int, max_windows: int, bos_id: int 
             f"the evaluation text holds {len(ids)} tokens, fewer than one window of {ctx}; "
             "give a longer text or a smaller --ctx"
         )
-    chosen = np.linspace(0, available - 1, num=min(max_windows, available)).round().astype(int)
-    windows = np.stack([np.asarray(ids[i * ctx : (i + 1) * ctx], dtype=np.int64) for i in np.unique(chosen)])
+    windows = spread_windows(ids, ctx, max_windows)
     if bos_id is not None:
         windows[:, 0] = bos_id
     return windows

@@ -223,7 +223,12 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np
     """
     if len(tokens) < 2:
         raise EdgelmError("the validation split holds fewer than 2 tokens; add text to the corpus")
-    length = min(seq_len, len(tokens) - 1) + 1
+    return spread_windows(tokens, min(seq_len, len(tokens) - 1) + 1, max_windows)
+
+
+def spread_windows(tokens: np.ndarray, length: int, max_windows: int) -> np.ndarray:
+    """Up to `max_windows` non-overlapping windows (n, length) int64 spread evenly over `tokens`, which hold
+    at least one window."""
     available = len(tokens) // length
     chosen = np.linspace(0, available - 1, num=min(max_windows, available)).round().astype(int)
     return np.stack([np.asarray(tokens[i * length : (i + 1) * length], dtype=np.int64) for i in chosen])
