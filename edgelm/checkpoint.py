@@ -181,6 +181,17 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
     return config, tensors, Tokenizer.load(directory)
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """A checkpoint's weight files: model.safetensors, or the shards' index and then its shards, sorted."""
+    weights = weights_path(directory)
+    if weights.name != WEIGHTS_INDEX:
+        return [weights]
+    return [
+        weights,
+        *sorted({Path(directory) / shard for shard in read_json(weights)["weight_map"].values()}),
+    ]
+
+
 def weights_path(directory: Path) -> Path:
     """The file that holds or lists a checkpoint's weights: model.safetensors, else the shards' index."""
     directory = Path(directory)
@@ -401,12 +412,8 @@ def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: st
 def checkpoint_sha256(directory: Path) -> str:
     """A hash of what makes the model: config.json, the weights (each shard) and tokenizer.json."""
     directory = Path(directory)
-    weights = weights_path(directory)
-    files = [weights]
-    if weights.name == WEIGHTS_INDEX:
-        files += sorted({directory / shard for shard in read_json(weights)["weight_map"].values()})
     digest = hashlib.sha256()
-    for path in (directory / "config.json", *files, directory / "tokenizer.json"):
+    for path in (directory / "config.json", *weight_files(directory), directory / "tokenizer.json"):
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 digest.update(block)

@@ -454,13 +454,9 @@ def artifact_size(path: Path, kind: str | None = None) -> int:
     if path.is_file():
         return path.stat().st_size
     if kind == "checkpoint":
-        from edgelm.checkpoint import WEIGHTS_INDEX, weights_path
+        from edgelm.checkpoint import weight_files
 
-        weights = weights_path(path)
-        files = {weights}
-        if weights.name == WEIGHTS_INDEX:
-            files |= {path / shard for shard in read_json(weights)["weight_map"].values()}
-        files |= {p for p in path.glob("*.json") if p.is_file()}
+        files = {*weight_files(path), *(p for p in path.glob("*.json") if p.is_file())}
         return sum(p.stat().st_size for p in files)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
