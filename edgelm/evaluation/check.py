@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,13 +372,7 @@ def check(
     The gates (`max_kld`, `min_top1` as a fraction, `max_ppl_ratio`) decide `passed` with the tokenizer
     check. Bad input (an artifact that does not load, an empty or too short text) raises `EdgelmError`.
     """
-    if not isinstance(repetitions, int) or repetitions < 0:
-        raise EdgelmError(f"repetitions={repetitions!r} must be 0 or more")
-    for name, limit in (("max_kld", max_kld), ("min_top1", min_top1), ("max_ppl_ratio", max_ppl_ratio)):
-        if limit is not None and not limit >= 0:
-            raise EdgelmError(f"{name}={limit!r} must be a number ≥ 0")
-    if min_top1 is not None and min_top1 > 1:
-        raise EdgelmError(f"min_top1={min_top1} is a fraction: 0.9 means 90 % of positions")
+    check_limits(repetitions, max_kld, min_top1, max_ppl_ratio)
     path = Path(artifact)
     kind = artifact_kind(path)
     if not isinstance(reference, Reference):
@@ -402,14 +396,59 @@ def check(
         "file_size": artifact_size(path, kind),
         "reference": reference.info,
     }
+
+    def load() -> Runtime:
+        return open_checked(path, runtime, device, threads, options or {})
+
+    measured = measure_target(load, reference, repetitions, progress)
+    return CheckResult(
+        target=target or str(path),
+        peak_rss=peak_rss_bytes(),
+        tokenizer=measured.tokenizer,
+        accuracy=measured.accuracy,
+        latency=measured.latency,
+        gates=gates(measured.accuracy, measured.tokenizer, max_kld, min_top1, max_ppl_ratio),
+        **known,
+        **measured.runtime,
+    )
+
+
+def check_limits(
+    repetitions: int, max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None
+) -> None:
+    """Refuse a negative repetition count and gates that are not numbers ≥ 0 (min_top1 a fraction)."""
+    if not isinstance(repetitions, int) or repetitions < 0:
+        raise EdgelmError(f"repetitions={repetitions!r} must be 0 or more")
+    for name, limit in (("max_kld", max_kld), ("min_top1", min_top1), ("max_ppl_ratio", max_ppl_ratio)):
+        if limit is not None and not limit >= 0:
+            raise EdgelmError(f"{name}={limit!r} must be a number ≥ 0")
+    if min_top1 is not None and min_top1 > 1:
+        raise EdgelmError(f"min_top1={min_top1} is a fraction: 0.9 means 90 % of positions")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What running the target gave: how it ran, its tokenizer check, accuracy and latency."""
+
+    runtime: dict[str, Any]  # the CheckResult fields runtime, device, provider, threads
+    tokenizer: TokenizerCheck
+    accuracy: Accuracy
+    latency: Latency | None
+
+
+def measure_target(
+    load: Callable[[], Runtime], reference: Reference, repetitions: int, progress: Progress | None
+) -> Measured:
+    """Load the target cold (peak RSS reset first), check its tokenizer and accuracy, measure its speed
+    and then its warm reloads (none when `repetitions` is 0)."""
     reset_peak_rss()
     if progress:
         progress("load", 0, 1)
     start = time.perf_counter()
-    rt = open_checked(path, runtime, device, threads, options or {})
+    rt = load()
     load_cold = time.perf_counter() - start
     try:
-        known |= {
+        facts = {
             "runtime": rt.name,
             "device": rt.device,
             "provider": runtime_provider(rt),
@@ -423,27 +462,25 @@ def check(
             speeds = measure_speed(rt, prompt, decode, repetitions, progress)
     finally:
         rt.close()
+    warm = warm_loads(load, repetitions, progress)
+    latency = None
+    if speeds is not None:
+        pp, tg, ttft = speeds
+        latency = Latency(load_cold, timing(warm), len(prompt), pp, len(decode), tg, ttft)
+    return Measured(facts, tokenizer, result_accuracy, latency)
+
+
+def warm_loads(load: Callable[[], Runtime], repetitions: int, progress: Progress | None) -> list[float]:
+    """Seconds of each of `repetitions` reloads of the target."""
     warm = []
     for i in range(repetitions):
         if progress:
             progress("load", i, repetitions)
         start = time.perf_counter()
-        again = open_checked(path, runtime, device, threads, options or {})
+        again = load()
         warm.append(time.perf_counter() - start)
         again.close()
-    latency = None
-    if speeds is not None:
-        pp, tg, ttft = speeds
-        latency = Latency(load_cold, timing(warm), len(prompt), pp, len(decode), tg, ttft)
-    return CheckResult(
-        target=target or str(path),
-        peak_rss=peak_rss_bytes(),
-        tokenizer=tokenizer,
-        accuracy=result_accuracy,
-        latency=latency,
-        gates=gates(result_accuracy, tokenizer, max_kld, min_top1, max_ppl_ratio),
-        **known,
-    )
+    return warm
 
 
 def artifact_size(path: Path, kind: str | None = None) -> int:
