@@ -234,12 +234,23 @@ def compare(
             results.append(result)
             display.done(target.spec, summary(result))
 
+    return write_report(checkpoint, out, reference.info, results, settings)
+
+
+def write_report(
+    checkpoint: Path,
+    out: Path,
+    reference: ReferenceInfo,
+    results: list[CheckResult],
+    settings: dict[str, Any],
+) -> Comparison:
+    """Write the charts, report.json and report.md into `out`."""
     charts, note = write_charts(results, out)
     report_json = out / "report.json"
-    write_json_atomic(report_json, report_record(checkpoint, reference.info, results, settings))
+    write_json_atomic(report_json, report_record(checkpoint, reference, results, settings))
     report_md = out / "report.md"
-    report_md.write_text(report_markdown(checkpoint, reference.info, results, charts, note), encoding="utf-8")
-    return Comparison(str(checkpoint), reference.info, tuple(results), report_md, report_json, charts, note)
+    report_md.write_text(report_markdown(checkpoint, reference, results, charts, note), encoding="utf-8")
+    return Comparison(str(checkpoint), reference, tuple(results), report_md, report_json, charts, note)
 
 
 def reference_ppl_text(reference: Reference) -> str:

@@ -236,25 +236,10 @@ def compute_reference(
         config, tokenizer = opened.config, opened.tokenizer
     try:
         ctx = _window_length(ctx, config.max_position_embeddings, str(path))
-        ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)
-        if ids.size == 0:
-            raise EdgelmError(f"{text.source}: the evaluation text gives no tokens")
-        n = default_windows(ctx) if windows is None else windows
-        if not isinstance(n, int) or n < 1:
-            raise EdgelmError(f"windows={n} must be at least 1")
-        chosen = evaluation_windows(ids, ctx, n, tokenizer.bos_id if tokenizer.add_bos else None)
-        start, stop = scored_range(ctx)
-        size = chosen.shape[0] * (stop - start) * config.vocab_size * 4
-        if size > MAX_REFERENCE_BYTES:
-            raise EdgelmError(
-                f"the reference log-probs would take {size / 1e9:.1f} GB ({chosen.shape[0]} windows × "
-                f"{stop - start} positions × {config.vocab_size} vocabulary × 4 bytes); "
-                "lower --ctx or --windows"
-            )
-        sha = artifact_sha256(path)
+        ids, chosen, n = choose_windows(text, tokenizer, ctx, windows, config.vocab_size)
         key_fields = {
             "format": CACHE_FORMAT,
-            "reference": sha,
+            "reference": artifact_sha256(path),
             "runtime": runtime,
             "device": device,
             "text": text.sha256,
@@ -288,6 +273,29 @@ def compute_reference(
     finally:
         if opened is not None:
             opened.close()
+
+
+def choose_windows(
+    text: EvaluationText, tokenizer: Tokenizer, ctx: int, windows: int | None, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The text's ids, its windows of `ctx` tokens, and the window count asked for (`windows`, default
+    `default_windows(ctx)`); refuses a text without tokens and log-probs over MAX_REFERENCE_BYTES."""
+    ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)
+    if ids.size == 0:
+        raise EdgelmError(f"{text.source}: the evaluation text gives no tokens")
+    n = default_windows(ctx) if windows is None else windows
+    if not isinstance(n, int) or n < 1:
+        raise EdgelmError(f"windows={n} must be at least 1")
+    chosen = evaluation_windows(ids, ctx, n, tokenizer.bos_id if tokenizer.add_bos else None)
+    start, stop = scored_range(ctx)
+    size = chosen.shape[0] * (stop - start) * vocab_size * 4
+    if size > MAX_REFERENCE_BYTES:
+        raise EdgelmError(
+            f"the reference log-probs would take {size / 1e9:.1f} GB ({chosen.shape[0]} windows × "
+            f"{stop - start} positions × {vocab_size} vocabulary × 4 bytes); "
+            "lower --ctx or --windows"
+        )
+    return ids, chosen, n
 
 
 def _window_length(ctx: int | None, context: int, where: str) -> int:
