@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -357,7 +357,8 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     """One tensor from its open file as float32; BF16 is widened by putting its 16 bits on top of 32."""
     stored = np.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
     f.seek(entry.start)
-    if f.readinto(memoryview(stored.reshape(-1)).cast("B")) != entry.end - entry.start:
+    view = memoryview(stored.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
+    if f.readinto(view) != entry.end - entry.start:  # type: ignore[attr-defined]  # every binary file has it
         raise unreadable(entry.path, f"the file ended inside {entry.name}")
     if entry.dtype == "BF16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
@@ -366,7 +367,7 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
 
 def is_count(value: object) -> bool:
     """A non-negative integer that is not a bool (JSON true would pass isinstance(int))."""
-    return is_int(value) and value >= 0
+    return is_int(value) and cast(int, value) >= 0
 
 
 def unreadable(path: Path, reason: str) -> EdgelmError:

@@ -51,6 +51,14 @@ class Runtime(Protocol):
         """Release the model's memory; the runtime is not used afterwards."""
 
 
+class RuntimeClass(Protocol):
+    """A runtime's class: the artifact kinds it opens, and its constructor."""
+
+    artifacts: tuple[str, ...]
+
+    def __call__(self, path: Path, *, device: str = "auto", **options: Any) -> Runtime: ...
+
+
 # name → (module, class, the pip extra that installs its dependency)
 BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
     "torch": ("edgelm.runtimes.torch", "TorchRuntime", "torch"),
@@ -61,7 +69,7 @@ BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
 DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp", "onnx": "onnxruntime"}
 
 
-def declared_options(cls: type) -> frozenset[str]:
+def declared_options(cls: object) -> frozenset[str]:
     """The keyword options a runtime class declares its constructor takes (`options`); none if undeclared."""
     return frozenset(getattr(cls, "options", frozenset()))
 
@@ -84,7 +92,7 @@ def runtime_names() -> list[str]:
     return [*BUILTIN_RUNTIMES, *sorted(plugins)]
 
 
-def runtime_class(name: str) -> type:
+def runtime_class(name: str) -> RuntimeClass:
     """Import a runtime's class by name; a missing dependency names the extra that installs it."""
     if name in BUILTIN_RUNTIMES:
         module_name, class_name, extra = BUILTIN_RUNTIMES[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -80,7 +80,7 @@ def check_external_data(folder: Path, model: onnx.ModelProto) -> None:
             )
 
 
-def _all_initializers(model: onnx.ModelProto):
+def _all_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from model.graph.initializer
     for node in model.graph.node:
         for attribute in node.attribute:

@@ -39,7 +39,7 @@ class TorchRuntime:
         with torch.device("meta"):  # no random initialisation: the parameters become the loaded arrays
             model = Transformer(self.config)
         load_weights(model, tensors, assign=True)
-        self.model = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        self.model: Transformer | None = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.model.setup_cache(batch=1)
         self.position = 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import pytest
@@ -57,7 +57,7 @@ def test_plugin_runtime_gets_generation_for_free(checkpoint: Path, plugin: None)
         text = model.generate("a", max_new_tokens=5, temperature=0)
         expected = [(prompt_ids[-1] + k) % model.config.vocab_size for k in range(1, 6)]
         assert text == model.tokenizer.decode(expected)
-        assert model.runtime.seen == [*prompt_ids, *expected[:-1]]
+        assert cast(ReplayRuntime, model.runtime).seen == [*prompt_ids, *expected[:-1]]
 
 
 def test_auto_choice_and_refusals(checkpoint: Path, tmp_path: Path) -> None:

@@ -389,7 +389,7 @@ def check(
             progress=progress,
             threads=threads,
         )
-    known = {
+    known: dict[str, Any] = {
         "artifact": str(path),
         "format": kind,
         "quant": quant or artifact_quant(path, kind),

@@ -320,6 +320,7 @@ def _check_in_child(
     failed = {"artifact": str(artifact), "quant": kwargs.get("quant"), "reference": reference.info}
     with open(log, "wb") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+    assert process.stdin is not None and process.stdout is not None  # both are pipes, as asked
     outcome: tuple[str, Any] | None = None
     try:
         with contextlib.suppress(BrokenPipeError):  # a child that dies at once: its exit code says why
