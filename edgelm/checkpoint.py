@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -179,6 +179,17 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
     expected = tensor_shapes(config)  # without a tied head that some writers store twice
     tensors = dict(read_entries(e for e in entries if e.name in expected))
     return config, tensors, Tokenizer.load(directory)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """A checkpoint's weight files: model.safetensors, or the shards' index and then its shards, sorted."""
+    weights = weights_path(directory)
+    if weights.name != WEIGHTS_INDEX:
+        return [weights]
+    return [
+        weights,
+        *sorted({Path(directory) / shard for shard in read_json(weights)["weight_map"].values()}),
+    ]
 
 
 def weights_path(directory: Path) -> Path:
@@ -346,7 +357,8 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     """One tensor from its open file as float32; BF16 is widened by putting its 16 bits on top of 32."""
     stored = np.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
     f.seek(entry.start)
-    if f.readinto(memoryview(stored.reshape(-1)).cast("B")) != entry.end - entry.start:
+    view = memoryview(stored.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
+    if f.readinto(view) != entry.end - entry.start:  # type: ignore[attr-defined]  # every binary file has it
         raise unreadable(entry.path, f"the file ended inside {entry.name}")
     if entry.dtype == "BF16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
@@ -355,7 +367,7 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
 
 def is_count(value: object) -> bool:
     """A non-negative integer that is not a bool (JSON true would pass isinstance(int))."""
-    return is_int(value) and value >= 0
+    return is_int(value) and cast(int, value) >= 0
 
 
 def unreadable(path: Path, reason: str) -> EdgelmError:
@@ -401,12 +413,8 @@ def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: st
 def checkpoint_sha256(directory: Path) -> str:
     """A hash of what makes the model: config.json, the weights (each shard) and tokenizer.json."""
     directory = Path(directory)
-    weights = weights_path(directory)
-    files = [weights]
-    if weights.name == WEIGHTS_INDEX:
-        files += sorted({directory / shard for shard in read_json(weights)["weight_map"].values()})
     digest = hashlib.sha256()
-    for path in (directory / "config.json", *files, directory / "tokenizer.json"):
+    for path in (directory / "config.json", *weight_files(directory), directory / "tokenizer.json"):
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 digest.update(block)

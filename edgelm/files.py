@@ -1,4 +1,5 @@
-"""Small file helpers: JSON that fails with a clear message, and writes that never leave half a file."""
+"""Small file helpers: UTF-8 text and JSON that fail with a clear message, and writes that never leave half a
+file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,32 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
+
+UTF8_HINT = "convert it first, e.g. iconv -f latin1 -t utf-8"
+
+
+class NotUtf8Error(EdgelmError):
+    """A text file whose bytes are not UTF-8 (a caller may skip such files rather than stop)."""
+
+
+def read_text(path: Path, label: str | None = None, hint: str = UTF8_HINT, drop_bom: bool = False) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped if `drop_bom`); an EdgelmError naming it
+    (`label`, default its path) when it is missing, not a file or unreadable, a `NotUtf8Error` ending in
+    `hint` when it is not UTF-8."""
+    path = Path(path)
+    label = label or str(path)
+    if not path.exists():
+        raise EdgelmError(f"{label}: not found")
+    if not path.is_file():
+        raise EdgelmError(f"{label}: not a file (give a UTF-8 text file)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EdgelmError(f"{label}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig" if drop_bom else "utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUtf8Error(f"{label}: not UTF-8 (byte {e.start}: {e.reason}); {hint}") from None
 
 
 def read_json(path: Path) -> Any:

@@ -4,12 +4,12 @@ with --load, what loading it costs an app: time, resident memory, and time to fi
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from edgelm.checkpoint import WEIGHTS, tensor_shapes
+from edgelm.evaluation.memory import resident_memory
 from edgelm.files import human_size, read_json
 from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.onnx import MODEL_FILE, PROVENANCE
@@ -143,20 +143,6 @@ def load_rows(load: dict[str, Any]) -> list[tuple[str, str]]:
             f"{load['first_token_seconds'] * 1000:.1f} ms ({load['first_token_prompt_tokens']}-token prompt)",
         ),
     ]
-
-
-def resident_memory() -> int | None:
-    """This process's resident set size in bytes: psutil where installed, else /proc/self/statm (Linux),
-    else None."""
-    try:
-        import psutil
-    except ImportError:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
-    return int(psutil.Process().memory_info().rss)
 
 
 def _difference(after: int | None, before: int | None) -> int | None:

@@ -1,7 +1,9 @@
 """The Runtime protocol, the registry of runtimes, and the automatic choice of runtime by artifact.
 
 A plugin adds a runtime through the entry-point group `edgelm.runtimes` (name = "module:Class"); the
-class follows `Runtime` and is constructed as `Class(path, device=..., **options)`.
+class follows `Runtime` and is constructed as `Class(path, device=..., **options)`. Its optional
+capabilities (`options`, `threads`, `provider`) it may leave out: `declared_options`, `runtime_threads`
+and `runtime_provider` read them with their defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from edgelm.tokenizer import Tokenizer
 
 @runtime_checkable
 class Runtime(Protocol):
-    """A model loaded for inference that keeps one sequence (its KV cache) between calls."""
+    """A model loaded for inference that keeps one sequence (its KV cache) between calls.
+
+    Optional capabilities, which every built-in runtime declares and a plugin may leave out (they are not
+    protocol members, so that `isinstance(plugin, Runtime)` holds without them):
+
+    - `options: ClassVar[frozenset[str]]`: the keyword options its constructor takes besides `path` and
+      `device` (e.g. "threads"); none when not declared.
+    - `threads: int | None`: the CPU threads it computes with; None when it does not say.
+    - `provider: str | None`: the execution provider that runs it (ONNX Runtime's); None elsewhere.
+    """
 
     name: ClassVar[str]  # "torch", "onnxruntime", "llamacpp"
     artifacts: ClassVar[tuple[str, ...]]  # the artifact kinds it opens, see `artifact_kind`
@@ -40,6 +51,14 @@ class Runtime(Protocol):
         """Release the model's memory; the runtime is not used afterwards."""
 
 
+class RuntimeClass(Protocol):
+    """A runtime's class: the artifact kinds it opens, and its constructor."""
+
+    artifacts: tuple[str, ...]
+
+    def __call__(self, path: Path, *, device: str = "auto", **options: Any) -> Runtime: ...
+
+
 # name → (module, class, the pip extra that installs its dependency)
 BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
     "torch": ("edgelm.runtimes.torch", "TorchRuntime", "torch"),
@@ -50,13 +69,30 @@ BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
 DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp", "onnx": "onnxruntime"}
 
 
+def declared_options(cls: object) -> frozenset[str]:
+    """The keyword options a runtime class declares its constructor takes (`options`); none if undeclared."""
+    return frozenset(getattr(cls, "options", frozenset()))
+
+
+def runtime_threads(runtime: Runtime) -> int | None:
+    """The CPU threads a runtime declares it computes with (`threads`); None if undeclared."""
+    threads = getattr(runtime, "threads", None)
+    return None if threads is None else int(threads)
+
+
+def runtime_provider(runtime: Runtime) -> str | None:
+    """The execution provider a runtime declares (`provider`); None if undeclared."""
+    provider = getattr(runtime, "provider", None)
+    return None if provider is None else str(provider)
+
+
 def runtime_names() -> list[str]:
     """Built-in runtimes and those that installed plugins add."""
     plugins = [ep.name for ep in entry_points(group="edgelm.runtimes") if ep.name not in BUILTIN_RUNTIMES]
     return [*BUILTIN_RUNTIMES, *sorted(plugins)]
 
 
-def runtime_class(name: str) -> type:
+def runtime_class(name: str) -> RuntimeClass:
     """Import a runtime's class by name; a missing dependency names the extra that installs it."""
     if name in BUILTIN_RUNTIMES:
         module_name, class_name, extra = BUILTIN_RUNTIMES[name]

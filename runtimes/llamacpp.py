@@ -54,6 +54,8 @@ class LlamaCppRuntime:
 
     name: ClassVar[str] = "llamacpp"
     artifacts: ClassVar[tuple[str, ...]] = ("gguf",)
+    options: ClassVar[frozenset[str]] = frozenset({"threads", "context", "kv_cache"})
+    provider: str | None = None
 
     def __init__(
         self,
@@ -76,7 +78,7 @@ class LlamaCppRuntime:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self._lock = threading.Lock()
         try:
-            self._llama = llama_cpp.Llama(
+            llama = llama_cpp.Llama(
                 str(path),
                 n_ctx=self.context,
                 n_batch=min(512, self.context),
@@ -91,8 +93,9 @@ class LlamaCppRuntime:
             )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise EdgelmError(f"{path}: llama.cpp could not load it ({e})") from None
+        self._llama: llama_cpp.Llama | None = llama
         self._n_batch = min(512, self.context)
-        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._llama.model))
+        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama.model))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self.position = 0
 
@@ -107,17 +110,20 @@ class LlamaCppRuntime:
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
         with self._lock:
-            if self._llama is None:
+            llama = self._llama
+            if llama is None:
                 raise EdgelmError("this runtime has been closed; load the model again")
             array = check_ids(ids, self.config.vocab_size, self.position, self.context)
             rows = []
             for start in range(0, array.size, self._n_batch):
                 chunk = array[start : start + self._n_batch]
                 last_chunk = start + chunk.size == array.size
-                rows.append(self._decode(chunk, all_logits, last_chunk))
+                rows.append(self._decode(llama, chunk, all_logits, last_chunk))
             return np.concatenate(rows) if all_logits else rows[-1]
 
-    def _decode(self, chunk: np.ndarray, all_logits: bool, last_chunk: bool) -> np.ndarray:
+    def _decode(
+        self, llama: llama_cpp.Llama, chunk: np.ndarray, all_logits: bool, last_chunk: bool
+    ) -> np.ndarray:
         """Decode one batch; logits for every token (all_logits) or for the last of the last chunk."""
         batch = self._batch
         n = chunk.size
@@ -128,14 +134,14 @@ class LlamaCppRuntime:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = all_logits or (last_chunk and i == n - 1)
-        status = llama_cpp.llama_decode(self._llama.ctx, batch)
+        status = llama_cpp.llama_decode(llama.ctx, batch)
         if status != 0:
             raise EdgelmError(f"llama.cpp failed to decode (status {status})")
         self.position += n
         wanted = range(n) if all_logits else [n - 1] if last_chunk else []
         out = np.empty((len(wanted), self._vocab), dtype=np.float32)
         for row, i in enumerate(wanted):
-            pointer = llama_cpp.llama_get_logits_ith(self._llama.ctx, i)
+            pointer = llama_cpp.llama_get_logits_ith(llama.ctx, i)
             out[row] = np.ctypeslib.as_array(
                 ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self._vocab,)
             )

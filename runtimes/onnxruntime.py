@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -80,7 +80,7 @@ def check_external_data(folder: Path, model: onnx.ModelProto) -> None:
             )
 
 
-def _all_initializers(model: onnx.ModelProto):
+def _all_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from model.graph.initializer
     for node in model.graph.node:
         for attribute in node.attribute:
@@ -93,6 +93,7 @@ class OnnxRuntime:
 
     name: ClassVar[str] = "onnxruntime"
     artifacts: ClassVar[tuple[str, ...]] = ("onnx",)
+    options: ClassVar[frozenset[str]] = frozenset({"threads"})
 
     def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
         folder = Path(path)
@@ -129,6 +130,7 @@ class OnnxRuntime:
         except Exception as e:  # onnxruntime's own exception types are not exported consistently
             raise EdgelmError(f"{file}: ONNX Runtime cannot load it ({e})") from None
         self.providers = self.session.get_providers()  # those that actually hold nodes, preferred first
+        self.provider: str | None = self.providers[0] if self.providers else None
         self.threads = threads
         self._lock = threading.Lock()
         self._setup_io()

@@ -23,6 +23,8 @@ class TorchRuntime:
 
     name: ClassVar[str] = "torch"
     artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    options: ClassVar[frozenset[str]] = frozenset({"dtype", "threads"})
+    provider: str | None = None
 
     def __init__(
         self, path: Path, device: str = "auto", dtype: str = "float32", threads: int | None = None
@@ -37,7 +39,7 @@ class TorchRuntime:
         with torch.device("meta"):  # no random initialisation: the parameters become the loaded arrays
             model = Transformer(self.config)
         load_weights(model, tensors, assign=True)
-        self.model = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        self.model: Transformer | None = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.model.setup_cache(batch=1)
         self.position = 0
 

@@ -297,3 +297,15 @@ def test_bad_input_is_a_clear_error(checkpoint: Path, tmp_path: Path, text_file:
         edgelm.check(checkpoint, checkpoint, text_file, min_top1=90)
     with pytest.raises(EdgelmError, match="longer than"):
         edgelm.check(checkpoint, checkpoint, text_file, ctx=SMALL.max_position_embeddings + 1)
+
+
+def test_process_memory_sees_an_allocation() -> None:
+    from edgelm.evaluation.memory import peak_rss_bytes, reset_peak_rss, resident_memory
+
+    reset_peak_rss()
+    before = resident_memory()
+    block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, every page written
+    after, peak = resident_memory(), peak_rss_bytes()
+    assert before is not None and after is not None and peak is not None
+    assert after - before >= 48 << 20 and peak >= after - (1 << 20)
+    del block

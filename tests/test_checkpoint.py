@@ -70,3 +70,22 @@ def test_import_edgelm_imports_no_engine() -> None:
     code = "import sys, edgelm; print(sorted({'torch', 'onnxruntime', 'llama_cpp'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_weight_files_of_a_sharded_checkpoint_feed_its_size_and_hash(checkpoint: Path) -> None:
+    from edgelm.checkpoint import WEIGHTS_INDEX, checkpoint_sha256, weight_files
+    from edgelm.evaluation.check import artifact_size
+
+    assert weight_files(checkpoint) == [checkpoint / "model.safetensors"]
+    single_hash = checkpoint_sha256(checkpoint)
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").unlink()
+    (checkpoint / "b.safetensors").write_bytes(data[: len(data) // 2])
+    (checkpoint / "a.safetensors").write_bytes(data[len(data) // 2 :])
+    index = {"metadata": {}, "weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}
+    (checkpoint / WEIGHTS_INDEX).write_text(json.dumps(index))
+    files = weight_files(checkpoint)
+    assert files == [checkpoint / WEIGHTS_INDEX, checkpoint / "a.safetensors", checkpoint / "b.safetensors"]
+    jsons = sum(p.stat().st_size for p in checkpoint.glob("*.json"))
+    assert artifact_size(checkpoint) == jsons + len(data)
+    assert checkpoint_sha256(checkpoint) != single_hash

@@ -16,6 +16,7 @@ from edgelm.errors import EdgelmError
 from edgelm.evaluation import compare as comparison
 from edgelm.evaluation.check import CheckResult
 from edgelm.evaluation.compare import Comparison, compare, default_targets, export_target, parse_target
+from edgelm.evaluation.progress import ProgressDisplay
 from edgelm.evaluation.reference import EvaluationText, Reference, compute_reference
 from edgelm.evaluation.report import pareto_front, write_charts
 
@@ -187,6 +188,15 @@ def test_targets_and_their_availability(monkeypatch: pytest.MonkeyPatch, checkpo
     assert not any(t.startswith("onnx:") for t in default_targets()) and "torch" in default_targets()
     with pytest.raises(EdgelmError, match=r"onnxruntime is not installed.*edgelm\[onnx\]"):
         export_target(parse_target("onnx:int4"), checkpoint, checkpoint.parent)
+    with pytest.raises(EdgelmError, match=r"gguf:q9_9: unknown gguf level; choose one of .*q4_k_m"):
+        export_target(parse_target("gguf:q9_9"), checkpoint, checkpoint.parent)
+
+
+def test_importing_the_comparison_needs_no_exporter_dependency() -> None:
+    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("onnx", "onnxruntime", "gguf", "llama_cpp"))
+    code = f"import sys; {blocked}; import edgelm.evaluation.compare; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd())
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 class Abort:
@@ -197,7 +207,7 @@ class Abort:
 
 
 def test_a_crashing_check_is_a_failed_row(checkpoint: Path, tmp_path: Path) -> None:
-    display = comparison.ProgressDisplay(False, [])
+    display = ProgressDisplay(False, [])
     reference = checking_reference(checkpoint, tmp_path)
     log = tmp_path / "logs" / "crash.log"
     result = comparison._check_in_child("crash", checkpoint, reference, {"crash": Abort()}, log, display)

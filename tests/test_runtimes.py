@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import pytest
@@ -57,7 +57,7 @@ def test_plugin_runtime_gets_generation_for_free(checkpoint: Path, plugin: None)
         text = model.generate("a", max_new_tokens=5, temperature=0)
         expected = [(prompt_ids[-1] + k) % model.config.vocab_size for k in range(1, 6)]
         assert text == model.tokenizer.decode(expected)
-        assert model.runtime.seen == [*prompt_ids, *expected[:-1]]
+        assert cast(ReplayRuntime, model.runtime).seen == [*prompt_ids, *expected[:-1]]
 
 
 def test_auto_choice_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
@@ -75,3 +75,39 @@ def test_auto_choice_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
         edgelm.load(checkpoint, device="tpu")
     with pytest.raises(EdgelmError, match="dtype"):
         edgelm.load(checkpoint, dtype="int3")
+
+
+def test_builtin_runtimes_declare_the_options_their_constructors_take() -> None:
+    import inspect
+
+    for name in base.BUILTIN_RUNTIMES:
+        cls = base.runtime_class(name)
+        keywords = set(inspect.signature(cls).parameters) - {"path", "device"}
+        assert base.declared_options(cls) == keywords, name
+
+
+def test_a_plugin_that_declares_nothing_optional_is_checked_without_threads(
+    checkpoint: Path, plugin: None, tmp_path: Path
+) -> None:
+    from edgelm.evaluation.check import check
+    from edgelm.evaluation.reference import EvaluationText
+
+    cls = base.runtime_class("replay")
+    assert base.declared_options(cls) == frozenset()
+    text = EvaluationText("the quick brown fox jumps over the lazy dog. " * 40, "test")
+    result = check(
+        checkpoint,
+        checkpoint,
+        text,
+        ctx=16,
+        windows=2,
+        repetitions=0,
+        runtime="replay",
+        threads=2,
+        cache_dir=tmp_path,
+    )  # threads=2 reaches the torch reference but not the plugin, whose constructor does not take it
+    assert result.error is None and result.runtime == "replay"
+    assert result.threads is None and result.provider is None
+    assert result.reference is not None and result.reference.runtime == "torch"
+    rt = open_runtime(checkpoint, "replay")
+    assert base.runtime_threads(rt) is None and base.runtime_provider(rt) is None

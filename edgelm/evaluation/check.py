@@ -40,9 +40,8 @@ the target loads; elsewhere the process's lifetime peak).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.evaluation.memory import peak_rss_bytes, reset_peak_rss
 from edgelm.evaluation.metrics import (
     Accuracy,
     PositionStats,
@@ -70,7 +70,7 @@ from edgelm.evaluation.reference import (
 from edgelm.files import read_json
 from edgelm.formats.artifact import artifact_kind
 from edgelm.formats.onnx import PROVENANCE
-from edgelm.runtimes.base import Runtime
+from edgelm.runtimes.base import Runtime, runtime_provider, runtime_threads
 from edgelm.tokenizer import Tokenizer
 
 PP_TOKENS = 512
@@ -209,32 +209,6 @@ def measure_speed(
         progress("latency", repetitions + 1, repetitions + 1)
     pp, tg, ttft = zip(*rounds[1:], strict=True)
     return timing(pp), timing(tg), timing([t * 1000 for t in ttft])
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's resident-memory high-water mark where the OS allows it (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's resident-memory high-water mark in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,13 +372,7 @@ def check(
     The gates (`max_kld`, `min_top1` as a fraction, `max_ppl_ratio`) decide `passed` with the tokenizer
     check. Bad input (an artifact that does not load, an empty or too short text) raises `EdgelmError`.
     """
-    if not isinstance(repetitions, int) or repetitions < 0:
-        raise EdgelmError(f"repetitions={repetitions!r} must be 0 or more")
-    for name, limit in (("max_kld", max_kld), ("min_top1", min_top1), ("max_ppl_ratio", max_ppl_ratio)):
-        if limit is not None and not limit >= 0:
-            raise EdgelmError(f"{name}={limit!r} must be a number ≥ 0")
-    if min_top1 is not None and min_top1 > 1:
-        raise EdgelmError(f"min_top1={min_top1} is a fraction: 0.9 means 90 % of positions")
+    check_limits(repetitions, max_kld, min_top1, max_ppl_ratio)
     path = Path(artifact)
     kind = artifact_kind(path)
     if not isinstance(reference, Reference):
@@ -421,25 +389,70 @@ def check(
             progress=progress,
             threads=threads,
         )
-    known = {
+    known: dict[str, Any] = {
         "artifact": str(path),
         "format": kind,
         "quant": quant or artifact_quant(path, kind),
         "file_size": artifact_size(path, kind),
         "reference": reference.info,
     }
+
+    def load() -> Runtime:
+        return open_checked(path, runtime, device, threads, options or {})
+
+    measured = measure_target(load, reference, repetitions, progress)
+    return CheckResult(
+        target=target or str(path),
+        peak_rss=peak_rss_bytes(),
+        tokenizer=measured.tokenizer,
+        accuracy=measured.accuracy,
+        latency=measured.latency,
+        gates=gates(measured.accuracy, measured.tokenizer, max_kld, min_top1, max_ppl_ratio),
+        **known,
+        **measured.runtime,
+    )
+
+
+def check_limits(
+    repetitions: int, max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None
+) -> None:
+    """Refuse a negative repetition count and gates that are not numbers ≥ 0 (min_top1 a fraction)."""
+    if not isinstance(repetitions, int) or repetitions < 0:
+        raise EdgelmError(f"repetitions={repetitions!r} must be 0 or more")
+    for name, limit in (("max_kld", max_kld), ("min_top1", min_top1), ("max_ppl_ratio", max_ppl_ratio)):
+        if limit is not None and not limit >= 0:
+            raise EdgelmError(f"{name}={limit!r} must be a number ≥ 0")
+    if min_top1 is not None and min_top1 > 1:
+        raise EdgelmError(f"min_top1={min_top1} is a fraction: 0.9 means 90 % of positions")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What running the target gave: how it ran, its tokenizer check, accuracy and latency."""
+
+    runtime: dict[str, Any]  # the CheckResult fields runtime, device, provider, threads
+    tokenizer: TokenizerCheck
+    accuracy: Accuracy
+    latency: Latency | None
+
+
+def measure_target(
+    load: Callable[[], Runtime], reference: Reference, repetitions: int, progress: Progress | None
+) -> Measured:
+    """Load the target cold (peak RSS reset first), check its tokenizer and accuracy, measure its speed
+    and then its warm reloads (none when `repetitions` is 0)."""
     reset_peak_rss()
     if progress:
         progress("load", 0, 1)
     start = time.perf_counter()
-    rt = open_checked(path, runtime, device, threads, options or {})
+    rt = load()
     load_cold = time.perf_counter() - start
     try:
-        known |= {
+        facts = {
             "runtime": rt.name,
             "device": rt.device,
             "provider": runtime_provider(rt),
-            "threads": getattr(rt, "threads", None),
+            "threads": runtime_threads(rt),
         }
         tokenizer = compare_tokenizers(reference.text_ids, rt.tokenizer, reference.text.text)
         result_accuracy = evaluate(rt, reference, progress)
@@ -449,37 +462,25 @@ def check(
             speeds = measure_speed(rt, prompt, decode, repetitions, progress)
     finally:
         rt.close()
+    warm = warm_loads(load, repetitions, progress)
+    latency = None
+    if speeds is not None:
+        pp, tg, ttft = speeds
+        latency = Latency(load_cold, timing(warm), len(prompt), pp, len(decode), tg, ttft)
+    return Measured(facts, tokenizer, result_accuracy, latency)
+
+
+def warm_loads(load: Callable[[], Runtime], repetitions: int, progress: Progress | None) -> list[float]:
+    """Seconds of each of `repetitions` reloads of the target."""
     warm = []
     for i in range(repetitions):
         if progress:
             progress("load", i, repetitions)
         start = time.perf_counter()
-        again = open_checked(path, runtime, device, threads, options or {})
+        again = load()
         warm.append(time.perf_counter() - start)
         again.close()
-    latency = None
-    if speeds is not None:
-        pp, tg, ttft = speeds
-        latency = Latency(load_cold, timing(warm), len(prompt), pp, len(decode), tg, ttft)
-    return CheckResult(
-        target=target or str(path),
-        peak_rss=peak_rss_bytes(),
-        tokenizer=tokenizer,
-        accuracy=result_accuracy,
-        latency=latency,
-        gates=gates(result_accuracy, tokenizer, max_kld, min_top1, max_ppl_ratio),
-        **known,
-    )
-
-
-def runtime_provider(rt: Runtime) -> str | None:
-    """The execution provider a runtime reports (`provider`, or the first of `providers`), if any."""
-    provider = getattr(rt, "provider", None)
-    if provider is None:
-        providers = getattr(rt, "providers", None)
-        if isinstance(providers, (list, tuple)) and providers:
-            provider = providers[0]
-    return None if provider is None else str(provider)
+    return warm
 
 
 def artifact_size(path: Path, kind: str | None = None) -> int:
@@ -490,13 +491,9 @@ def artifact_size(path: Path, kind: str | None = None) -> int:
     if path.is_file():
         return path.stat().st_size
     if kind == "checkpoint":
-        from edgelm.checkpoint import WEIGHTS_INDEX, weights_path
+        from edgelm.checkpoint import weight_files
 
-        weights = weights_path(path)
-        files = {weights}
-        if weights.name == WEIGHTS_INDEX:
-            files |= {path / shard for shard in read_json(weights)["weight_map"].values()}
-        files |= {p for p in path.glob("*.json") if p.is_file()}
+        files = {*weight_files(path), *(p for p in path.glob("*.json") if p.is_file())}
         return sum(p.stat().st_size for p in files)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

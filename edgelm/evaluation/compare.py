@@ -16,7 +16,6 @@ is compared at its usual levels (`DEFAULT_LEVELS`).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import math
 import os
@@ -26,17 +25,38 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.check import CheckResult, artifact_quant, check
+from edgelm.evaluation.progress import ProgressDisplay
 from edgelm.evaluation.reference import EvaluationText, Reference, ReferenceInfo, compute_reference
 from edgelm.evaluation.report import report_markdown, report_record, summary, write_charts
 from edgelm.files import write_json_atomic
 from edgelm.formats.artifact import artifact_kind
+
+# exports a checkpoint at a level into a folder: (checkpoint, out, level) -> the artifact's path
+Exporter = Callable[[Path, Path, str], Path]
+
+
+def gguf_exporter() -> tuple[Exporter, Collection[str]]:
+    """The GGUF exporter and its levels, imported only when a GGUF target is exported."""
+    from edgelm.export.gguf import MIXTURES, export_gguf
+
+    return export_gguf, MIXTURES
+
+
+def onnx_exporter() -> tuple[Exporter, Collection[str]]:
+    """The ONNX exporter (into a folder of its own per level) and its levels, imported only when used."""
+    from edgelm.export.onnx import PRECISIONS, export_onnx
+
+    def export(checkpoint: Path, out: Path, level: str) -> Path:
+        return export_onnx(checkpoint, out / f"{checkpoint.name}-onnx-{level}", level)
+
+    return export, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -44,29 +64,26 @@ class TargetFormat:
     """An export format as a comparison target: its exporter, its levels, and what it needs installed."""
 
     name: str
-    exporter: str | None  # "module:function"; None for the checkpoint itself
-    levels_attr: str | None  # the exporter module's table of levels
+    exporter: Callable[[], tuple[Exporter, Collection[str]]] | None  # None for the checkpoint itself
     default_levels: tuple[str, ...]
-    modules: tuple[str, ...]  # Python modules that exporting and running it import
+    modules: tuple[str, ...]  # Python modules that exporting and running it import, the exporter's first
     extra: str  # the pip extra that installs them
 
 
 FORMATS: dict[str, TargetFormat] = {
-    "torch": TargetFormat("torch", None, None, ("fp32",), ("torch",), "torch"),
+    "torch": TargetFormat("torch", None, ("fp32",), ("torch",), "torch"),
     "gguf": TargetFormat(
         "gguf",
-        "edgelm.export.gguf:export_gguf",
-        "MIXTURES",
+        gguf_exporter,
         ("f16", "q8_0", "q4_k_m", "q4_0"),
-        ("gguf", "llama_cpp"),
+        ("edgelm.export.gguf", "gguf", "llama_cpp"),
         "llamacpp",
     ),
     "onnx": TargetFormat(
         "onnx",
-        "edgelm.export.onnx:export_onnx",
-        "PRECISIONS",
+        onnx_exporter,
         ("fp32", "int8", "int4", "int4_mixed"),  # fp16 is for GPU providers
-        ("onnx", "onnxruntime"),
+        ("edgelm.export.onnx", "onnx", "onnxruntime"),
         "onnx",
     ),
 }
@@ -100,11 +117,8 @@ def parse_target(spec: str) -> Target:
 
 def format_available(fmt: TargetFormat) -> bool:
     """Whether the format's exporter module and every dependency can be imported (nothing is imported)."""
-    modules = list(fmt.modules)
-    if fmt.exporter:
-        modules.append(fmt.exporter.split(":")[0])
     try:
-        return all(importlib.util.find_spec(m) is not None for m in modules)
+        return all(importlib.util.find_spec(m) is not None for m in fmt.modules)
     except (ImportError, ValueError):
         return False
 
@@ -126,26 +140,21 @@ def export_target(target: Target, checkpoint: Path, out: Path) -> Path:
     fmt = FORMATS[target.format or ""]
     if fmt.exporter is None:
         return checkpoint
-    module_name, function = fmt.exporter.split(":")
     try:
-        module = importlib.import_module(module_name)
+        export, levels = fmt.exporter()
     except ModuleNotFoundError as e:
-        missing = e.name or module_name
+        missing = e.name or fmt.modules[0]
         if missing.startswith("edgelm"):
-            raise EdgelmError(f"{target.spec}: this edgelm has no {module_name} exporter") from None
+            raise EdgelmError(f"{target.spec}: this edgelm has no {fmt.modules[0]} exporter") from None
         raise EdgelmError(
             f"{missing} is not installed; install it with: pip install 'edgelm[{fmt.extra}]'"
         ) from None
-    levels = getattr(module, fmt.levels_attr or "", None)
-    if levels is not None and target.level not in levels:
+    if target.level not in levels:
         raise EdgelmError(f"{target.spec}: unknown {fmt.name} level; choose one of {', '.join(levels)}")
     for name in fmt.modules:  # running it needs the runtime's library too
         if importlib.util.find_spec(name) is None:
             raise EdgelmError(f"{name} is not installed; install it with: pip install 'edgelm[{fmt.extra}]'")
-    export = getattr(module, function)
-    if fmt.name == "onnx":
-        return export(checkpoint, out / f"{checkpoint.name}-onnx-{target.level}", target.level)
-    return export(checkpoint, out, target.level)
+    return export(checkpoint, out, target.level or "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,12 +234,23 @@ def compare(
             results.append(result)
             display.done(target.spec, summary(result))
 
+    return write_report(checkpoint, out, reference.info, results, settings)
+
+
+def write_report(
+    checkpoint: Path,
+    out: Path,
+    reference: ReferenceInfo,
+    results: list[CheckResult],
+    settings: dict[str, Any],
+) -> Comparison:
+    """Write the charts, report.json and report.md into `out`."""
     charts, note = write_charts(results, out)
     report_json = out / "report.json"
-    write_json_atomic(report_json, report_record(checkpoint, reference.info, results, settings))
+    write_json_atomic(report_json, report_record(checkpoint, reference, results, settings))
     report_md = out / "report.md"
-    report_md.write_text(report_markdown(checkpoint, reference.info, results, charts, note), encoding="utf-8")
-    return Comparison(str(checkpoint), reference.info, tuple(results), report_md, report_json, charts, note)
+    report_md.write_text(report_markdown(checkpoint, reference, results, charts, note), encoding="utf-8")
+    return Comparison(str(checkpoint), reference, tuple(results), report_md, report_json, charts, note)
 
 
 def reference_ppl_text(reference: Reference) -> str:
@@ -300,6 +320,7 @@ def _check_in_child(
     failed = {"artifact": str(artifact), "quant": kwargs.get("quant"), "reference": reference.info}
     with open(log, "wb") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+    assert process.stdin is not None and process.stdout is not None  # both are pipes, as asked
     outcome: tuple[str, Any] | None = None
     try:
         with contextlib.suppress(BrokenPipeError):  # a child that dies at once: its exit code says why
@@ -351,71 +372,3 @@ def _child() -> None:
         traceback.print_exc()
         send("error", _message(e))
     channel.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# progress display
-
-
-class ProgressDisplay:
-    """Progress on stderr: on a terminal, a live rich display of rows (the reference, each target) and what
-    each is doing; elsewhere (a log, a CI job) one line per finished row. Silent when `enabled` is False."""
-
-    def __init__(self, enabled: bool, rows: Sequence[str]) -> None:
-        self.enabled = enabled
-        self.rows = list(rows)
-        self.tasks: dict[str, Any] = {}
-        self.progress: Any = None
-        self.console: Any = None
-
-    def __enter__(self) -> ProgressDisplay:
-        if not self.enabled:
-            return self
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description:<18}"),
-                BarColumn(bar_width=24),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[status]}"),
-                console=self.console,
-            )
-            self.progress.start()
-            for row in self.rows:
-                self.tasks[row] = self.progress.add_task(row, total=None, status="waiting", start=False)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def callback(self, row: str) -> Callable[[str, int, int], None]:
-        """A `progress` callback for `check` that updates `row`."""
-        return lambda stage, done, total: self.update(row, stage, done, total)
-
-    def update(self, row: str, stage: str, done: int, total: int) -> None:
-        """Show `stage` at `done` of `total` on `row`."""
-        if row in self.tasks:
-            task = self.tasks[row]
-            self.progress.start_task(task)
-            self.progress.update(task, total=total, completed=done, status=stage)
-
-    def status(self, row: str, text: str) -> None:
-        """Show `text` on `row`, without a count."""
-        if row in self.tasks:
-            self.progress.start_task(self.tasks[row])
-            self.progress.update(self.tasks[row], status=text)
-
-    def done(self, row: str, text: str) -> None:
-        """Mark `row` finished with a one-line summary."""
-        if row in self.tasks:
-            task = self.tasks[row]
-            self.progress.update(task, total=1, completed=1, status=text)
-            self.progress.stop_task(task)
-        elif self.console is not None:
-            self.console.print(f"{row}: {text}", highlight=False)

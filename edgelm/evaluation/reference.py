@@ -5,7 +5,6 @@ at the scored positions, computed once and cached on disk. See `edgelm.evaluatio
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -18,11 +17,12 @@ import numpy as np
 
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import log_probs
-from edgelm.files import read_json
+from edgelm.files import read_json, read_text
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
-from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
+from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, declared_options, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
+from edgelm.training.data import spread_windows
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -54,14 +54,7 @@ class EvaluationText:
     def from_file(cls, path: str | Path) -> EvaluationText:
         """A UTF-8 text file; an empty one is refused."""
         path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise EdgelmError(f"{path}: no such evaluation text file") from None
-        except UnicodeDecodeError as e:
-            raise EdgelmError(f"{path}: not UTF-8 (byte {e.start}); convert it to UTF-8") from None
-        except OSError as e:
-            raise EdgelmError(f"{path}: cannot be read ({e.strerror})") from None
+        text = read_text(path, f"evaluation text {path}")
         if not text.strip():
             raise EdgelmError(f"{path}: the evaluation text is empty; give a file with text in it")
         return cls(text, str(path))
@@ -99,8 +92,7 @@ def evaluation_windows(ids: np.ndarray, ctx: int, max_windows: int, bos_id: int 
             f"the evaluation text holds {len(ids)} tokens, fewer than one window of {ctx}; "
             "give a longer text or a smaller --ctx"
         )
-    chosen = np.linspace(0, available - 1, num=min(max_windows, available)).round().astype(int)
-    windows = np.stack([np.asarray(ids[i * ctx : (i + 1) * ctx], dtype=np.int64) for i in np.unique(chosen)])
+    windows = spread_windows(ids, ctx, max_windows)
     if bos_id is not None:
         windows[:, 0] = bos_id
     return windows
@@ -244,25 +236,10 @@ def compute_reference(
         config, tokenizer = opened.config, opened.tokenizer
     try:
         ctx = _window_length(ctx, config.max_position_embeddings, str(path))
-        ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)
-        if ids.size == 0:
-            raise EdgelmError(f"{text.source}: the evaluation text gives no tokens")
-        n = default_windows(ctx) if windows is None else windows
-        if not isinstance(n, int) or n < 1:
-            raise EdgelmError(f"windows={n} must be at least 1")
-        chosen = evaluation_windows(ids, ctx, n, tokenizer.bos_id if tokenizer.add_bos else None)
-        start, stop = scored_range(ctx)
-        size = chosen.shape[0] * (stop - start) * config.vocab_size * 4
-        if size > MAX_REFERENCE_BYTES:
-            raise EdgelmError(
-                f"the reference log-probs would take {size / 1e9:.1f} GB ({chosen.shape[0]} windows × "
-                f"{stop - start} positions × {config.vocab_size} vocabulary × 4 bytes); "
-                "lower --ctx or --windows"
-            )
-        sha = artifact_sha256(path)
+        ids, chosen, n = choose_windows(text, tokenizer, ctx, windows, config.vocab_size)
         key_fields = {
             "format": CACHE_FORMAT,
-            "reference": sha,
+            "reference": artifact_sha256(path),
             "runtime": runtime,
             "device": device,
             "text": text.sha256,
@@ -296,6 +273,29 @@ def compute_reference(
     finally:
         if opened is not None:
             opened.close()
+
+
+def choose_windows(
+    text: EvaluationText, tokenizer: Tokenizer, ctx: int, windows: int | None, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The text's ids, its windows of `ctx` tokens, and the window count asked for (`windows`, default
+    `default_windows(ctx)`); refuses a text without tokens and log-probs over MAX_REFERENCE_BYTES."""
+    ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)
+    if ids.size == 0:
+        raise EdgelmError(f"{text.source}: the evaluation text gives no tokens")
+    n = default_windows(ctx) if windows is None else windows
+    if not isinstance(n, int) or n < 1:
+        raise EdgelmError(f"windows={n} must be at least 1")
+    chosen = evaluation_windows(ids, ctx, n, tokenizer.bos_id if tokenizer.add_bos else None)
+    start, stop = scored_range(ctx)
+    size = chosen.shape[0] * (stop - start) * vocab_size * 4
+    if size > MAX_REFERENCE_BYTES:
+        raise EdgelmError(
+            f"the reference log-probs would take {size / 1e9:.1f} GB ({chosen.shape[0]} windows × "
+            f"{stop - start} positions × {vocab_size} vocabulary × 4 bytes); "
+            "lower --ctx or --windows"
+        )
+    return ids, chosen, n
 
 
 def _window_length(ctx: int | None, context: int, where: str) -> int:
@@ -366,14 +366,10 @@ def _save_cache(entry: Path, windows: np.ndarray, logp: np.ndarray, meta: dict) 
 def open_checked(
     path: Path, runtime: str, device: str, threads: int | None, options: dict[str, Any]
 ) -> Runtime:
-    """Open an artifact with the check's options for its runtime; `threads` where the runtime takes it."""
+    """Open an artifact with the check's options for its runtime; `threads` where the runtime declares it
+    takes them."""
     name = DEFAULT_RUNTIME.get(artifact_kind(path), runtime) if runtime == "auto" else runtime
     merged = {**CHECK_OPTIONS.get(name, {}), **options}
-    if threads is not None:
-        try:
-            accepts = "threads" in inspect.signature(runtime_class(name)).parameters
-        except (TypeError, ValueError):
-            accepts = False
-        if accepts:
-            merged["threads"] = threads
+    if threads is not None and "threads" in declared_options(runtime_class(name)):
+        merged["threads"] = threads
     return open_runtime(path, runtime=name, device=device, **merged)

@@ -290,7 +290,7 @@ def write_charts(results: Sequence[CheckResult], out: Path) -> tuple[tuple[Path,
     except ImportError:
         return (), "No charts: they need matplotlib (pip install matplotlib, or edgelm's torch extra)."
 
-    kld = [max(r.accuracy.kld_mean.value, 0.0) for r in points]
+    kld = [max(r.accuracy.kld_mean.value, 0.0) for r in points if r.accuracy is not None]
     threshold = min([k for k in kld if k > 0], default=1e-6) / 2
     palette = {"checkpoint": "tab:gray", "gguf": "tab:blue", "onnx": "tab:green"}
     paths = []
@@ -323,13 +323,14 @@ def write_charts(results: Sequence[CheckResult], out: Path) -> tuple[tuple[Path,
     if timed:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = [k for _, k in timed]
-        ys = [r.latency.tg_tps.mean for r, _ in timed]
+        latencies = [r.latency for r, _ in timed if r.latency is not None]
+        ys = [latency.tg_tps.mean for latency in latencies]
         front = pareto_front(list(zip(xs, ys, strict=True)))
         ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:orange", drawstyle="steps-post")
         scatter(ax, [r for r, _ in timed], xs, ys)
         ax.set_xscale("symlog", linthresh=threshold)
         ax.set_xlabel("mean KLD (nats, lower is better)")
-        ax.set_ylabel(f"tg{timed[0][0].latency.tg_tokens} tokens/s (higher is better)")
+        ax.set_ylabel(f"tg{latencies[0].tg_tokens} tokens/s (higher is better)")
         ax.set_title("decode speed against accuracy (orange: the Pareto front)")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.files import read_text
 from edgelm.values import is_int
 
 if TYPE_CHECKING:
@@ -46,24 +47,8 @@ DEFAULT_CONTEXT = 2048
 
 
 def read_calibration_text(path: Path) -> str:
-    """The text of a UTF-8 file (a leading byte-order mark is dropped), or a clear EdgelmError when the file
-    is missing, unreadable, not UTF-8 or empty."""
-    path = Path(path)
-    if not path.exists():
-        raise EdgelmError(f"calibration text {path}: not found")
-    if not path.is_file():
-        raise EdgelmError(f"calibration text {path}: not a file (give a UTF-8 text file)")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise EdgelmError(f"calibration text {path}: cannot be read ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise EdgelmError(
-            f"calibration text {path}: not UTF-8 (byte {e.start}: {e.reason}); "
-            "convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+    """The text of a UTF-8 file without its byte-order mark (see `read_text`); an empty one is refused."""
+    text = read_text(path, f"calibration text {path}", drop_bom=True)
     if not text.strip():
         raise EdgelmError(f"calibration text {path}: empty (give text like what the model will see)")
     return text

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.files import read_json, temporary_sibling, write_json_atomic
+from edgelm.files import NotUtf8Error, read_json, read_text, temporary_sibling, write_json_atomic
 from edgelm.tokenizer import Tokenizer, train_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
@@ -65,16 +65,13 @@ def read_documents(files: Sequence[Path], skip_undecodable: bool = False) -> lis
     documents: list[Document] = []
     for path in files:
         try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
+            text = read_text(
+                path, hint="convert it, e.g. with iconv -f latin1 -t utf-8, or leave it out of the corpus"
+            )
+        except NotUtf8Error:
             if skip_undecodable:
                 continue
-            raise EdgelmError(
-                f"{path}: not UTF-8 (byte {e.start}); convert it, e.g. with "
-                f"iconv -f latin1 -t utf-8, or leave it out of the corpus"
-            ) from None
-        except OSError as e:
-            raise EdgelmError(f"{path}: cannot be read ({e.strerror})") from None
+            raise
         if path.suffix == ".jsonl":
             documents.extend(_jsonl_documents(path, text))
         elif text.strip():
@@ -226,7 +223,12 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np
     """
     if len(tokens) < 2:
         raise EdgelmError("the validation split holds fewer than 2 tokens; add text to the corpus")
-    length = min(seq_len, len(tokens) - 1) + 1
+    return spread_windows(tokens, min(seq_len, len(tokens) - 1) + 1, max_windows)
+
+
+def spread_windows(tokens: np.ndarray, length: int, max_windows: int) -> np.ndarray:
+    """Up to `max_windows` non-overlapping windows (n, length) int64 spread evenly over `tokens`, which hold
+    at least one window."""
     available = len(tokens) // length
     chosen = np.linspace(0, available - 1, num=min(max_windows, available)).round().astype(int)
     return np.stack([np.asarray(tokens[i * length : (i + 1) * length], dtype=np.int64) for i in chosen])
