@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 import torch
-import llama_cpp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edgelm

@@ -40,7 +40,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Check the artifact, print the result; exit 1 when a gate fails."""
     from edgelm.evaluation.check import check
-    from edgelm.evaluation.compare import ProgressDisplay
+    from edgelm.evaluation.progress import ProgressDisplay
     from edgelm.evaluation.report import check_rows
 
     with ProgressDisplay(True, ["check"]) as display:

@@ -171,14 +171,14 @@ def _measure(
         total = statistic(x.reshape(-1, x.shape[-1]))  # from (B*T, in)
         sums[name] = sums[name] + total if name in sums else total
 
-    def pre_hook(name: str):
+    def pre_hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         return lambda _module, args: accumulate(name, args[0])
 
     layers = [f"model.layers.{i}" for i in range(len(model.model.layers))]
     measured = [f"{layer}.{m}" for layer in layers for m in SHARED_INPUTS]
     handles = [model.get_submodule(name).register_forward_pre_hook(pre_hook(name)) for name in measured]
     head = model.lm_head
-    model.lm_head = torch.nn.Identity()  # the forward then returns the head's input: no (T, vocab) logits
+    model.lm_head = torch.nn.Identity()  # type: ignore[assignment]  # the forward then returns the head's input: no (T, vocab) logits
     tokens = 0
     try:
         with torch.inference_mode():

@@ -181,7 +181,7 @@ def load_tokens(cache_dir: Path) -> TokenData:
 
 def _tokenize_documents(tokenizer: Tokenizer, docs: Sequence[Document], dtype: type) -> np.ndarray:
     """BOS + text + EOS for each document, concatenated."""
-    pieces = []
+    pieces: list[np.ndarray] = []
     for start in range(0, len(docs), 256):
         batch = docs[start : start + 256]
         for encoding in tokenizer.backend.encode_batch([d.text for d in batch], add_special_tokens=False):
