@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgelm.errors import EdgelmError
 from edgelm.quant.blocks import Q4KBlocks, Q6KBlocks, QuantizedBlocks
 
 
@@ -36,6 +37,8 @@ def pack_q4_0(qb: QuantizedBlocks) -> np.ndarray:
 
 def pack_q4_1(qb: QuantizedBlocks) -> np.ndarray:
     """block_q4_1: fp16 d, fp16 m, then 16 bytes of nibbles."""
+    if qb.zeros is None:
+        raise EdgelmError("pack_q4_1 needs asymmetric blocks (quantize_blocks with symmetric=False)")
     rows = qb.codes.shape[0]
     parts = [_f16_bytes(qb.scales), _f16_bytes(qb.zeros), _nibbles(qb.codes.reshape(rows, -1, 32))]
     return np.concatenate(parts, axis=-1).reshape(rows, -1)

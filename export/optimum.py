@@ -23,8 +23,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from edgelm._version import __version__
@@ -63,13 +65,56 @@ print(json.dumps({"ok": ok, "python": sys.version.split()[0], **{n: version(n) f
 """
 
 
+QuantizeFunction = Callable[[Path, Path, dict[str, Any]], "onnx.ModelProto"]
+
+
 @dataclass(frozen=True)
 class OptimumPrecision:
     """How one `--quant` is made: optimum's export dtype, then ONNX Runtime's quantizer (if any)."""
 
     export_dtype: str  # optimum's --dtype: "fp32" or "fp16"
-    quantizer: str | None = None  # onnxruntime.quantization's "quantize_dynamic", "MatMulNBitsQuantizer"
+    # (exported model, work folder, parameters) -> the quantized model, loaded with its weights
+    quantize: QuantizeFunction | None = None
+    tool: str | None = None  # the onnxruntime.quantization tool, as edgelm.json records it
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _quantization_tools() -> ModuleType:
+    """onnxruntime.quantization, imported when a quantizer runs; its per-MatMul log lines silenced."""
+    try:
+        import onnxruntime.quantization as tools
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ModuleNotFoundError as e:
+        raise missing_dependency("onnxruntime", "onnx") from e
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
+    return tools
+
+
+def quantize_dynamic(path: Path, work: Path, parameters: dict[str, Any]) -> onnx.ModelProto:
+    """int8: ONNX Runtime's quantize_dynamic on the model at `path`, written under `work`, then loaded."""
+    tools = _quantization_tools()
+    work.mkdir(parents=True, exist_ok=True)
+    tools.quantize_dynamic(
+        path,
+        work / MODEL_FILE,
+        op_types_to_quantize=parameters["op_types_to_quantize"],
+        per_channel=parameters["per_channel"],
+        weight_type=tools.QuantType[parameters["weight_type"]],
+        use_external_data_format=True,  # no 2 GiB limit
+        extra_options=parameters["extra_options"],
+    )
+    return onnx.load(str(work / MODEL_FILE))
+
+
+def quantize_matmul_nbits(path: Path, work: Path, parameters: dict[str, Any]) -> onnx.ModelProto:
+    """int4: ONNX Runtime's MatMulNBitsQuantizer on the model at `path`, in memory (`work` unused)."""
+    _quantization_tools()
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(str(path), **parameters)
+    quantizer.process()
+    model: onnx.ModelProto = quantizer.model.model
+    return model
 
 
 INT8_PARAMETERS = {
@@ -86,8 +131,8 @@ PRECISIONS = {
     # optimum's own fp16 export runs on CPU too, and keeps the attention mask finite (onnxruntime's
     # float16 converter, applied to the fp32 graph, breaks decoding: its mask overflows in fp16)
     "fp16": OptimumPrecision("fp16"),
-    "int8": OptimumPrecision("fp32", "quantize_dynamic", INT8_PARAMETERS),
-    "int4": OptimumPrecision("fp32", "MatMulNBitsQuantizer", INT4_PARAMETERS),
+    "int8": OptimumPrecision("fp32", quantize_dynamic, "quantize_dynamic", INT8_PARAMETERS),
+    "int4": OptimumPrecision("fp32", quantize_matmul_nbits, "MatMulNBitsQuantizer", INT4_PARAMETERS),
 }
 
 
@@ -239,32 +284,9 @@ def _tail(text: str, lines: int = 40) -> str:
 
 def quantize(path: Path, precision: OptimumPrecision, work: Path) -> onnx.ModelProto:
     """The exported model at `path`, quantized as `precision` says, loaded with its weights."""
-    if precision.quantizer is None:
+    if precision.quantize is None:
         return onnx.load(str(path))
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    except ModuleNotFoundError as e:
-        raise missing_dependency("onnxruntime", "onnx") from e
-    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # a line per MatMul else
-    if precision.quantizer == "quantize_dynamic":
-        p = precision.parameters
-        work.mkdir(parents=True, exist_ok=True)
-        quantize_dynamic(
-            path,
-            work / MODEL_FILE,
-            op_types_to_quantize=p["op_types_to_quantize"],
-            per_channel=p["per_channel"],
-            weight_type=QuantType[p["weight_type"]],
-            use_external_data_format=True,  # no 2 GiB limit
-            extra_options=p["extra_options"],
-        )
-        return onnx.load(str(work / MODEL_FILE))
-    if precision.quantizer == "MatMulNBitsQuantizer":
-        quantizer = MatMulNBitsQuantizer(str(path), **precision.parameters)
-        quantizer.process()
-        return quantizer.model.model
-    raise AssertionError(precision.quantizer)
+    return precision.quantize(path, work, precision.parameters)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -282,7 +304,7 @@ def provenance(
         sha256 = checkpoint_sha256(checkpoint)
     except (EdgelmError, OSError):  # not a safetensors checkpoint with tokenizer.json: no hash
         sha256 = None
-    quantization: dict[str, Any] = {"export_dtype": precision.export_dtype, "tool": precision.quantizer}
+    quantization: dict[str, Any] = {"export_dtype": precision.export_dtype, "tool": precision.tool}
     quantization |= precision.parameters
     return {
         "format": "onnx",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import llama_cpp  # the oracle: a missing one fails the suite
 import numpy as np
 import pytest
 from conftest import SMALL, make_checkpoint
@@ -19,13 +20,12 @@ from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
 from edgelm.evaluation.reference import logits_on_windows
-from edgelm.export.gguf import MIXTURES, QUANTIZERS, export_gguf, export_gguf_via_llama_cpp, tensor_type
+from edgelm.export.gguf import QUANTIZERS, export_gguf, export_gguf_via_llama_cpp
+from edgelm.export.gguf_types import MIXTURES, tensor_type
 from edgelm.formats.gguf import gguf_name, permute_for_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import load_tokens, validation_windows
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 # rows 256 wide, which K-quants take whole
 WIDE = dataclasses.replace(SMALL, hidden_size=256, intermediate_size=512, num_hidden_layers=2, head_dim=64)

@@ -127,7 +127,6 @@ def test_bad_hessian(hessian: np.ndarray, message: str) -> None:
 def test_activation_covariance(checkpoint: Path) -> None:
     """Same keys as activation_importance, float32 (in, in), symmetric, positive semi-definite, with the
     importance as its diagonal; and it steers quantize_blocks."""
-    pytest.importorskip("torch")
     from conftest import SAMPLE_TEXT
 
     covariance = activation_covariance(checkpoint, SAMPLE_TEXT, context=24)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import llama_cpp  # noqa: F401  (the oracle run by export_gguf_via_llama_cpp: required)
 import numpy as np
 import pytest
 from conftest import SMALL, make_checkpoint
@@ -16,8 +17,6 @@ from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 from edgelm.importer import import_model
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import load_tokens, validation_windows
-
-pytest.importorskip("llama_cpp")
 
 # rows 256 wide, so that Q4_K is really Q4_K (not its Q5_0 fallback)
 WIDE = dataclasses.replace(

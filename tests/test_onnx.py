@@ -10,19 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort  # the oracle: a missing one fails the suite
+import onnxruntime_genai as og
 import pytest
 from conftest import SMALL, make_checkpoint
 
 import edgelm
 from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
-from edgelm.export.onnx_quant import QuantOptions, pack_matmul_nbits, quantize_matrix
+from edgelm.export.onnx_pack import pack_matmul_nbits
+from edgelm.export.onnx_quant import QuantOptions, quantize_matrix
 from edgelm.model.config import Llama3RopeScaling
 from edgelm.runtimes.torch import TorchRuntime
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import load_tokens, validation_windows
-
-ort = pytest.importorskip("onnxruntime")
 
 CONFIGS = {
     "gqa-untied": SMALL,
@@ -186,10 +187,11 @@ def test_int8_dynamic_uses_ort_dynamic_path_within_avx2_range(checkpoint: Path, 
     graph = onnx.load(str(folder / "model.onnx"))
     ops = [node.op_type for node in graph.graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 4 * SMALL.num_hidden_layers + 1 and "MatMulNBits" not in ops
-    for tensor in graph.graph.initializer:
-        if tensor.name.endswith(".weight.int8"):  # 7-bit: uint8 x int8 pair sums stay within int16
-            values = onnx.numpy_helper.to_array(tensor, base_dir=str(folder))
-            assert values.dtype == np.int8 and values.min() >= -64 and values.max() <= 63
+    int8 = [tensor for tensor in graph.graph.initializer if tensor.name.endswith(".weight.int8")]
+    assert len(int8) == 4 * SMALL.num_hidden_layers + 1  # every DynamicQuantizeMatMul's B is checked below
+    for tensor in int8:  # 7-bit: uint8 x int8 pair sums stay within int16
+        values = onnx.numpy_helper.to_array(tensor, base_dir=str(folder))
+        assert values.dtype == np.int8 and values.min() >= -64 and values.max() <= 63
     reference = TorchRuntime(checkpoint, device="cpu")
     ids = list(range(3, 60))
     with edgelm.load(folder) as model:
@@ -254,7 +256,6 @@ def test_int8_and_int4_on_a_trained_model(trained_run: Path, trained_exports: di
 
 
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(trained_exports: dict[str, Path]) -> None:
-    og = pytest.importorskip("onnxruntime_genai")
     for quant in ("fp32", "int4"):
         folder = trained_exports[quant]
         with edgelm.load(folder) as model:
