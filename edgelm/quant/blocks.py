@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -479,7 +480,10 @@ def _squared_error(x: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np
     return (weights * diff * diff).sum(axis=-1, keepdims=True)
 
 
-def _lower_error(w: np.ndarray, weights: np.ndarray, a: Q4KBlocks | Q6KBlocks, b: Q4KBlocks | Q6KBlocks):
+KBlocks = TypeVar("KBlocks", "Q4KBlocks", "Q6KBlocks")  # _lower_error returns the type it is given
+
+
+def _lower_error(w: np.ndarray, weights: np.ndarray, a: KBlocks, b: KBlocks) -> KBlocks:
     """Per super-block of w (rows, cols), a's arrays or b's, whichever dequantizes with the lower error."""
     rows = w.shape[0]
     by_super_block = (rows, w.shape[1] // QK_K, -1)
@@ -566,12 +570,12 @@ def _row_chunks(x: np.ndarray, values: int = _CHUNK_VALUES) -> list[slice]:
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
-def _concat(parts: list):
+def _concat(parts: list) -> Any:
     """One result from results for consecutive chunks of rows (same dataclass, arrays joined along rows)."""
     return type(parts[0])(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))
 
 
-def _concat_columns(parts: list):
+def _concat_columns(parts: list) -> Any:
     """One K-quant result from results for consecutive groups of whole super-blocks (arrays joined along
     the columns)."""
     return type(parts[0])(
