@@ -55,3 +55,23 @@ def test_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str]) 
     assert result.stderr.startswith("edgelm: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_info_on_onnx_and_gguf(checkpoint: Path, tmp_path: Path) -> None:
+    """`edgelm info` describes an exported ONNX folder and GGUF file from their own headers."""
+    from edgelm.export.gguf import export_gguf
+    from edgelm.export.onnx import export_onnx
+    from edgelm.model.config import ModelConfig
+
+    config = ModelConfig.load(checkpoint)
+    gguf = export_gguf(checkpoint, tmp_path / "model.gguf", "q8_0")
+    described = json.loads(edgelm("info", str(gguf), "--json").stdout)
+    assert described["format"].startswith("gguf v") and described["architecture"] == "llama"
+    assert described["layers"] == config.num_hidden_layers and described["vocab_size"] == config.vocab_size
+    assert described["tensor_types"]["Q8_0"] > 0 and described["file_size"] == gguf.stat().st_size
+    folder = export_onnx(checkpoint, tmp_path / "onnx", "int4")
+    described = json.loads(edgelm("info", str(folder), "--json").stdout)
+    assert described["format"] == "ONNX int4" and described["layers"] == config.num_hidden_layers
+    assert "GroupQueryAttention" in described["operators"] and "MatMulNBits" in described["operators"]
+    assert "parameters" in edgelm("info", str(folder)).stdout
