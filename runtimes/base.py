@@ -1,9 +1,8 @@
 """The Runtime protocol, the registry of runtimes, and the automatic choice of runtime by artifact.
 
 A plugin adds a runtime through the entry-point group `edgelm.runtimes` (name = "module:Class"); the
-class follows `Runtime` and is constructed as `Class(path, device=..., **options)`. Its optional
-capabilities (`options`, `threads`, `provider`) it may leave out: `declared_options`, `runtime_threads`
-and `runtime_provider` read them with their defaults.
+class follows `Runtime`, declaring its optional capabilities (`options`, `threads`, `provider`; an empty
+set and None say it has none), and is constructed as `Class(path, device=..., **options)`.
 """
 
 from __future__ import annotations
@@ -26,20 +25,20 @@ from edgelm.tokenizer import Tokenizer
 class Runtime(Protocol):
     """A model loaded for inference that keeps one sequence (its KV cache) between calls.
 
-    Optional capabilities, which every built-in runtime declares and a plugin may leave out (they are not
-    protocol members, so that `isinstance(plugin, Runtime)` holds without them):
-
-    - `options: ClassVar[frozenset[str]]`: the keyword options its constructor takes besides `path` and
-      `device` (e.g. "threads"); none when not declared.
-    - `threads: int | None`: the CPU threads it computes with; None when it does not say.
-    - `provider: str | None`: the execution provider that runs it (ONNX Runtime's); None elsewhere.
+    Its optional capabilities are declared, not discovered: `options` (the keyword options the constructor
+    takes besides `path` and `device`, e.g. "threads"; empty for none), `threads` (the CPU threads it
+    computes with, None where it does not say) and `provider` (the execution provider that runs it, ONNX
+    Runtime's; None elsewhere).
     """
 
     name: ClassVar[str]  # "torch", "onnxruntime", "llamacpp"
     artifacts: ClassVar[tuple[str, ...]]  # the artifact kinds it opens, see `artifact_kind`
+    options: ClassVar[frozenset[str]]  # the constructor's keyword options besides path and device
     config: ModelConfig
     tokenizer: Tokenizer
     device: str  # resolved: "cpu", "cuda", "mps", ...
+    threads: int | None
+    provider: str | None
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
@@ -55,6 +54,7 @@ class RuntimeClass(Protocol):
     """A runtime's class: the artifact kinds it opens, and its constructor."""
 
     artifacts: tuple[str, ...]
+    options: frozenset[str]
 
     def __call__(self, path: Path, *, device: str = "auto", **options: Any) -> Runtime: ...
 
@@ -67,23 +67,6 @@ BUILTIN_RUNTIMES: dict[str, tuple[str, str, str]] = {
 }
 # which built-in runtime opens each artifact kind when none is named
 DEFAULT_RUNTIME = {"checkpoint": "torch", "gguf": "llamacpp", "onnx": "onnxruntime"}
-
-
-def declared_options(cls: object) -> frozenset[str]:
-    """The keyword options a runtime class declares its constructor takes (`options`); none if undeclared."""
-    return frozenset(getattr(cls, "options", frozenset()))
-
-
-def runtime_threads(runtime: Runtime) -> int | None:
-    """The CPU threads a runtime declares it computes with (`threads`); None if undeclared."""
-    threads = getattr(runtime, "threads", None)
-    return None if threads is None else int(threads)
-
-
-def runtime_provider(runtime: Runtime) -> str | None:
-    """The execution provider a runtime declares (`provider`); None if undeclared."""
-    provider = getattr(runtime, "provider", None)
-    return None if provider is None else str(provider)
 
 
 def runtime_names() -> list[str]:
@@ -105,7 +88,14 @@ def runtime_class(name: str) -> RuntimeClass:
         return getattr(module, class_name)
     for ep in entry_points(group="edgelm.runtimes"):
         if ep.name == name:
-            return ep.load()
+            cls = ep.load()
+            missing = [a for a in ("name", "artifacts", "options") if not hasattr(cls, a)]
+            if missing:
+                raise EdgelmError(
+                    f"runtime {name!r} ({ep.value}) does not declare {', '.join(missing)} of the Runtime "
+                    "protocol (edgelm.runtimes.base.Runtime)"
+                )
+            return cls
     raise EdgelmError(f"unknown runtime {name!r}; available: {', '.join(runtime_names())}")
 
 
@@ -121,7 +111,14 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
         raise EdgelmError(
             f"{path}: the {runtime} runtime opens {', '.join(cls.artifacts)} artifacts, not {kind}"
         )
-    return cls(Path(path), device=device, **options)
+    loaded: object = cls(Path(path), device=device, **options)  # a plugin's class may break its promise
+    if not isinstance(loaded, Runtime):
+        raise EdgelmError(
+            f"the {runtime} runtime does not follow the Runtime protocol (edgelm.runtimes.base.Runtime): "
+            "it needs name, artifacts, options, config, tokenizer, device, threads, provider, reset, "
+            "forward and close"
+        )
+    return loaded
 
 
 def check_ids(ids: Sequence[int], vocab_size: int, position: int, context: int) -> np.ndarray:

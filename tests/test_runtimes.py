@@ -23,10 +23,13 @@ class ReplayRuntime:
 
     name: ClassVar[str] = "replay"
     artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    options: ClassVar[frozenset[str]] = frozenset()  # none of the optional capabilities
 
     def __init__(self, path: Path, device: str = "auto") -> None:
         self.config, _, self.tokenizer = load_checkpoint(path)
         self.device = "cpu" if device == "auto" else device
+        self.threads: int | None = None
+        self.provider: str | None = None
         self.seen: list[int] = []
 
     def reset(self) -> None:
@@ -83,7 +86,7 @@ def test_builtin_runtimes_declare_the_options_their_constructors_take() -> None:
     for name in base.BUILTIN_RUNTIMES:
         cls = base.runtime_class(name)
         keywords = set(inspect.signature(cls).parameters) - {"path", "device"}
-        assert base.declared_options(cls) == keywords, name
+        assert cls.options == keywords, name
 
 
 def test_a_plugin_that_declares_nothing_optional_is_checked_without_threads(
@@ -93,7 +96,7 @@ def test_a_plugin_that_declares_nothing_optional_is_checked_without_threads(
     from edgelm.evaluation.reference import EvaluationText
 
     cls = base.runtime_class("replay")
-    assert base.declared_options(cls) == frozenset()
+    assert cls.options == frozenset()
     text = EvaluationText("the quick brown fox jumps over the lazy dog. " * 40, "test")
     result = check(
         checkpoint,
@@ -110,4 +113,32 @@ def test_a_plugin_that_declares_nothing_optional_is_checked_without_threads(
     assert result.threads is None and result.provider is None
     assert result.reference is not None and result.reference.runtime == "torch"
     rt = open_runtime(checkpoint, "replay")
-    assert base.runtime_threads(rt) is None and base.runtime_provider(rt) is None
+    assert rt.threads is None and rt.provider is None
+
+
+class Undeclared(ReplayRuntime):
+    """A plugin whose runtime lacks a capability the protocol declares (`provider`)."""
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        super().__init__(path, device)
+        del self.provider
+
+
+class NoOptions:
+    """A plugin class that does not declare its constructor's options."""
+
+    name, artifacts = "bare", ("checkpoint",)
+
+
+def test_a_plugin_that_breaks_the_protocol_is_refused(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = [
+        EntryPoint(name="undeclared", value=f"{__name__}:Undeclared", group="edgelm.runtimes"),
+        EntryPoint(name="bare", value=f"{__name__}:NoOptions", group="edgelm.runtimes"),
+    ]
+    monkeypatch.setattr(base, "entry_points", lambda group: entries if group == "edgelm.runtimes" else [])
+    with pytest.raises(EdgelmError, match="does not declare options"):
+        base.runtime_class("bare")
+    with pytest.raises(EdgelmError, match="does not follow the Runtime protocol"):
+        open_runtime(checkpoint, "undeclared")

@@ -70,7 +70,7 @@ from edgelm.evaluation.reference import (
 from edgelm.files import read_json
 from edgelm.formats.artifact import artifact_kind
 from edgelm.formats.onnx import PROVENANCE
-from edgelm.runtimes.base import Runtime, runtime_provider, runtime_threads
+from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
 
 PP_TOKENS = 512
@@ -451,8 +451,8 @@ def measure_target(
         facts = {
             "runtime": rt.name,
             "device": rt.device,
-            "provider": runtime_provider(rt),
-            "threads": runtime_threads(rt),
+            "provider": rt.provider,
+            "threads": rt.threads,
         }
         tokenizer = compare_tokenizers(reference.text_ids, rt.tokenizer, reference.text.text)
         result_accuracy = evaluate(rt, reference, progress)

@@ -20,7 +20,7 @@ from edgelm.evaluation.metrics import log_probs
 from edgelm.files import read_json, read_text
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
-from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, declared_options, open_runtime, runtime_class
+from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import spread_windows
 
@@ -370,6 +370,6 @@ def open_checked(
     takes them."""
     name = DEFAULT_RUNTIME.get(artifact_kind(path), runtime) if runtime == "auto" else runtime
     merged = {**CHECK_OPTIONS.get(name, {}), **options}
-    if threads is not None and "threads" in declared_options(runtime_class(name)):
+    if threads is not None and "threads" in runtime_class(name).options:
         merged["threads"] = threads
     return open_runtime(path, runtime=name, device=device, **merged)
