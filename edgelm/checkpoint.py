@@ -219,11 +219,6 @@ def weight_entries(directory: Path) -> list[TensorEntry]:
     return float_weights(entries)
 
 
-def weight_names(directory: Path) -> list[str]:
-    """The HF names of a checkpoint directory's weights, in the order `iter_weights` yields them."""
-    return [e.name for e in weight_entries(directory)]
-
-
 def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """The shape of each weight of a checkpoint directory, read from the headers alone."""
     return {e.name: e.shape for e in weight_entries(directory)}
@@ -236,13 +231,6 @@ def iter_weights(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
     the first tensor is read, so a broken checkpoint fails before a conversion writes anything.
     """
     return read_entries(weight_entries(directory))
-
-
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """All weights of one safetensors file, or of a checkpoint directory, as float32 numpy arrays."""
-    path = Path(path)
-    entries = weight_entries(path) if path.is_dir() else float_weights(read_header(path)[0])
-    return dict(read_entries(entries))
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -81,7 +81,7 @@ def export_gguf(
 ) -> Path:
     """Write the checkpoint as a GGUF file of the given quantization; return its path.
 
-    `hessians` (from `edgelm.calibration.activation_covariance`: E[x xᵀ] of each weight's input on
+    `hessians` (from `edgelm.quant.calibration.activation_covariance`: E[x xᵀ] of each weight's input on
     calibration text) make the quantizer minimize the error of the layer's output rather than of its
     weights: scales chosen by the activation-weighted error (llama.cpp's importance matrix is the diagonal)
     and each column's rounding error passed on to the columns not yet rounded (GPTQ).

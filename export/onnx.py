@@ -56,8 +56,8 @@ def export_onnx(
 ) -> Path:
     """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it.
 
-    `hessians` (from `edgelm.calibration.activation_covariance`) make the int8/int4 quantizer minimize each
-    layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
+    `hessians` (from `edgelm.quant.calibration.activation_covariance`) make the int8/int4 quantizer minimize
+    each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
     """
     if quant not in PRECISIONS:
         raise EdgelmError(f"unknown ONNX precision {quant!r}; choose one of {', '.join(PRECISIONS)}")

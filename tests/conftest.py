@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from edgelm.model.config import ModelConfig
+from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer, train_tokenizer
 from edgelm.training.random_checkpoint import random_checkpoint
 
@@ -77,3 +79,20 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     counts = np.bincount(np.asarray(tokens, dtype=np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def saved_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint folder's model.safetensors (or of that file), read by safetensors itself
+    and widened to float32."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    return {name: tensor.float().numpy() for name, tensor in load_file(file).items()}
+
+
+def logits_on_windows(runtime: Runtime, windows: np.ndarray) -> np.ndarray:
+    """Float32 logits at every position of every window (each from a fresh sequence), concatenated."""
+    rows = []
+    for window in windows:
+        runtime.reset()
+        rows.append(runtime.forward(np.asarray(window).tolist(), all_logits=True))
+    return np.concatenate(rows)

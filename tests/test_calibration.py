@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ from transformers import LlamaForCausalLM
 from edgelm.checkpoint import load_checkpoint, tensor_shapes
 from edgelm.errors import EdgelmError
 from edgelm.quant.blocks import quantize_blocks
-from edgelm.quant.calibration import activation_importance, calibration_windows, read_calibration_text
+from edgelm.quant.calibration import activation_covariance, calibration_windows, read_calibration_text
 from edgelm.tokenizer import Tokenizer
 
 CONTEXT = 24  # SAMPLE_TEXT (86 tokens) becomes 3 windows of 24 and a short one of 18
 TIED = dataclasses.replace(SMALL, tie_word_embeddings=True, num_key_value_heads=4)
+
+
+def activation_importance(checkpoint: Path, text: str, **kwargs: Any) -> dict[str, np.ndarray]:
+    """The diagonal of each weight's E[x xᵀ]: the mean squared input per column, as the exporters use it."""
+    return {name: np.diag(h).copy() for name, h in activation_covariance(checkpoint, text, **kwargs).items()}
 
 
 def reference_windows(tokenizer: Tokenizer, text: str, context: int) -> list[list[int]]:
@@ -48,19 +54,21 @@ def hf_linear_inputs(directory: Path, windows: list[list[int]]) -> dict[str, np.
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def measured(request, tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer):
-    """(checkpoint, our statistics, transformers' linear inputs) for SAMPLE_TEXT in windows of CONTEXT."""
+    """(checkpoint, our importance, transformers' linear inputs, our covariance) for SAMPLE_TEXT in windows
+    of CONTEXT."""
     config = TIED if request.param == "tied" else SMALL
     directory = make_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", small_tokenizer, config)
-    ours = activation_importance(directory, SAMPLE_TEXT, context=CONTEXT)
+    covariance = activation_covariance(directory, SAMPLE_TEXT, context=CONTEXT)
+    ours = {name: np.diag(h).copy() for name, h in covariance.items()}
     theirs = hf_linear_inputs(directory, reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT))
-    return directory, ours, theirs
+    return directory, ours, theirs, covariance
 
 
 # ----------------------------------------------------------------------------------------------- values
 
 
 def test_keys_and_shapes(measured) -> None:
-    directory, ours, _ = measured
+    directory, ours, _, _ = measured
     config, tensors, _ = load_checkpoint(directory)
     quantized = {n for n, shape in tensor_shapes(config).items() if len(shape) == 2} | {"lm_head.weight"}
     assert set(ours) == quantized - {"model.embed_tokens.weight"}
@@ -77,12 +85,17 @@ def test_keys_and_shapes(measured) -> None:
     assert ours[p + "self_attn.q_proj.weight"] is not ours[p + "self_attn.k_proj.weight"]  # no aliasing
 
 
-def test_equal_to_mean_square_of_transformers_inputs(measured) -> None:
-    _, ours, theirs = measured
-    assert set(ours) == set(theirs)
+def test_equal_to_second_moment_of_transformers_inputs(measured) -> None:
+    _, ours, theirs, covariance = measured
+    assert set(ours) == set(theirs) == set(covariance)
     for name, x in theirs.items():
         assert x.shape[0] == 86 + 4  # every token, the BOS of each of the 4 windows included
         np.testing.assert_allclose(ours[name], (x * x).mean(axis=0), rtol=1e-4, err_msg=name)
+        expected = x.T @ x / x.shape[0]
+        assert covariance[name].dtype == np.float32 and covariance[name].shape == expected.shape, name
+        np.testing.assert_allclose(
+            covariance[name], expected, rtol=1e-4, atol=1e-6 * expected.max(), err_msg=name
+        )
 
 
 def test_equal_to_norms_of_transformers_hidden_states(checkpoint: Path, small_tokenizer: Tokenizer) -> None:
@@ -140,7 +153,7 @@ def test_calibration_windows() -> None:
 def test_importance_lowers_the_output_error_of_quantized_weights(measured) -> None:
     """||(W - Wq) x||² summed over the calibration activations, 4-bit symmetric blocks of 32 (Q4_0's layout),
     quantized with and without the importance."""
-    directory, ours, theirs = measured
+    directory, ours, theirs, _ = measured
     _, tensors, _ = load_checkpoint(directory)
     plain_total = steered_total = 0.0
     wins = 0

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
+from conftest import SAMPLE_TEXT, SMALL, logits_on_windows, make_checkpoint
 
 import edgelm
 import edgelm.evaluation.reference
@@ -26,7 +26,6 @@ from edgelm.evaluation.reference import (
     ReferenceInfo,
     compute_reference,
     evaluation_windows,
-    logits_on_windows,
     reference_log_probs,
     scored_log_probs,
     scored_range,

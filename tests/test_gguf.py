@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp  # the oracle: a missing one fails the suite
 import numpy as np
 import pytest
-from conftest import SMALL, make_checkpoint
+from conftest import SMALL, logits_on_windows, make_checkpoint
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from test_tokenizer import VARIED
@@ -19,7 +19,6 @@ import edgelm
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
-from edgelm.evaluation.reference import logits_on_windows
 from edgelm.export.gguf import QUANTIZERS, export_gguf, export_gguf_via_llama_cpp
 from edgelm.export.gguf_types import MIXTURES, tensor_type
 from edgelm.formats.gguf import gguf_name, permute_for_gguf

@@ -8,10 +8,9 @@ from pathlib import Path
 import llama_cpp  # noqa: F401  (the oracle run by export_gguf_via_llama_cpp: required)
 import numpy as np
 import pytest
-from conftest import SMALL, make_checkpoint
+from conftest import SMALL, make_checkpoint, saved_weights
 
 import edgelm
-from edgelm.checkpoint import read_weights
 from edgelm.errors import EdgelmError
 from edgelm.export.gguf import export_gguf, export_gguf_via_llama_cpp
 from edgelm.importer import import_model
@@ -40,7 +39,7 @@ def test_round_trip_is_exact(tmp_path: Path, small_tokenizer: Tokenizer, tied: b
         tmp_path / "src", small_tokenizer, dataclasses.replace(SMALL, tie_word_embeddings=tied)
     )
     imported = import_model(export_gguf(source, tmp_path, "f32"), tmp_path / "imported")
-    before, after = read_weights(source / "model.safetensors"), read_weights(imported / "model.safetensors")
+    before, after = saved_weights(source), saved_weights(imported)
     assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
     with edgelm.load(source) as a, edgelm.load(imported) as b:
         assert a.config == b.config

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_TEXT, unigram_entropy
+from conftest import SAMPLE_TEXT, saved_weights, unigram_entropy
 
-from edgelm.checkpoint import load_checkpoint, read_weights
+from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.training import train as train_module
 from edgelm.training.data import batch_windows, load_tokens
@@ -91,7 +91,7 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert losses(split) == losses(straight)
-    a, b = read_weights(straight / "model.safetensors"), read_weights(split / "model.safetensors")
+    a, b = saved_weights(straight), saved_weights(split)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -115,7 +115,7 @@ def test_resume_with_new_steps_follows_the_new_schedule(tmp_path: Path, corpus: 
     assert records[4]["lr"] < records[3]["lr"]  # the cosine has started
     assert json.loads((short / "trainer_state.json").read_text())["train_config"]["steps"] == 8
     assert losses(short) == losses(long)
-    a, b = read_weights(short / "model.safetensors"), read_weights(long / "model.safetensors")
+    a, b = saved_weights(short), saved_weights(long)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -140,7 +140,7 @@ def test_grad_accum_trains_the_same_model_as_a_larger_batch(
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(micro(whole, corpus, batch_size=4, steps=4))
     train(micro(split, corpus, batch_size=2, grad_accum=2, steps=4))
-    a, b = read_weights(whole / "model.safetensors"), read_weights(split / "model.safetensors")
+    a, b = saved_weights(whole), saved_weights(split)
     # float rounding in the two-part sum, grown by Adam's division by the gradients' own scale
     assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-4
     assert np.allclose(
@@ -148,7 +148,7 @@ def test_grad_accum_trains_the_same_model_as_a_larger_batch(
     )
     # the control: another seed moves the weights by far more than the tolerance
     train(micro(tmp_path / "other", corpus, batch_size=4, steps=4, seed=2))
-    c = read_weights(tmp_path / "other" / "model.safetensors")
+    c = saved_weights(tmp_path / "other")
     assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
 
 
@@ -203,12 +203,12 @@ def test_ddp_two_processes_equal_one(tmp_path: Path, corpus: Path) -> None:
         "1e-2",
     )
     assert result.returncode == 0, result.stderr
-    a, b = read_weights(one / "model.safetensors"), read_weights(two / "model.safetensors")
+    a, b = saved_weights(one), saved_weights(two)
     # Adam divides by the gradients' own scale, so float rounding in the all-reduce grows to ~1e-5;
     # a different data order moves the weights by ~1e-2
     assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-4
     train(micro(tmp_path / "other", corpus, batch_size=4, steps=4, seed=2))
-    c = read_weights(tmp_path / "other" / "model.safetensors")
+    c = saved_weights(tmp_path / "other")
     assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
     assert [s for s, _, _ in losses(two)] == [1, 2, 3, 4]
     assert np.allclose([loss for _, loss, _ in losses(two)], [loss for _, loss, _ in losses(one)], atol=1e-5)

@@ -139,15 +139,6 @@ def reference_log_probs(
     return np.stack(rows)
 
 
-def logits_on_windows(runtime: Runtime, windows: np.ndarray) -> np.ndarray:
-    """Float32 logits at every position of every window (each from a fresh sequence), concatenated."""
-    rows = []
-    for window in windows:
-        runtime.reset()
-        rows.append(runtime.forward(np.asarray(window).tolist(), all_logits=True))
-    return np.concatenate(rows)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the reference
 

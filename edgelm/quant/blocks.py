@@ -16,11 +16,11 @@ search=True (the default) also tries a small grid of scales around that one, ref
 squares, and keeps per block whichever dequantizes with the lowest importance-weighted squared error, so it
 is never worse than round-to-nearest on that error.
 
-hessian=H (the second moment E[x xᵀ] of the inputs, from `edgelm.calibration.activation_covariance`) turns on
-GPTQ's error feedback (Frantar et al. 2022): the columns are rounded left to right and each column's rounding
-error is spread over the columns not yet rounded, through the inverse of H, so that the output error
-||(W - Wq) x||² rather than the weight error is made small. Each block's scale is chosen, as above, from the
-weights as updated so far; the result has the same type and arrays as without H.
+hessian=H (the second moment E[x xᵀ] of the inputs, from `edgelm.quant.calibration.activation_covariance`)
+turns on GPTQ's error feedback (Frantar et al. 2022): the columns are rounded left to right and each column's
+rounding error is spread over the columns not yet rounded, through the inverse of H, so that the output
+error ||(W - Wq) x||² rather than the weight error is made small. Each block's scale is chosen, as above,
+from the weights as updated so far; the result has the same type and arrays as without H.
 """
 
 from __future__ import annotations

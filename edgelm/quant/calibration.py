@@ -3,14 +3,14 @@
 For a linear weight W (out, in) applied to activations x (in,), the output error of a quantized Wq is
 ||(W - Wq) x||². Averaged over calibration tokens and keeping only the diagonal of E[x xᵀ], that is
 sum over columns c of E[x_c²] * ||W[:, c] - Wq[:, c]||²: the mean squared input activation of each column is
-the weight that `edgelm.quant.blocks`'s `importance=` parameter expects.
+the weight that `edgelm.quant.blocks`'s `importance=` parameter expects; the whole E[x xᵀ] is what GPTQ's
+error feedback needs (its `hessian=`).
 
     text ──tokenize──▶ [BOS t1 .. t(C-1)] [BOS tC ..] ..   windows of C = context tokens, at most max_tokens
                               │
                    Transformer forward, pre-hooks on the nn.Linear modules
                               │
-          sum of x² per column (float64) / tokens  ──▶  {"model.layers.0.self_attn.q_proj.weight": (in,), ..}
-          sum of x xᵀ (float64) / tokens           ──▶  {..: (in, in)}   activation_covariance, for GPTQ
+          sum of x xᵀ (float64) / tokens  ──▶  {"model.layers.0.self_attn.q_proj.weight": (in, in), ..}
 
 This module needs torch (the `torch` extra); it imports it only when activation statistics are measured.
 """
@@ -77,38 +77,27 @@ def calibration_windows(
     return windows
 
 
-def activation_importance(
+def activation_covariance(
     checkpoint: Path, text: str, context: int | None = None, max_tokens: int = 100_000
 ) -> dict[str, np.ndarray]:
-    """Mean squared input activation per input column of every linear weight, keyed by the weight's HF name.
+    """The second moment H = E[x xᵀ] of the input activations of every linear weight, keyed by the weight's HF
+    name: "model.layers.0.self_attn.q_proj.weight" → float32 (in_features, in_features), accumulated in
+    float64. Its diagonal, the mean squared input of each column, is the `importance=` of
+    `edgelm.quant.blocks`; H itself is its `hessian=` (GPTQ's error feedback).
 
-    "model.layers.0.self_attn.q_proj.weight" → float32 array of shape (in_features,), for the q/k/v/o, gate,
-    up and down projections of every layer and for "lm_head.weight" (whose input is the final norm's output;
-    reported for a tied model too, since the exporters quantize the output matrix from the embeddings).
-    q/k/v share one input and gate/up another, so their arrays are equal. The embedding matrix
-    "model.embed_tokens.weight" is a lookup table with no activation input and has no entry.
+    Keys: the q/k/v/o, gate, up and down projections of every layer and "lm_head.weight" (whose input is the
+    final norm's output; reported for a tied model too, since the exporters quantize the output matrix from
+    the embeddings). q/k/v share one input and gate/up another, so their arrays are equal. The embedding
+    matrix "model.embed_tokens.weight" is a lookup table with no activation input and has no entry.
 
     Measured by running the checkpoint's PyTorch model (float32, CPU) over `text`, tokenized with the
     checkpoint's tokenizer and cut into non-overlapping windows of `context` tokens (default the model's
     context, at most DEFAULT_CONTEXT) that each start with BOS, at most `max_tokens` tokens in all (see
-    `calibration_windows`); every token, BOS included, counts.
+    `calibration_windows`); every token, BOS included, counts. H holds in_features² values per weight: about
+    4 * (4 * hidden² + intermediate²) bytes per layer.
     """
     model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
-    return _measure(model, windows, _sum_of_squares)
-
-
-def activation_covariance(
-    checkpoint: Path, text: str, context: int | None = None, max_tokens: int = 100_000
-) -> dict[str, np.ndarray]:
-    """The second moment H = E[x xᵀ] of the input activations of every linear weight, keyed as
-    `activation_importance` (same keys, same windows, same tokens): "model.layers.0.mlp.down_proj.weight" →
-    float32 (in_features, in_features), accumulated in float64. Its diagonal is `activation_importance`.
-
-    H is what `edgelm.quant.blocks`'s `hessian=` parameter expects (GPTQ's error feedback). It holds
-    in_features² values per weight: about 4 * (4 * hidden² + intermediate²) bytes per layer.
-    """
-    model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
-    return _measure(model, windows, _sum_of_outer_products)
+    return _measure(model, windows)
 
 
 def _model_and_windows(
@@ -145,30 +134,20 @@ def _model_and_windows(
     return model, calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
 
 
-def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, in) → the sum over tokens of x² per column, float64 (in,)."""
-    import torch
-
-    return x.float().square().sum(dim=0, dtype=torch.float64)
-
-
 def _sum_of_outer_products(x: torch.Tensor) -> torch.Tensor:
     """x (tokens, in) → the sum over tokens of x xᵀ, float64 (in, in)."""
     x = x.double()
     return x.T @ x
 
 
-def _measure(
-    model: Transformer, windows: list[list[int]], statistic: Callable[[torch.Tensor], torch.Tensor]
-) -> dict[str, np.ndarray]:
-    """Run the windows through the model and return the mean over tokens of statistic(inputs) by weight name
-    (statistic maps a linear layer's inputs (tokens, in) to their float64 sum)."""
+def _measure(model: Transformer, windows: list[list[int]]) -> dict[str, np.ndarray]:
+    """Run the windows through the model and return the mean over tokens of x xᵀ by weight name."""
     import torch
 
-    sums: dict[str, torch.Tensor] = {}  # module name → sum of the statistic over the tokens so far, float64
+    sums: dict[str, torch.Tensor] = {}  # module name → sum of x xᵀ over the tokens so far, float64
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        total = statistic(x.reshape(-1, x.shape[-1]))  # from (B*T, in)
+        total = _sum_of_outer_products(x.reshape(-1, x.shape[-1]))  # from (B*T, in)
         sums[name] = sums[name] + total if name in sums else total
 
     def pre_hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:

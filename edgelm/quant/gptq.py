@@ -83,6 +83,6 @@ def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, 
     except np.linalg.LinAlgError:
         raise EdgelmError(
             "quantize: the hessian is not positive semi-definite even after dampening "
-            "(give E[x xᵀ] of the inputs, e.g. from edgelm.calibration.activation_covariance)"
+            "(give E[x xᵀ] of the inputs, e.g. from edgelm.quant.calibration.activation_covariance)"
         ) from None
     return factor, diagonal
