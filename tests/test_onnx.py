@@ -16,8 +16,10 @@ import pytest
 from conftest import SMALL, make_checkpoint
 
 import edgelm
+from edgelm.checkpoint import load_checkpoint, save_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
+from edgelm.export.onnx_graph import fused_matrices
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import QuantOptions, quantize_matrix
 from edgelm.model.config import Llama3RopeScaling
@@ -67,6 +69,38 @@ def test_fp32_matches_torch_at_prefill_and_each_decode_step(
         runtime.reset()
         reference.reset()
         assert np.abs(runtime.forward(prompt) - reference.forward(prompt)).max() <= 1e-4
+
+
+def test_fp16_runs_in_half_precision_close_to_torch(checkpoint: Path, tmp_path: Path) -> None:
+    """fp16: float16 weights, activations and KV cache (half the fp32 file); logits near fp32 torch's."""
+    fp32 = export_onnx(checkpoint, tmp_path / "fp32", "fp32")
+    fp16 = export_onnx(checkpoint, tmp_path / "fp16", "fp16")
+    graph = graph_of(fp16).graph
+    kv = [i for i in graph.input if i.name.startswith("past_key_values")]
+    assert kv and {i.type.tensor_type.elem_type for i in kv} == {onnx.TensorProto.FLOAT16}
+    floats = [
+        t for t in graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    ]
+    assert {t.data_type for t in floats} == {onnx.TensorProto.FLOAT16}
+    ratio = (fp16 / "model.onnx.data").stat().st_size / (fp32 / "model.onnx.data").stat().st_size
+    assert 0.49 < ratio < 0.51
+    reference = TorchRuntime(checkpoint, device="cpu")
+    ids = np.random.default_rng(2).integers(0, reference.config.vocab_size, 40).tolist()
+    with edgelm.load(fp16) as model:
+        got = np.concatenate(
+            [
+                model.runtime.forward(ids[:36], all_logits=True),
+                *map(model.runtime.forward, [[i] for i in ids[36:]]),
+            ]
+        )
+    want = np.concatenate(
+        [reference.forward(ids[:36], all_logits=True), *map(reference.forward, [[i] for i in ids[36:]])]
+    )
+    assert got.dtype == np.float32
+    error = np.abs(got - want).max() / np.abs(want).max()
+    print(f"fp16: max |Δlogit| / max |logit| = {error:.2e}")
+    assert error < 5e-3
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
 def test_graph_is_fused_and_folder_complete(checkpoint: Path, tmp_path: Path) -> None:
@@ -180,6 +214,113 @@ def test_packed_weights_read_back_exactly_and_run_in_onnx_runtime(
     x = rng.normal(0, 1, (3, k)).astype(np.float32)
     (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ dequantized.T, rtol=1e-4, atol=1e-4)
+
+
+def stored_matrices(folder: Path) -> dict[str, np.ndarray]:
+    """Every MatMulNBits matrix of an exported graph as the float (N, K) matrix it stands for, by the name of
+    its packed initializer without ".weight.packed", unpacked by `unpack_matmul_nbits`."""
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    matrices = {}
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        packed, scales, *zero_points = (values[name] for name in node.input[1:])
+        n, k, bits = attributes["N"], attributes["K"], attributes["bits"]
+        zeros = zero_points[0].reshape(n, -1) if zero_points else None
+        name = node.input[1].removesuffix(".weight.packed")
+        matrices[name] = unpack_matmul_nbits(packed, scales.reshape(n, -1), zeros, bits, k)
+    return matrices
+
+
+def dequantized_checkpoint(checkpoint: Path, folder: Path, out: Path) -> Path:
+    """A copy of the checkpoint whose weights are the ONNX folder's stored matrices, split back into the HF
+    weights they fuse (q, k, v; gate, up); the embedding table is the head's when tied."""
+    config, tensors, tokenizer = load_checkpoint(checkpoint)
+    stored = stored_matrices(folder)
+    q_rows, kv_rows = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    )
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k, v = np.split(stored[p + "self_attn.qkv_proj"], [q_rows, q_rows + kv_rows])
+        gate, up = np.split(stored[p + "mlp.gate_up_proj"], 2)
+        parts = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate}
+        parts |= {"mlp.up_proj": up, "self_attn.o_proj": stored[p + "self_attn.o_proj"]}
+        parts["mlp.down_proj"] = stored[p + "mlp.down_proj"]
+        tensors |= {f"{p}{name}.weight": w for name, w in parts.items()}
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    tensors[head] = stored["lm_head"]
+    if not config.tie_word_embeddings:
+        tensors["model.embed_tokens.weight"] = gathered_embeddings(folder, config.vocab_size)
+    save_checkpoint(out, config, tensors, tokenizer)
+    return out
+
+
+def gathered_embeddings(folder: Path, vocab_size: int) -> np.ndarray:
+    """The embedding rows of every token id as ONNX Runtime's GatherBlockQuantized reads them from the
+    exported initializers: the graph's own node, run alone over all ids."""
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    (reshape,) = [n for n in graph.node if n.output[0] == gather.input[0]]
+    constants = [n for n in graph.node if n.output[0] in reshape.input]  # its shape
+    used = {*reshape.input, *gather.input[2:]}
+    nodes = [*constants, reshape, gather]
+    inputs = [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [None])]
+    outputs = [onnx.helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None)]
+    one = onnx.helper.make_graph(
+        nodes, "gather", inputs, outputs, [t for t in graph.initializer if t.name in used]
+    )
+    model = onnx.helper.make_model(
+        one, opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (rows,) = session.run(None, {"input_ids": np.arange(vocab_size, dtype=np.int64)})
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("quant", "options", "config"),
+    [
+        ("int4", QuantOptions(32, True, accuracy_level=1), "gqa-untied"),
+        ("int4", QuantOptions(16, False, accuracy_level=1), "gqa-untied"),
+        ("int4", QuantOptions(32, True, accuracy_level=1), "mha-tied-biases"),
+        ("int8", QuantOptions(16, False, accuracy_level=1), "mha-tied-biases"),
+    ],
+    ids=["int4-b32", "int4-b16-zero-points", "int4-tied", "int8-b16-zero-points-tied"],
+)
+def test_quantized_graph_computes_torch_on_its_own_weights(
+    quant: str, options: QuantOptions, config: str, tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    """At accuracy level 1 (float32 compute) the quantized graph is the float model on its stored weights:
+    ONNX Runtime's logits equal the PyTorch model's on the matrices unpacked from the file (and the
+    embedding rows GatherBlockQuantized reads), and those equal edgelm's quantizer's values one by one."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", small_tokenizer, CONFIGS[config])
+    folder = export_onnx(checkpoint, tmp_path / "onnx", quant, options)
+    model_config, tensors, _ = load_checkpoint(checkpoint)
+    expected = fused_matrices(model_config, tensors)
+    stored = stored_matrices(folder)
+    assert stored.keys() == expected.keys()
+    bits = 4 if quant == "int4" else 8
+    for name, m in expected.items():  # the packing, value by value
+        want = quantize_matrix(m.w, bits, options).dequantize()[:, : m.w.shape[1]]
+        np.testing.assert_array_equal(stored[name], want, err_msg=name)
+    embedding = gathered_embeddings(folder, model_config.vocab_size)
+    if model_config.tie_word_embeddings:  # the head's blocks, stored once
+        np.testing.assert_array_equal(embedding, stored["lm_head"])
+    else:
+        table = quantize_matrix(tensors["model.embed_tokens.weight"], bits, options).dequantize()
+        np.testing.assert_array_equal(embedding, table)
+
+    reference = TorchRuntime(
+        dequantized_checkpoint(checkpoint, folder, tmp_path / "dequantized"), device="cpu"
+    )
+    ids = np.random.default_rng(1).integers(0, model_config.vocab_size, 40).tolist()
+    with edgelm.load(folder) as model:
+        got, want = model.runtime.forward(ids, all_logits=True), reference.forward(ids, all_logits=True)
+        assert np.abs(got - want).max() <= 1e-4
+        for token in ids[:4]:
+            assert np.abs(model.runtime.forward([token]) - reference.forward([token])).max() <= 1e-4
 
 
 def test_int8_dynamic_uses_ort_dynamic_path_within_avx2_range(checkpoint: Path, tmp_path: Path) -> None:
