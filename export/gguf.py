@@ -181,10 +181,10 @@ def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: 
         params.nthread = os.cpu_count() or 1
         if quant == "q8_0_f16emb":
             params.token_embedding_type = params.output_tensor_type = int(T.F16)
-        elif quant in ("q4_k", "q6_k"):
-            # edgelm's q4_k / q6_k are the base type throughout, with llama.cpp's Q6_K head: llama.cpp's
-            # Q4_K_S and Q6_K mixtures would also move some layers to Q5_K, which edgelm does not write
-            # (llama.cpp aborts when a type it is told to use does not fit the rows: give it the fallbacks)
+        elif quant == "q4_k":
+            # edgelm's q4_k is Q4_K in every layer, with llama.cpp's head: llama.cpp's Q4_K_S would also move
+            # some attn_v/ffn_down to Q5_K, which edgelm does not write (llama.cpp aborts when a type it is
+            # told to use does not fit the rows: give it the fallbacks)
             params.pure = True
             config = ModelConfig.load(checkpoint)
             shape = (config.vocab_size, config.hidden_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp  # the oracle: a missing one fails the suite
@@ -19,7 +20,7 @@ import edgelm
 from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
-from edgelm.export.gguf import QUANTIZERS, export_gguf, export_gguf_via_llama_cpp
+from edgelm.export.gguf import QUANTIZERS, export_gguf
 from edgelm.export.gguf_types import MIXTURES, tensor_type
 from edgelm.formats.gguf import gguf_name, permute_for_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
@@ -71,6 +72,33 @@ def test_f32_and_q8_0_in_llama_cpp_match_torch(trained_run: Path, exported: dict
     assert top1 >= 0.98, top1
 
 
+@pytest.mark.slow
+def test_prefill_over_one_batch_and_the_context_cap(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """A prefill of 1100 tokens runs in llama.cpp's batches of 512 and equals torch's; decoding goes on from
+    it; the context is the model's unless asked smaller, and a token past it is refused."""
+    config = dataclasses.replace(SMALL, max_position_embeddings=1200)
+    checkpoint = make_checkpoint(tmp_path / "long", small_tokenizer, config)
+    ids = np.random.default_rng(0).integers(0, small_tokenizer.vocab_size, 1104).tolist()
+    with edgelm.load(checkpoint) as reference:
+        expected = reference.runtime.forward(ids, all_logits=True)
+    path = export_gguf(checkpoint, tmp_path / "long.gguf", "f32")
+    with edgelm.load(path, kv_cache="f32") as model:
+        assert model.runtime.context == model.config.max_position_embeddings == 1200  # not DEFAULT_CONTEXT
+        prefill = model.runtime.forward(ids[:1100], all_logits=True)
+        decode = np.concatenate([model.runtime.forward([i]) for i in ids[1100:]])
+        last = model.runtime.forward([ids[0]] * 96)  # up to the context exactly: 1104 + 96 = 1200
+        with pytest.raises(EdgelmError, match="context"):
+            model.runtime.forward([ids[0]])
+    assert np.abs(prefill - expected[:1100]).max() <= 1e-4
+    assert np.abs(decode - expected[1100:]).max() <= 1e-4
+    assert last.shape == (1, small_tokenizer.vocab_size)
+    with edgelm.load(path, context=600) as capped:
+        assert capped.runtime.context == capped.config.max_position_embeddings == 600
+        assert capped.runtime.forward(ids[:600]).shape == (1, small_tokenizer.vocab_size)
+        with pytest.raises(EdgelmError, match="context"):
+            capped.runtime.forward([ids[0]])
+
+
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0", "q4_k_m"])
 def test_packed_tensors_equal_quant_py(trained_run: Path, exported: dict[str, Path], quant: str) -> None:
     config, tensors, _ = load_checkpoint(trained_run)
@@ -102,21 +130,74 @@ def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
     return quantize(w, None).dequantize()
 
 
+@pytest.fixture(scope="module")
+def layered(
+    tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer
+) -> Callable[[int, int, bool], tuple[Path, Path]]:
+    """(width, intermediate, tied) → an 8-layer checkpoint of that shape and its F32 GGUF, built once."""
+    built: dict[tuple[int, int, bool], tuple[Path, Path]] = {}
+
+    def build(width: int, intermediate: int, tied: bool) -> tuple[Path, Path]:
+        if (width, intermediate, tied) not in built:
+            config = dataclasses.replace(
+                WIDE,
+                hidden_size=width,
+                intermediate_size=intermediate,
+                num_hidden_layers=8,
+                tie_word_embeddings=tied,
+            )
+            folder = tmp_path_factory.mktemp(f"layered{width}")
+            checkpoint = make_checkpoint(folder / "model", small_tokenizer, config)
+            built[width, intermediate, tied] = checkpoint, export_gguf(checkpoint, folder / "f32.gguf", "f32")
+        return built[width, intermediate, tied]
+
+    return build
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "q4_k_m", "q8_0_f16emb"])
+@pytest.mark.parametrize("quant", sorted(MIXTURES))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(("width", "intermediate"), [(256, 512), (128, 384)], ids=["rows256", "rows128"])
 def test_tensor_types_equal_llama_cpp_quantizer(
-    tmp_path: Path, small_tokenizer: Tokenizer, quant: str, tied: bool
+    layered: Callable[[int, int, bool], tuple[Path, Path]],
+    tmp_path: Path,
+    width: int,
+    intermediate: int,
+    tied: bool,
+    quant: str,
 ) -> None:
-    """A model with 256-wide rows, so K-quants are used, and enough layers for Q4_K_M's use_more_bits."""
-    config = dataclasses.replace(WIDE, num_hidden_layers=8, tie_word_embeddings=tied)
-    checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, config)
-    ours = GGUFReader(export_gguf(checkpoint, tmp_path / "ours", quant))
-    theirs = GGUFReader(export_gguf_via_llama_cpp(checkpoint, tmp_path / "theirs", quant))
-    assert {t.name: t.tensor_type.name for t in ours.tensors} == {
-        t.name: t.tensor_type.name for t in theirs.tensors
-    }
-    assert {t.tensor_type.name for t in ours.tensors} >= {"F32", MIXTURES[quant].base.name}
+    """Each mixture against llama.cpp's own quantizer left to its defaults (only the file type given), on
+    rows that K-quants take whole and on rows that fall back; 8 layers, so that the layer rules apply.
+    The two mixtures that are not llama.cpp's differ exactly where `llama_cpp_type` says."""
+    checkpoint, f32 = layered(width, intermediate, tied)
+    ours = tensor_types(export_gguf(checkpoint, tmp_path / "ours.gguf", quant))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(MIXTURES[quant].file_type)
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    assert tensor_types(theirs) == {name: llama_cpp_type(quant, name, kind, 8) for name, kind in ours.items()}
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """The GGUF type of each tensor of a file, as gguf-py reads it."""
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def llama_cpp_type(quant: str, name: str, ours: str, n_layers: int) -> str:
+    """The type llama.cpp's quantizer gives a tensor that edgelm gives `ours`. Where they differ, it is by
+    design: edgelm's q4_k is Q4_K in every layer (a pure level, to compare block types by themselves), where
+    llama.cpp's Q4_K_S moves the first four layers' attn_v and the first eighth's ffn_down to Q5_K (Q5_1 on
+    rows that are not a multiple of 256); q8_0_f16emb keeps the embedding and output in F16, which no
+    llama.cpp file type does."""
+    if quant == "q8_0_f16emb" and name in ("token_embd.weight", "output.weight"):
+        return "Q8_0"
+    if quant == "q4_k" and name.startswith("blk."):
+        layer = int(name.split(".")[1])
+        if (name.endswith("attn_v.weight") and layer < 4) or (
+            name.endswith("ffn_down.weight") and layer < n_layers // 8
+        ):
+            return {"Q4_K": "Q5_K", "Q5_0": "Q5_1"}[ours]
+    return ours
 
 
 def test_generation_through_llama_cpp(exported: dict[str, Path]) -> None:
