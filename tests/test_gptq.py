@@ -85,10 +85,12 @@ def test_dead_and_singular_columns(qtype: T) -> None:
     x[:, [0, 5, 100]] = 0  # inputs that are never active: H has zero rows and columns
     x[:, 7] = x[:, 8]  # and two equal inputs make it singular
     result = quantize(w, hessian=second_moment(x))
-    assert np.isfinite(result.dequantize()).all()
     assert np.array_equal(gguf_dequantize(pack(result), qtype), result.dequantize())
+    # the weights of dead inputs cost nothing; the rest is still fitted to x
+    rtn = output_error(w, quantize(w, search=False).dequantize(), x)
+    assert output_error(w, result.dequantize(), x) < 0.75 * rtn
     zero = quantize(w, hessian=np.zeros((COLS, COLS), np.float32))  # nothing measured: plain rounding
-    assert np.isfinite(zero.dequantize()).all()
+    assert np.array_equal(zero.dequantize(), quantize(w).dequantize())
 
 
 def test_more_rows_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,5 +137,12 @@ def test_activation_covariance(checkpoint: Path) -> None:
         assert np.linalg.eigvalsh(h.astype(np.float64)).min() > -1e-5 * np.trace(h), name
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     assert np.array_equal(covariance[q], covariance[k]) and covariance[q] is not covariance[k]
-    w = matrix()[:, : len(covariance[q])]
-    assert np.isfinite(quantize_blocks(w, 4, 32, True, hessian=covariance[q]).dequantize()).all()
+    h = covariance[q].astype(np.float64)
+    w = matrix()[:, : len(h)]
+
+    def error(values: np.ndarray) -> float:  # E||(W - Wq) x||² over the measured inputs: tr(ΔW H ΔWᵀ)
+        delta = w - values
+        return float(np.einsum("ij,jk,ik->", delta, h, delta))
+
+    rtn = quantize_blocks(w, 4, 32, True, search=False).dequantize()
+    assert error(quantize_blocks(w, 4, 32, True, hessian=covariance[q]).dequantize()) < 0.9 * error(rtn)

@@ -364,10 +364,10 @@ def _error_feedback_rows(
 ) -> tuple[np.ndarray, list]:
     """`gptq.error_feedback` over chunks of rows: codes (rows, cols) and, per group of columns, the fits of
     the chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat). The groups'
-    scales are steered by `importance` if given, else by diag(hessian)."""
+    scales are steered by `importance` if given, else by diag(hessian), else (nothing measured) evenly."""
 
     factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
-    weights = diagonal if importance is None else importance
+    weights = importance if importance is not None else diagonal if diagonal.any() else np.ones_like(diagonal)
     parts = [
         gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
         for rows in _row_chunks(x, _GPTQ_CHUNK_VALUES)
