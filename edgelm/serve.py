@@ -171,7 +171,8 @@ def serve(
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (port 0: any free port), or a clear error."""
+    """A TCP socket listening on host:port (port 0: any free port), or a clear error. It listens from here
+    on, so that a client that connects before the server has started waits instead of being refused."""
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise EdgelmError(f"port {port!r} must be an integer in [0, 65535]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -179,6 +180,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
     except OSError as e:
         sock.close()
         raise EdgelmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

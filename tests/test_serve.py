@@ -10,26 +10,28 @@ import http.client
 import importlib
 import json
 import logging
+import re
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+import uvicorn
 from conftest import make_checkpoint
 
+import edgelm
 from edgelm.errors import EdgelmError
 from edgelm.generation.api import Model
 from edgelm.runtimes.base import Runtime
+from edgelm.serve import create_app, listen
 from edgelm.tokenizer import Tokenizer
-
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
-
-from edgelm.serve import create_app, listen  # noqa: E402
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n"
@@ -128,9 +130,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer)
 
 
 def request(
-    served: Served, method: str, path: str, body: Any = None
+    port: int, method: str, path: str, body: Any = None
 ) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
-    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    """Send a request to the server on this machine's port; its status, JSON answer and response."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -167,7 +170,7 @@ def test_completion(served: Served) -> None:
         "stream_options": None,
         "something_new": {"nested": [1, 2]},
     }
-    status, out, _ = request(served, "POST", "/v1/completions", body)
+    status, out, _ = request(served.port, "POST", "/v1/completions", body)
     assert status == 200, out
     assert out["object"] == "text_completion" and out["model"] == "whatever"
     (choice,) = out["choices"]
@@ -178,10 +181,10 @@ def test_completion(served: Served) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 12 else "stop")
     # OpenAI's default is 16 tokens; same seed, same text
-    status, a, _ = request(served, "POST", "/v1/completions", {"prompt": "class", "seed": 3})
+    status, a, _ = request(served.port, "POST", "/v1/completions", {"prompt": "class", "seed": 3})
     assert status == 200 and a["usage"]["completion_tokens"] <= 16
     assert (
-        request(served, "POST", "/v1/completions", {"prompt": "class", "seed": 3})[1]["choices"]
+        request(served.port, "POST", "/v1/completions", {"prompt": "class", "seed": 3})[1]["choices"]
         == a["choices"]
     )
 
@@ -189,7 +192,10 @@ def test_completion(served: Served) -> None:
 def test_chat_completion(served: Served) -> None:
     expected = served.model.chat(MESSAGES, max_new_tokens=10, temperature=0)
     status, out, _ = request(
-        served, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+        served.port,
+        "POST",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": 10, "temperature": 0},
     )
     assert status == 200, out
     assert out["object"] == "chat.completion" and out["model"] == "tiny"
@@ -199,12 +205,12 @@ def test_chat_completion(served: Served) -> None:
     # content as a list of text parts, and max_completion_tokens
     parts = [{"role": "user", "content": [{"type": "text", "text": "d"}, {"type": "text", "text": "ef"}]}]
     body = {"messages": parts, "max_completion_tokens": 10, "temperature": 0}
-    assert request(served, "POST", "/v1/chat/completions", body)[1]["choices"] == out["choices"]
+    assert request(served.port, "POST", "/v1/chat/completions", body)[1]["choices"] == out["choices"]
 
 
 def test_streaming_equals_the_whole_response(served: Served) -> None:
     body = {"prompt": "class", "max_tokens": 30, "temperature": 0.9, "seed": 11}
-    whole = request(served, "POST", "/v1/completions", body)[1]
+    whole = request(served.port, "POST", "/v1/completions", body)[1]
     chunks = events(served, "/v1/completions", body)
     assert len(chunks) > 2 and all(c["object"] == "text_completion" for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
@@ -213,7 +219,7 @@ def test_streaming_equals_the_whole_response(served: Served) -> None:
     assert chunks[-1]["usage"] == whole["usage"]
 
     body = {"messages": MESSAGES, "max_tokens": 20, "temperature": 0}
-    whole = request(served, "POST", "/v1/chat/completions", body)[1]
+    whole = request(served.port, "POST", "/v1/chat/completions", body)[1]
     chunks = events(served, "/v1/chat/completions", body)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -229,7 +235,7 @@ def test_streaming_equals_the_whole_response(served: Served) -> None:
 
 
 def test_models(served: Served) -> None:
-    status, out, _ = request(served, "GET", "/v1/models")
+    status, out, _ = request(served.port, "GET", "/v1/models")
     assert status == 200 and out["object"] == "list"
     assert [m["id"] for m in out["data"]] == ["tiny"] and out["data"][0]["context_length"] == 96
 
@@ -274,7 +280,7 @@ def test_models(served: Served) -> None:
 )
 def test_bad_requests_get_openai_errors(served: Served, path: str, body: Any, param: str | None) -> None:
     calls = served.runtime.calls
-    status, out, response = request(served, "POST", path, body)
+    status, out, response = request(served.port, "POST", path, body)
     assert status == 400 and response.getheader("content-type") == "application/json"
     error = out["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
@@ -282,33 +288,33 @@ def test_bad_requests_get_openai_errors(served: Served, path: str, body: Any, pa
 
 
 def test_errors_outside_generation(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    status, out, _ = request(served, "GET", "/v1/nothing")
+    status, out, _ = request(served.port, "GET", "/v1/nothing")
     assert status == 404 and out["error"]["type"] == "invalid_request_error"
-    assert request(served, "GET", "/v1/completions")[0] == 405
+    assert request(served.port, "GET", "/v1/completions")[0] == 405
     monkeypatch.setattr(served.model.tokenizer, "chat_template", None)
-    status, out, _ = request(served, "POST", "/v1/chat/completions", {"messages": MESSAGES})
+    status, out, _ = request(served.port, "POST", "/v1/chat/completions", {"messages": MESSAGES})
     assert status == 400 and "no chat template" in out["error"]["message"]
 
 
 def test_internal_errors_are_json(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(served.runtime, "fail", True)
-    status, out, _ = request(served, "POST", "/v1/completions", {"prompt": "x"})
+    status, out, _ = request(served.port, "POST", "/v1/completions", {"prompt": "x"})
     assert (
         status == 500 and out["error"]["type"] == "server_error" and "caught fire" in out["error"]["message"]
     )
     (event,) = events(served, "/v1/completions", {"prompt": "x"})
     assert event["error"]["type"] == "server_error"
     monkeypatch.setattr(served.runtime, "fail", False)
-    assert request(served, "POST", "/v1/completions", {"prompt": "x"})[0] == 200  # the model still works
+    assert request(served.port, "POST", "/v1/completions", {"prompt": "x"})[0] == 200  # the model still works
 
 
 def test_concurrent_requests_queue(served: Served) -> None:
     bodies = [{"prompt": p, "max_tokens": 20, "temperature": 0.8, "seed": i} for i, p in enumerate("abcdef")]
-    expected = [request(served, "POST", "/v1/completions", b)[1]["choices"] for b in bodies]
+    expected = [request(served.port, "POST", "/v1/completions", b)[1]["choices"] for b in bodies]
     results: list[Any] = [None] * len(bodies)
 
     def run(i: int) -> None:
-        results[i] = request(served, "POST", "/v1/completions", bodies[i])[1]["choices"]
+        results[i] = request(served.port, "POST", "/v1/completions", bodies[i])[1]["choices"]
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(bodies))]
     for t in threads:
@@ -408,3 +414,62 @@ def test_serve_command_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert end.value.code == 0
     help_text = capsys.readouterr().out
     assert "OpenAI" in help_text and "--host" in help_text and "127.0.0.1" in help_text
+
+
+# ------------------------------------------------------------------------------ `edgelm serve` as a process
+
+
+def exported_artifact(kind: str, directory: Path, tokenizer: Tokenizer) -> Path:
+    """A GGUF file or an ONNX folder of a random checkpoint that has a chat template."""
+    from edgelm.export.gguf import export_gguf
+    from edgelm.export.onnx import export_onnx
+
+    checkpoint = make_checkpoint(directory / "ckpt", tokenizer)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    if kind == "gguf":
+        return export_gguf(checkpoint, directory / "model.gguf", "q8_0")
+    return export_onnx(checkpoint, directory / "onnx", "int8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "runtime"), [("gguf", "llamacpp"), ("onnx", "onnxruntime")])
+def test_serve_command_on_an_exported_artifact(
+    tmp_path: Path, small_tokenizer: Tokenizer, kind: str, runtime: str
+) -> None:
+    """`edgelm serve` in its own process answers with the text the artifact's runtime generates in this one,
+    and stops on Ctrl-C with a line and the shell's code for it."""
+    artifact = exported_artifact(kind, tmp_path, small_tokenizer)
+    messages = [{"role": "user", "content": "def"}]
+    with edgelm.load(artifact) as model:
+        assert model.runtime.name == runtime
+        completion = model.generate("def", max_new_tokens=10, temperature=0)
+        chat = model.chat(messages, max_new_tokens=10, temperature=0)
+    command = [sys.executable, "-m", "edgelm", "serve", str(artifact), "--port", "0"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        lines = []  # llama.cpp may write its own lines first
+        while not (
+            match := re.search(
+                r"serving .* \((\S+) on cpu\) at http://127\.0\.0\.1:(\d+)/v1",
+                line := server.stderr.readline(),
+            )
+        ):
+            assert line, "".join(lines)  # the server ended without saying where it listens
+            lines.append(line)
+        assert match[1] == runtime, line
+        port = int(match[2])
+        body = {"prompt": "def", "max_tokens": 10, "temperature": 0}
+        status, payload, _ = request(port, "POST", "/v1/completions", body)
+        assert status == 200 and payload["choices"][0]["text"] == completion
+        body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+        status, payload, _ = request(port, "POST", "/v1/chat/completions", body)
+        assert status == 200 and payload["choices"][0]["message"]["content"] == chat
+        server.send_signal(signal.SIGINT)
+        rest = server.communicate(timeout=30)[1]
+        assert server.returncode == 130 and rest.endswith("edgelm: interrupted\n"), rest  # Ctrl-C's code
+        assert "Traceback" not in rest
+    finally:
+        server.kill()
+        server.wait()
