@@ -105,7 +105,9 @@ def bench_checkpoint(cache: Path, layers: int) -> Path:
 
 def built(folder: Path, build: Callable[[Path], object]) -> Path:
     """`folder` if a finished export is there, else build it into a temporary name and rename it."""
-    if (folder / "model.onnx").is_file():
+    from edgelm.formats.onnx import MODEL_FILE
+
+    if (folder / MODEL_FILE).is_file():
         return folder
     print(f"building {folder.name} ...", flush=True)
     tmp = folder.with_name(f".{folder.name}.tmp")

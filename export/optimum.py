@@ -46,10 +46,13 @@ DEFAULT_ENV = Path("~/.edgelm-optimum")
 TASK = "text-generation-with-past"
 # the source's own files win over optimum's re-saved ones, so that the folder reads like the checkpoint
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# what the optimum environment installs beside this one's packages (it is made with --system-site-packages)
+ENVIRONMENT_REQUIREMENTS = ("optimum-onnx", "transformers<4.58")
 SETUP_HINT = (
-    "create one with: python -m venv --system-site-packages ~/.edgelm-optimum && ~/.edgelm-optimum/bin/pip "
-    'install optimum-onnx "transformers<4.58" (found there automatically), or point '
-    f"{PYTHON_VARIABLE} at the python of an environment that has optimum-onnx"
+    f"create one with: python -m venv --system-site-packages {DEFAULT_ENV} && {DEFAULT_ENV}/bin/pip install "
+    + " ".join(f'"{r}"' if "<" in r else r for r in ENVIRONMENT_REQUIREMENTS)
+    + f" (found there automatically), or point {PYTHON_VARIABLE} at the python of an environment that has "
+    "optimum-onnx"
 )
 # run inside the optimum environment: does it have the exporter, and which versions does it hold
 _PROBE = """

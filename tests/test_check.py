@@ -205,7 +205,6 @@ def test_identical_target_and_the_reference_cache(trained_run: Path, tmp_path: P
 def test_gguf_check_equals_one_shot_logits_and_gates(trained_run: Path, tmp_path: Path) -> None:
     """The check's KLD (prefill, then the scored half in chunks) equals one computed from whole-window
     logits of both models; the CLI exits 1 on a failing gate, 0 on passing ones."""
-    pytest.importorskip("llama_cpp")
     from edgelm.export.gguf import export_gguf
 
     path = export_gguf(trained_run, tmp_path, "q4_0")

@@ -20,9 +20,6 @@ from edgelm.evaluation.progress import ProgressDisplay
 from edgelm.evaluation.reference import EvaluationText, Reference, compute_reference
 from edgelm.evaluation.report import pareto_front, write_charts
 
-ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "edgelm.export.onnx"))
-GGUF = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llama_cpp"))
-
 # the report.json schema, written out so that any change to it is a deliberate one
 TOP_KEYS = {
     "schema",
@@ -89,13 +86,10 @@ REFERENCE_KEYS = {
 @pytest.fixture(scope="module")
 def compared(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Comparison:
     """One comparison of the trained tiny model, each target in its own process, with two bad targets."""
-    if not GGUF:
-        pytest.skip("needs gguf and llama-cpp-python")
     out = tmp_path_factory.mktemp("report")
     broken = out.parent / "broken.gguf"
     broken.write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + b"\xff" * 64)
-    onnx = ["onnx:int8", "onnx:int4"] if ONNX else []
-    targets = ["torch", "gguf:q8_0", "gguf:q4_0", *onnx, "gguf:q3_x", str(broken)]
+    targets = ["torch", "gguf:q8_0", "gguf:q4_0", "onnx:int8", "onnx:int4", "gguf:q3_x", str(broken)]
     return compare(trained_run, out, targets, windows=4, repetitions=1, show_progress=False)
 
 
@@ -133,7 +127,6 @@ def test_failed_targets_are_rows(compared: Comparison) -> None:
 
 @pytest.mark.slow
 def test_onnx_int4_is_further_than_int8(compared: Comparison) -> None:
-    pytest.importorskip("edgelm.export.onnx")
     results = by_target(compared)
     int8, int4 = results["onnx:int8"], results["onnx:int4"]
     assert int8.error is None and int4.error is None, (int8.error, int4.error)
@@ -167,7 +160,6 @@ def test_report_markdown_and_charts(compared: Comparison, monkeypatch: pytest.Mo
     header = "| target | runtime | size | PPL ratio | mean KLD | same top p | pp128 t/s | tg128 t/s |"
     assert text.splitlines()[2] == header
     assert "| torch | torch · cpu |" in text and "| 1.0000 | 0 | 100.0 % |" in text
-    pytest.importorskip("matplotlib")
     assert [p.name for p in compared.charts] == ["kld_vs_size.png", "tg_vs_kld.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in compared.charts)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
@@ -230,7 +222,7 @@ def test_command_line(checkpoint: Path, tmp_path: Path) -> None:
     text = tmp_path / "eval.txt"
     text.write_text(SAMPLE_TEXT * 12)
     base = [sys.executable, "-m", "edgelm", "compare", str(checkpoint), "--text", str(text)]
-    targets = "torch,gguf:q8_0" if GGUF else "torch"
+    targets = "torch,gguf:q8_0"
     command = [
         *base,
         "--targets",

@@ -1,13 +1,15 @@
 """`export onnx --via optimum`: optimum's graph, ONNX Runtime's quantizers, run by edgelm's OnnxRuntime and
 checked against the PyTorch runtime on the same checkpoint.
 
-optimum-onnx lives in an environment of its own (it pins transformers<4.58); the export tests are skipped
-when none is configured ($EDGELM_OPTIMUM_PYTHON, or ~/.edgelm-optimum — see the README).
+optimum-onnx lives in an environment of its own (it pins transformers<4.58): $EDGELM_OPTIMUM_PYTHON, or
+~/.edgelm-optimum, which the `optimum_python` fixture makes as the README does when there is none.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,19 +30,37 @@ PROMPT = 40  # prefill tokens; then DECODE single steps
 DECODE = 4
 
 
-def _optimum_python() -> Path | None:
+@pytest.fixture(scope="session")
+def optimum_python() -> Path:
+    """The python that runs optimum; without one, the README's environment is made at ~/.edgelm-optimum
+    (as a user would make it), so that these tests run wherever the suite does. Failing to make it fails
+    the tests that need it."""
     try:
-        return optimum.optimum_python()
+        python = optimum.optimum_python()
+        optimum.probe(python)
+        return python
     except EdgelmError:
-        return None
-
-
-needs_optimum = pytest.mark.skipif(
-    _optimum_python() is None,
-    reason=f"no optimum environment: set {PYTHON_VARIABLE} to a python with optimum-onnx "
-    "(python -m venv --system-site-packages ~/.edgelm-optimum && ~/.edgelm-optimum/bin/pip install "
-    'optimum-onnx "transformers<4.58")',
-)
+        if os.environ.get(PYTHON_VARIABLE):
+            raise  # a python the user named is theirs to fix
+    home = optimum.DEFAULT_ENV.expanduser()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(home)], check=True)
+    python = home / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    install = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *optimum.ENVIRONMENT_REQUIREMENTS,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, f"making {home} failed:\n{install.stderr[-3000:]}"
+    optimum.probe(python)
+    return python
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +87,7 @@ def _op_types(folder: Path) -> set[str]:
     return {node.op_type for node in graph.node}
 
 
-@needs_optimum
+@pytest.mark.usefixtures("optimum_python")
 def test_fp32_matches_torch(source: Path, reference: tuple, tmp_path: Path) -> None:
     folder = export_via_optimum(source, tmp_path / "fp32", "fp32")
     names = {p.name for p in folder.iterdir()}
@@ -87,7 +107,7 @@ def test_fp32_matches_torch(source: Path, reference: tuple, tmp_path: Path) -> N
     np.testing.assert_allclose(got_decode, decode, atol=1e-4, rtol=0)
 
 
-@needs_optimum
+@pytest.mark.usefixtures("optimum_python")
 @pytest.mark.parametrize(
     ("quant", "operator", "agreement"),
     # top-1 agreement with fp32 torch over all prefill and decode positions of a random model, whose
@@ -114,7 +134,7 @@ def test_quantized_agrees_with_torch(
     assert np.abs(expected - got).max() < 0.5 * np.abs(expected).max()  # close, though not exact
 
 
-@needs_optimum
+@pytest.mark.usefixtures("optimum_python")
 def test_optimum_failure_shows_its_stderr(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

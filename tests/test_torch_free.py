@@ -95,3 +95,11 @@ def test_a_fresh_environment_without_torch_generates(extra: str, checkpoint: Pat
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == repr(expected)
+    # run from the repository root, the source folder shadows the installed package: it imports the same
+    from_root = subprocess.run(
+        [str(python), "-c", "import edgelm.runtimes.base, edgelm.export"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert from_root.returncode == 0, from_root.stderr[-3000:]
