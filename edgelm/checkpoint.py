@@ -174,6 +174,13 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
 
     Names and shapes are checked against config.json before any tensor is read.
     """
+    config, entries = checked_entries(directory)
+    return config, dict(read_entries(entries)), Tokenizer.load(directory)
+
+
+def checked_entries(directory: Path) -> tuple[ModelConfig, list[TensorEntry]]:
+    """A checkpoint directory's config and the weights it implies, checked against it, in reading order;
+    nothing is read but the headers (`read_entries` then gives the tensors one at a time)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EdgelmError(f"{directory}: not a checkpoint directory")
@@ -181,8 +188,7 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
     entries = weight_entries(directory)
     check_shapes(config, {e.name: e.shape for e in entries}, str(weights_path(directory)))
     expected = tensor_shapes(config)  # without a tied head that some writers store twice
-    tensors = dict(read_entries(e for e in entries if e.name in expected))
-    return config, tensors, Tokenizer.load(directory)
+    return config, [e for e in entries if e.name in expected]
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -2,13 +2,16 @@
 
 The weights are read with numpy (no torch), quantized by `edgelm.quant.blocks`, packed into block bytes by
 `gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `llama.*` hyperparameter and the
-full tokenizer. The type of each tensor follows llama.cpp's rules for the chosen mixture (`gguf_types`), so
-that `--quant q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
+full tokenizer. The file streams: every tensor's name, shape and type are declared from the checkpoint's
+headers first, then each tensor is read, encoded, written and dropped, so memory holds one tensor. The
+type of each tensor follows llama.cpp's rules for the chosen mixture (`gguf_types`), so that `--quant
+q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
+from edgelm.checkpoint import checked_entries, checkpoint_sha256, read_entries
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
@@ -89,34 +92,60 @@ def export_gguf(
     if quant not in MIXTURES:
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
     checkpoint = Path(checkpoint)
-    config, tensors, tokenizer = load_checkpoint(checkpoint)
+    config, entries = checked_entries(checkpoint)
+    tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     mixture = MIXTURES[quant]
 
     writer = gguf.GGUFWriter(None, arch="llama")
     _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
-    if config.rope_scaling is not None:
-        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
-    for hf_name, w in tensors.items():
-        name = gguf_name(hf_name)
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
-            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
-            w = permute_for_gguf(w, heads)
-        qtype = tensor_type(name, w.shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
-        key = "lm_head.weight" if config.tie_word_embeddings and name == "token_embd.weight" else hf_name
-        data = encode_tensor(w, qtype, (hessians or {}).get(key))
-        writer.add_tensor(name, data, raw_dtype=qtype)  # quantized: block bytes (rows, bytes per row)
+    rope_factors = llama3_rope_factors(config) if config.rope_scaling is not None else None
+    if rope_factors is not None:
+        writer.add_tensor_info(
+            "rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes
+        )
+    types = {e.name: _plan_tensor(writer, e.name, e.shape, config, mixture) for e in entries}
     tmp = temporary_sibling(path)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        if rope_factors is not None:
+            writer.write_tensor_data(rope_factors)
+        for hf_name, w in read_entries(entries):  # one tensor in memory at a time
+            writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians))
         writer.close()
         tmp.replace(path)
     finally:
+        writer.close()
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _plan_tensor(
+    writer: Any, hf_name: str, shape: tuple[int, ...], config: ModelConfig, mixture: Mixture
+) -> T:
+    """Declare one tensor (GGUF name, shape, type, size) before any data is written; return its type."""
+    name = gguf_name(hf_name)
+    qtype = tensor_type(name, shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    writer.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * block_bytes, raw_dtype=qtype)
+    return qtype
+
+
+def _encoded(
+    hf_name: str, w: np.ndarray, qtype: T, config: ModelConfig, hessians: dict[str, np.ndarray] | None
+) -> np.ndarray:
+    """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order, then encoded
+    (steered by the hessian of its input, a tied embedding by the head's)."""
+    if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+        heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+        w = permute_for_gguf(w, heads)
+    key = (
+        "lm_head.weight" if config.tie_word_embeddings and hf_name == "model.embed_tokens.weight" else hf_name
+    )
+    return encode_tensor(w, qtype, (hessians or {}).get(key))
 
 
 def _write_metadata(

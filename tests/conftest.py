@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,34 @@ def logits_on_windows(runtime: Runtime, windows: np.ndarray) -> np.ndarray:
         runtime.reset()
         rows.append(runtime.forward(np.asarray(window).tolist(), all_logits=True))
     return np.concatenate(rows)
+
+
+class LiveTensors:
+    """Counts the bytes of checkpoint tensors alive at once: each array `read_tensor` hands out is counted
+    until it is freed; `peak` is the most seen together."""
+
+    def __init__(self) -> None:
+        self.alive = 0
+        self.peak = 0
+        self.largest = 0
+
+    def track(self, array: np.ndarray) -> np.ndarray:
+        self.alive += array.nbytes
+        self.peak = max(self.peak, self.alive)
+        self.largest = max(self.largest, array.nbytes)
+        weakref.finalize(array, self._freed, array.nbytes)
+        return array
+
+    def _freed(self, nbytes: int) -> None:
+        self.alive -= nbytes
+
+
+@pytest.fixture
+def live_tensors(monkeypatch: pytest.MonkeyPatch) -> LiveTensors:
+    """Every checkpoint tensor read during the test, counted while it lives."""
+    import edgelm.checkpoint
+
+    live = LiveTensors()
+    read = edgelm.checkpoint.read_tensor
+    monkeypatch.setattr(edgelm.checkpoint, "read_tensor", lambda f, entry: live.track(read(f, entry)))
+    return live

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp  # the oracle: a missing one fails the suite
 import numpy as np
 import pytest
-from conftest import SMALL, logits_on_windows, make_checkpoint
+from conftest import SMALL, LiveTensors, logits_on_windows, make_checkpoint
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from test_tokenizer import VARIED
 
 import edgelm
-from edgelm.checkpoint import load_checkpoint
+from edgelm.checkpoint import load_checkpoint, weight_shapes
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
 from edgelm.export.gguf import QUANTIZERS, export_gguf
@@ -198,6 +199,21 @@ def llama_cpp_type(quant: str, name: str, ours: str, n_layers: int) -> str:
         ):
             return {"Q4_K": "Q5_K", "Q5_0": "Q5_1"}[ours]
     return ours
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
+def test_export_holds_one_tensor_at_a_time(
+    tmp_path: Path, small_tokenizer: Tokenizer, live_tensors: LiveTensors, quant: str
+) -> None:
+    """A 12-layer model streams into its GGUF file: at most the tensor being written and the one being
+    read are alive at once, a small part of the model."""
+    checkpoint = make_checkpoint(
+        tmp_path / "deep", small_tokenizer, dataclasses.replace(WIDE, num_hidden_layers=12)
+    )
+    model_bytes = 4 * sum(math.prod(shape) for shape in weight_shapes(checkpoint).values())
+    export_gguf(checkpoint, tmp_path, quant)
+    assert live_tensors.largest > 0
+    assert live_tensors.peak <= 2 * live_tensors.largest < model_bytes / 20
 
 
 def test_generation_through_llama_cpp(exported: dict[str, Path]) -> None:
