@@ -30,10 +30,12 @@ from edgelm.values import is_int
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 10**9  # above this the weights go into shards, as transformers' save_pretrained makes them
 # buffers that some writers store beside the weights and that the model recomputes from config.json
 IGNORED_BUFFERS = ("rotary_emb.inv_freq",)
 # the float dtypes read as weights → how their bytes are stored (BF16 as raw 16-bit patterns)
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # as config.json names them
 # bytes per element of every safetensors dtype, to validate the byte ranges of any file
 DTYPE_SIZES = {
     "BOOL": 1,
@@ -127,34 +129,100 @@ def write_weights(
     shapes: Mapping[str, tuple[int, ...]],
     tensors: Iterator[tuple[str, np.ndarray]],
     metadata: dict[str, str] | None = None,
+    dtypes: Mapping[str, str] | None = None,
 ) -> None:
-    """Stream float32 tensors, in the order `shapes` lists them, into directory/model.safetensors.
+    """Stream tensors, in the order `shapes` lists them, into directory/model.safetensors, or above
+    SHARD_BYTES into shards and their index (model.safetensors.index.json), as the hub ships them.
 
-    The names and shapes are checked against the config first; the header is computed from the shapes, each
-    tensor is then written and dropped, so memory holds one tensor, whatever the model's size. The file is
-    written to a temporary name and renamed when complete.
+    Each tensor is stored as `dtypes[name]` (F32, F16 or BF16; F32 when not given), exactly when its values
+    are of that dtype, so that an import keeps its source's bits. The names and shapes are checked against
+    the config first; the headers are computed from the shapes, each tensor is then written and dropped, so
+    memory holds one tensor, whatever the model's size. Each file is written to a temporary name and renamed
+    when complete; the index comes last.
     """
     check_shapes(config, shapes, str(directory))
+    stored = {name: (dtypes or {}).get(name, "F32") for name in shapes}
+    if unknown := {d for d in stored.values() if d not in FLOAT_DTYPES}:
+        raise EdgelmError(f"cannot store weights as {', '.join(sorted(unknown))}; use F32, F16 or BF16")
+    sizes = {name: math.prod(shape) * DTYPE_SIZES[stored[name]] for name, shape in shapes.items()}
+    shards = _shards(sizes)
+    n = len(shards)
+    files = [WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, shard in zip(files, shards, strict=True):
+        _write_file(directory / file, {name: shapes[name] for name in shard}, stored, tensors, metadata)
+    if next(tensors, None) is not None:
+        raise EdgelmError(f"{directory}: more tensors came than the {len(shapes)} the shapes list")
+    if n == 1:
+        (directory / WEIGHTS_INDEX).unlink(missing_ok=True)
+        return
+    weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name in shard}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    write_json_atomic(directory / WEIGHTS_INDEX, index)
+    (directory / WEIGHTS).unlink(missing_ok=True)  # weights_path prefers the single file
+
+
+def weights_dtype(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> str:
+    """The torch name of the dtype that holds most of the weights, for config.json's `torch_dtype`."""
+    held: dict[str, int] = {}
+    for name, shape in shapes.items():
+        held[dtypes[name]] = held.get(dtypes[name], 0) + math.prod(shape)
+    return TORCH_DTYPE_NAMES[max(held, key=held.__getitem__)] if held else "float32"
+
+
+def _shards(sizes: Mapping[str, int]) -> list[list[str]]:
+    """Consecutive tensor names grouped into files of at most SHARD_BYTES (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > SHARD_BYTES:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    return shards
+
+
+def _write_file(
+    path: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, str],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None,
+) -> None:
+    """One safetensors file of the tensors `shapes` names, taken in that order from `tensors`."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, shape in shapes.items():
-        size = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(shape) * DTYPE_SIZES[dtypes[name]]
+        header[name] = {"dtype": dtypes[name], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(directory / WEIGHTS)
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
-            for (name, w), expected in zip(tensors, shapes, strict=True):
+            for expected in shapes:
+                name, w = next(tensors, ("(none)", np.empty(0)))
                 if name != expected or tuple(w.shape) != tuple(shapes[name]):
-                    raise EdgelmError(f"{directory}: tensor {name} {w.shape} came where {expected} was due")
-                f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
-        tmp.replace(directory / WEIGHTS)
+                    raise EdgelmError(f"{path.parent}: tensor {name} {w.shape} came where {expected} was due")
+                f.write(stored_bytes(w, dtypes[name]))
+        tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def stored_bytes(w: np.ndarray, dtype: str) -> bytes:
+    """A float array as safetensors stores `dtype` (F32, F16, BF16: rounded to nearest even, as torch does),
+    little-endian; exact for values of that dtype."""
+    if dtype == "F16":
+        return np.ascontiguousarray(w, dtype="<f2").tobytes()
+    values = np.ascontiguousarray(w, dtype="<f4")
+    if dtype == "F32":
+        return values.tobytes()
+    bits = values.view("<u4")
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
 
 
 def write_generation_config(directory: Path, config: ModelConfig, max_length: int | None = None) -> None:

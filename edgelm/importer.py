@@ -4,8 +4,10 @@
     GGUF file  ──llama.* metadata → config, tokenizer.ggml.* → tokenizer.json,
                  each tensor dequantized and its q/k rows un-permuted──────────────────▶ checkpoint
 
-Tensors stream one at a time into the new model.safetensors (float32), so an import holds one tensor in
-memory beside the output file, never the whole model twice.
+Tensors stream one at a time into the new model.safetensors (sharded above 5 GB, as the hub ships them), so
+an import holds one tensor in memory, never the whole model. A Hugging Face model keeps the dtype of each
+of its tensors, bit for bit (a bf16 model stays bf16, the same size on disk); from GGUF, F16 and BF16
+tensors stay so and quantized ones become float32.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.checkpoint import iter_weights, weight_shapes, write_generation_config, write_weights
+from edgelm.checkpoint import (
+    read_entries,
+    weight_entries,
+    weights_dtype,
+    write_generation_config,
+    write_weights,
+)
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling
 from edgelm.formats.artifact import artifact_kind
 from edgelm.formats.gguf import hf_name, unpermute_from_gguf
 from edgelm.formats.gguf_config import config_from_gguf
-from edgelm.formats.gguf_reader import read_gguf
+from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import Tokenizer
@@ -59,7 +67,7 @@ def import_model(source: Path, out: Path) -> Path:
 
 
 def import_hf(source: Path, out: Path) -> None:
-    """Copy a Hugging Face Llama-family folder as an edgelm checkpoint, its weights widened to float32."""
+    """Copy a Hugging Face Llama-family folder as an edgelm checkpoint, each weight in its own dtype."""
     config = ModelConfig.load(source)
     generation = source / "generation_config.json"
     if generation.is_file() and read_json(generation).get("eos_token_id") is not None:
@@ -67,13 +75,14 @@ def import_hf(source: Path, out: Path) -> None:
         config = ModelConfig.from_hf_dict({**config.to_hf_dict(), "eos_token_id": eos}, str(generation))
     Tokenizer.load(source)  # refuse a tokenizer edgelm cannot run before writing anything
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()  # a tied head some writers store twice
-    shapes = {name: shape for name, shape in weight_shapes(source).items() if name not in skip}
-    tensors = ((name, w) for name, w in iter_weights(source) if name not in skip)
-    write_weights(out, config, shapes, tensors, {"source": source.name})
+    entries = [e for e in weight_entries(source) if e.name not in skip]
+    shapes = {e.name: e.shape for e in entries}
+    dtypes = {e.name: e.dtype for e in entries}  # kept: a bf16 model stays bf16, bit for bit
+    write_weights(out, config, shapes, read_entries(entries), {"source": source.name}, dtypes)
     for name in HF_TEXT_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
-    config.save(out)
+    config.save(out, weights_dtype(shapes, dtypes))
 
 
 def import_gguf(source: Path, out: Path) -> None:
@@ -88,6 +97,9 @@ def import_gguf(source: Path, out: Path) -> None:
     tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
     names = {hf_name(name): name for name in gguf.tensors}
     shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
+    types = {name: ggml_type_name(gguf.tensors[stored].type) for name, stored in names.items()}
+    # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32
+    dtypes = {name: kind if kind in ("F16", "BF16") else "F32" for name, kind in types.items()}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name, stored in names.items():
@@ -98,7 +110,7 @@ def import_gguf(source: Path, out: Path) -> None:
                 w = unpermute_from_gguf(w, config.num_key_value_heads)
             yield name, w
 
-    write_weights(out, config, shapes, tensors(), {"source": source.name})
+    write_weights(out, config, shapes, tensors(), {"source": source.name}, dtypes)
     tokenizer.save(out, context_length=config.max_position_embeddings)
-    config.save(out)
+    config.save(out, weights_dtype(shapes, dtypes))
     write_generation_config(out, config)

@@ -89,3 +89,43 @@ def test_weight_files_of_a_sharded_checkpoint_feed_its_size_and_hash(checkpoint:
     jsons = sum(p.stat().st_size for p in checkpoint.glob("*.json"))
     assert artifact_size(checkpoint) == jsons + len(data)
     assert checkpoint_sha256(checkpoint) != single_hash
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_weights_stored_in_half_precision_round_as_torch_does(checkpoint: Path, dtype: str) -> None:
+    """Any float32 value becomes the half-precision value torch's own conversion gives (BF16: nearest,
+    ties to even), specials included."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from edgelm.checkpoint import write_weights
+
+    config, tensors, _ = load_checkpoint(checkpoint)
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = tensors[name].copy()
+    w.flat[:6] = [np.inf, -np.inf, 1 + 2**-8, 1 + 3 * 2**-8, -(2**-140), 3e38]  # ties, subnormal, overflow
+    tensors[name] = w
+    write_weights(
+        checkpoint,
+        config,
+        {k: v.shape for k, v in tensors.items()},
+        iter(tensors.items()),
+        None,
+        dict.fromkeys(tensors, dtype),
+    )
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    stored = load_file(checkpoint / "model.safetensors")
+    for key, value in tensors.items():
+        assert stored[key].dtype == torch_dtype and torch.equal(
+            stored[key], torch.from_numpy(value).to(torch_dtype)
+        ), key
+    with pytest.raises(EdgelmError, match="cannot store weights as F64"):
+        write_weights(
+            checkpoint,
+            config,
+            {k: v.shape for k, v in tensors.items()},
+            iter(tensors.items()),
+            None,
+            dict.fromkeys(tensors, "F64"),
+        )

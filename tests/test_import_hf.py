@@ -6,6 +6,7 @@ file or several shards) beside the tokenizer; edgelm must compute the same logit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -18,11 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import saved_weights
-from safetensors.torch import save_file
+from conftest import SMALL, LiveTensors, make_checkpoint, saved_weights
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import edgelm
+import edgelm.checkpoint as checkpoint_module
 from edgelm.checkpoint import (
     iter_weights,
     load_checkpoint,
@@ -475,7 +477,7 @@ def test_malformed_safetensors_are_refused(
     "name", ["llama3-rope-fp16-sharded", "mistral-gqa-9-3-bf16-sharded", "qwen2-gqa-6-2-tied"]
 )
 def test_edgelm_import_of_a_folder(hf_folder: Callable[[str], Path], tmp_path: Path, name: str) -> None:
-    """`edgelm import`: a float32 checkpoint with the same logits, the EOS list and the chat template kept."""
+    """`edgelm import`: a checkpoint with the same logits, the EOS list and the chat template kept."""
     source = copy_of(hf_folder(name), tmp_path)
     settings = json.loads((source / "tokenizer_config.json").read_text())
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -509,6 +511,56 @@ def test_edgelm_import_of_a_folder(hf_folder: Callable[[str], Path], tmp_path: P
     assert again.returncode == 1 and "not empty" in again.stderr
 
 
+def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's weights (one file or all shards), in its stored dtype, as safetensors reads
+    it; a tied head stored beside the embeddings left out."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        tensors |= load_file(file)
+    if ModelConfig.load(folder).tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-mqa-headdim-tied-bf16", "llama3-rope-fp16-sharded", "mistral-gqa-9-3-bf16-sharded"]
+)
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "shards"])
+def test_import_keeps_the_source_dtype_bit_for_bit(
+    hf_folder: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    sharded: bool,
+) -> None:
+    """A bf16 or fp16 model stays so, the same bits and the same size on disk, in one file or in shards
+    with an index as transformers writes them; transformers loads it and computes the same logits."""
+    from edgelm.importer import import_model
+
+    if sharded:
+        monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 40_000)  # bytes, for models this small
+    source = hf_folder(name)
+    out = import_model(source, tmp_path / "imported")
+    ours, theirs = stored_tensors(out), stored_tensors(source)
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert {t.dtype for t in ours.values()} == {CASES[name][2]}
+    shards = sorted(out.glob("model-*.safetensors"))
+    if not sharded:
+        assert not shards and not (out / "model.safetensors.index.json").exists()
+    else:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(shards) > 2 and not (out / "model.safetensors").exists()
+        assert set(index["weight_map"].values()) == {p.name for p in shards}
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in ours.values())
+    size = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
+    assert size <= 1.02 * sum(p.stat().st_size for p in source.glob("model*.safetensors"))
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == CASES[name][2]
+    ids = IDS[: ModelConfig.load(out).max_position_embeddings]
+    assert np.array_equal(hf_logits(out, ids), hf_logits(source, ids))
+    assert np.abs(edgelm_logits(out, ids) - hf_logits(source, ids)).max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     "name",
     ["llama3-rope-fp16-sharded", "llama-attention-bias-sharded", "mistral-window-tied", "qwen2-gqa-6-2-tied"],
@@ -534,3 +586,18 @@ def test_imported_folder_runs_in_llama_cpp(
     back = import_model(gguf, tmp_path / "back")  # and back: the same tensors, biases included
     before, after = saved_weights(checkpoint), saved_weights(back)
     assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_import_holds_one_tensor_at_a_time(
+    tmp_path: Path, small_tokenizer: Tokenizer, live_tensors: LiveTensors
+) -> None:
+    """A 12-layer folder streams into the new checkpoint: at most the tensor being written and the one
+    being read are alive at once."""
+    from edgelm.importer import import_model
+
+    config = dataclasses.replace(SMALL, num_hidden_layers=12)
+    source = make_checkpoint(tmp_path / "deep", small_tokenizer, config)
+    import_model(source, tmp_path / "imported")
+    model_bytes = sum(t.nbytes for t in stored_tensors(source).values())
+    assert live_tensors.largest > 0
+    assert live_tensors.peak <= 2 * live_tensors.largest < model_bytes / 10

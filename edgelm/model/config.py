@@ -176,8 +176,9 @@ class ModelConfig:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embeddings + h
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` that transformers (v4 and v5), optimum and llama.cpp's converter read.
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """The `config.json` that transformers (v4 and v5), optimum and llama.cpp's converter read;
+        `dtype` is the torch name of the weights' dtype, which transformers loads with dtype="auto".
 
         RoPE is written in the classic spelling, `rope_theta` + `rope_scaling`, which all of them read.
         """
@@ -198,7 +199,7 @@ class ModelConfig:
             "rope_scaling": self.rope_scaling.to_hf_dict() if self.rope_scaling else None,
             "hidden_act": "silu",
             **specific[self.architecture],
-            "torch_dtype": "float32",
+            "torch_dtype": dtype,
         }
 
     @classmethod
@@ -263,9 +264,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
         )
 
-    def save(self, directory: Path) -> None:
-        """Write `config.json` into `directory` (atomically)."""
-        write_json_atomic(directory / "config.json", self.to_hf_dict())
+    def save(self, directory: Path, dtype: str = "float32") -> None:
+        """Write `config.json` into `directory` (atomically), naming `dtype` as the weights' dtype."""
+        write_json_atomic(directory / "config.json", self.to_hf_dict(dtype))
 
     @classmethod
     def load(cls, directory: Path) -> ModelConfig:
