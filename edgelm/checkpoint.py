@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -417,6 +417,19 @@ def read_entries(entries: Iterable[TensorEntry]) -> Iterator[tuple[str, np.ndarr
         with open(path, "rb") as f:
             for entry in group:
                 yield entry.name, read_tensor(f, entry)
+
+
+def tensor_reader(entries: Iterable[TensorEntry]) -> Callable[[str], np.ndarray]:
+    """A function that reads one of the entries' tensors by name, as float32, when called: nothing is kept,
+    so a caller that asks for each tensor when it needs it holds one at a time."""
+    by_name = {entry.name: entry for entry in entries}
+
+    def read(name: str) -> np.ndarray:
+        entry = by_name[name]
+        with open(entry.path, "rb") as f:
+            return read_tensor(f, entry)
+
+    return read
 
 
 def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:

@@ -11,7 +11,8 @@ appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized 
 `GatherBlockQuantized`: `edgelm.quant.blocks` chooses the codes and scales, this module only packs them.
 
 The folder: model.onnx + model.onnx.data (every weight as external data, so no 2 GiB limit), config.json,
-the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance).
+the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance). The data file is
+written while the graph is built, one matrix after another, so memory holds one matrix, not the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import checkpoint_sha256, load_checkpoint
+from edgelm.checkpoint import checked_entries, checkpoint_sha256, tensor_reader
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export.onnx_graph import MS_DOMAIN, OPSET, build_model
 from edgelm.export.onnx_quant import DYNAMIC_BITS, PRECISIONS, Precision, QuantOptions
@@ -64,25 +65,19 @@ def export_onnx(
     options = options or QuantOptions()
     options.check()
     checkpoint = Path(checkpoint)
-    config, tensors, _ = load_checkpoint(checkpoint)
+    config, entries = checked_entries(checkpoint)
     folder = output_folder(checkpoint, Path(out) if out is not None else None, quant)
     if folder.exists() and not (folder / MODEL_FILE).is_file():
         raise EdgelmError(f"{folder} exists and is not an ONNX folder; choose another --out")
     precision = PRECISIONS[quant]
-    model = build_model(config, tensors, precision, options, hessians or {})
 
     tmp = temporary_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        onnx.save_model(
-            model,
-            str(tmp / MODEL_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=0,
-        )
+        with open(tmp / DATA_FILE, "wb") as data:
+            model = build_model(config, tensor_reader(entries), precision, options, hessians or {}, data)
+        onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in model.onnx.data already
         try:
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

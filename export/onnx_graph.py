@@ -11,24 +11,35 @@ from either reads the same in Netron. Each subgraph builder below draws its node
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from edgelm._version import __version__
 from edgelm.errors import missing_dependency
 from edgelm.export.onnx_pack import pack_matmul_nbits
-from edgelm.export.onnx_quant import Matrix, Precision, QuantOptions, quantize_matrices
+from edgelm.export.onnx_quant import (
+    MIXED_EIGHT_BIT_SHARE,
+    Matrix,
+    Precision,
+    QuantOptions,
+    quantization_cost,
+    quantized_blocks,
+    sensitive_matrices,
+)
+from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
-from edgelm.quant.blocks import QuantizedBlocks
 
 try:
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, external_data_helper, helper
 except ModuleNotFoundError as e:
     raise missing_dependency("onnx", "onnx") from e
+
+Weights = Callable[[str], np.ndarray]  # a checkpoint tensor by its HF name, read when asked for
 
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
@@ -37,13 +48,14 @@ _ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 class _Graph:
-    """Nodes and initializers as they are added; names follow `/model/layers.N/part/Op`."""
+    """Nodes and initializers as they are added; names follow `/model/layers.N/part/Op`. Each initializer's
+    bytes go to the external data file as it is added, so the graph holds only their places."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, data: BinaryIO) -> None:
         self.dtype = dtype
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.added: set[str] = set()  # initializers that several nodes share
 
     def node(
         self, op: str, inputs: list[str], name: str, outputs: int = 1, ms: bool = False, **attrs: Any
@@ -57,8 +69,14 @@ class _Graph:
         return names
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        """Add an initializer; return its name."""
-        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """Add an initializer, its bytes appended to the data file (as onnx.save_model lays them out: one
+        after the other, in the graph's order); return its name."""
+        tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+        offset = self.data.tell()
+        self.data.write(tensor.raw_data)
+        external_data_helper.set_external_data(tensor, DATA_FILE, offset, len(tensor.raw_data))
+        tensor.ClearField("raw_data")
+        self.initializers.append(tensor)
         return name
 
     def constant(self, name: str, array: np.ndarray) -> str:
@@ -85,26 +103,25 @@ class _Sequence:
 
 def build_model(
     config: ModelConfig,
-    tensors: dict[str, np.ndarray],
+    weights: Weights,
     precision: Precision,
     options: QuantOptions,
     hessians: dict[str, np.ndarray],
+    data: BinaryIO,
 ) -> onnx.ModelProto:
-    """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects."""
-    g = _Graph(precision.dtype)
+    """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
+    its initializers' bytes are written to `data` (model.onnx.data) as the graph is built, layer by layer,
+    each matrix read, quantized, packed, written and dropped."""
+    g = _Graph(precision.dtype, data)
     inputs, outputs = _graph_io(config, _ONNX_TYPES[precision.dtype])
     sequence = _sequence(g, config)
-    matrices = fused_matrices(config, tensors)
-    quantized = {}
-    if precision.bits:
-        untied_embedding = None if config.tie_word_embeddings else tensors["model.embed_tokens.weight"]
-        quantized = quantize_matrices(matrices, untied_embedding, precision, options, hessians)
-    linear = _Linear(g, matrices, quantized, options, precision.dynamic)
-    x = _embedding(g, config, tensors, quantized, options)
+    eight_bit = frozenset(eight_bit_matrices(config, weights, options, hessians) if precision.mixed else ())
+    linear = _Linear(g, config, weights, precision, options, hessians, eight_bit)
+    x = _embedding(g, config, weights, linear)
     residual = None
     for i in range(config.num_hidden_layers):
-        x, residual = _layer(g, config, tensors, linear, sequence, i, x, residual)
-    _head(g, config, tensors, linear, x, residual)
+        x, residual = _layer(g, config, weights, linear, sequence, i, x, residual)
+    _head(g, config, weights, linear, x, residual)
 
     graph = helper.make_graph(g.nodes, "edgelm", inputs, outputs, g.initializers)
     model = helper.make_model(
@@ -115,6 +132,21 @@ def build_model(
     )
     model.ir_version = IR_VERSION
     return model
+
+
+def eight_bit_matrices(
+    config: ModelConfig, weights: Weights, options: QuantOptions, hessians: dict[str, np.ndarray]
+) -> list[str]:
+    """int4_mixed's matrices at 8 bits: each matrix quantized at 4 bits and its cost measured, one at a
+    time (the build quantizes them again), then `sensitive_matrices`' choice."""
+    four_bit = Precision("float32", 4)
+    costs, sizes = {}, {}
+    for name in matrix_names(config):
+        m = fused_matrix(config, weights, name)
+        hessian = hessians.get(m.hessian_key)
+        costs[name] = quantization_cost(m.w, quantized_blocks(name, m.w, four_bit, options, hessian), hessian)
+        sizes[name] = m.w.size
+    return sensitive_matrices(costs, sizes, MIXED_EIGHT_BIT_SHARE)
 
 
 def _graph_io(config: ModelConfig, ftype: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -161,7 +193,7 @@ def _sequence(g: _Graph, config: ModelConfig) -> _Sequence:
 def _layer(
     g: _Graph,
     config: ModelConfig,
-    tensors: dict[str, np.ndarray],
+    weights: Weights,
     linear: _Linear,
     sequence: _Sequence,
     i: int,
@@ -177,9 +209,9 @@ def _layer(
     """
     p, name = f"model.layers.{i}.", f"/model/layers.{i}"
     eps = float(config.rms_norm_eps)
-    h, residual = _norm(g, x, residual, tensors[p + "input_layernorm.weight"], f"{name}/input_layernorm", eps)
-    o = _attention(g, config, tensors, linear, sequence, i, h)
-    weight = tensors[p + "post_attention_layernorm.weight"]
+    h, residual = _norm(g, x, residual, weights(p + "input_layernorm.weight"), f"{name}/input_layernorm", eps)
+    o = _attention(g, config, weights, linear, sequence, i, h)
+    weight = weights(p + "post_attention_layernorm.weight")
     h, residual = _norm(g, o, residual, weight, f"{name}/post_attention_layernorm", eps)
     return _mlp(g, config, linear, i, h), residual
 
@@ -187,7 +219,7 @@ def _layer(
 def _attention(
     g: _Graph,
     config: ModelConfig,
-    tensors: dict[str, np.ndarray],
+    weights: Weights,
     linear: _Linear,
     sequence: _Sequence,
     i: int,
@@ -204,7 +236,7 @@ def _attention(
     c, p, name = config, f"model.layers.{i}.", f"/model/layers.{i}/attn"
     qkv = linear(h, f"{name}/qkv_proj", p + "self_attn.qkv_proj")
     if c.qkv_bias:
-        bias = np.concatenate([tensors[f"{p}self_attn.{m}_proj.bias"] for m in "qkv"])
+        bias = np.concatenate([weights(f"{p}self_attn.{m}_proj.bias") for m in "qkv"])
         (qkv,) = g.node("Add", [qkv, g.float_weight(p + "self_attn.qkv_proj.bias", bias)], f"{name}/qkv_proj")
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     s = sequence
@@ -225,7 +257,7 @@ def _attention(
     g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
     o = linear(attn, f"{name}/o_proj", p + "self_attn.o_proj")
     if c.o_bias:
-        o_bias = g.float_weight(p + "self_attn.o_proj.bias", tensors[p + "self_attn.o_proj.bias"])
+        o_bias = g.float_weight(p + "self_attn.o_proj.bias", weights(p + "self_attn.o_proj.bias"))
         (o,) = g.node("Add", [o, o_bias], f"{name}/o_proj")
     return o
 
@@ -252,7 +284,7 @@ def _mlp(g: _Graph, config: ModelConfig, linear: _Linear, i: int, h: str) -> str
 def _head(
     g: _Graph,
     config: ModelConfig,
-    tensors: dict[str, np.ndarray],
+    weights: Weights,
     linear: _Linear,
     x: str,
     residual: str | None,
@@ -262,7 +294,7 @@ def _head(
     x, residual ─ /model/norm/SkipSimplifiedLayerNormalization ─ /lm_head/MatMulNBits ─▶ logits
     """
     eps = float(config.rms_norm_eps)
-    h, _ = _norm(g, x, residual, tensors["model.norm.weight"], "/model/norm", eps, keep_residual=False)
+    h, _ = _norm(g, x, residual, weights("model.norm.weight"), "/model/norm", eps, keep_residual=False)
     linear(h, "/lm_head", "lm_head")
     g.nodes[-1].output[0] = "logits"  # the head's output is the graph's
 
@@ -289,96 +321,121 @@ def _norm(
     return normed, summed
 
 
-def fused_matrices(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, Matrix]:
-    """Every matrix of the graph by name: per layer qkv_proj, o_proj, gate_up_proj, down_proj; lm_head (the
-    embedding matrix when tied)."""
-    matrices = {}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for name, parts in (
-            ("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            ("self_attn.o_proj", ["self_attn.o_proj"]),
-            ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"]),
-            ("mlp.down_proj", ["mlp.down_proj"]),
-        ):
-            w = np.concatenate([tensors[f"{p}{part}.weight"] for part in parts])
-            matrices[p + name] = Matrix(w, f"{p}{parts[0]}.weight")
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    matrices["lm_head"] = Matrix(tensors[head], "lm_head.weight")
-    return matrices
+def matrix_names(config: ModelConfig) -> list[str]:
+    """Every matrix of the graph in its order: per layer qkv_proj, o_proj, gate_up_proj, down_proj; then
+    lm_head (the embedding matrix when tied)."""
+    layers = [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in _FUSED]
+    return [*layers, "lm_head"]
+
+
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
+    """One matrix of `matrix_names`, read from the checkpoint: the HF weights it fuses stacked along the
+    output rows."""
+    if name == "lm_head":
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        return Matrix(weights(head), "lm_head.weight")
+    *layer_path, fused = name.split(".", 3)  # model.layers.N, self_attn.qkv_proj
+    layer = ".".join(layer_path) + "."
+    parts = _FUSED[fused]
+    return Matrix(np.concatenate([weights(f"{layer}{p}.weight") for p in parts]), f"{layer}{parts[0]}.weight")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A matrix whose quantized blocks are in the graph already: their initializers and attributes."""
+
+    names: list[str]
+    bits: int
+    block: int
+    rows: int
+    cols: int
 
 
 @dataclass
 class _Linear:
-    """Adds y = x Wᵀ for a named matrix: MatMul on float weights, MatMulNBits on its quantized blocks, or
-    DynamicQuantizeMatMul on per-channel int8 (ONNX Runtime's dynamic int8 path)."""
+    """Adds y = x Wᵀ for a named matrix, read and quantized when its node is added: MatMul on float
+    weights, MatMulNBits on its quantized blocks, or DynamicQuantizeMatMul on per-channel int8 (ONNX
+    Runtime's dynamic int8 path)."""
 
     g: _Graph
-    matrices: dict[str, Matrix]
-    quantized: dict[str, QuantizedBlocks]
+    config: ModelConfig
+    weights: Weights
+    precision: Precision
     options: QuantOptions
-    dynamic: bool  # DynamicQuantizeMatMul on per-channel int8, else MatMulNBits
+    hessians: dict[str, np.ndarray]
+    eight_bit: frozenset[str]  # int4_mixed's 8-bit matrices
+    packed: dict[str, _Packed] = field(default_factory=dict)  # blocks already written (a tied head's)
 
     def __call__(self, x: str, node_name: str, matrix: str) -> str:
-        w = self.matrices[matrix].w
-        if matrix not in self.quantized:
+        if self.precision.bits is None:
+            w = fused_matrix(self.config, self.weights, matrix).w
             (y,) = self.g.node("MatMul", [x, self.g.float_weight(matrix + ".weight", w.T)], node_name)
             return y
-        q = self.quantized[matrix]
-        if self.dynamic:
+        if self.precision.dynamic:
+            m = fused_matrix(self.config, self.weights, matrix)
+            q = quantized_blocks(matrix, m.w, self.precision, self.options, self.hessians.get(m.hessian_key))
             # one scale per output channel: ONNX Runtime's dynamic int8 path, B as int8 (in, out)
             signed = q.codes.astype(np.int16) - (1 << (q.bits - 1))
             b = self.g.weight(matrix + ".weight.int8", signed.astype(np.int8).T)
             b_scale = self.g.float_weight(matrix + ".weight.scale", q.scales[:, 0])
             (y,) = self.g.node("DynamicQuantizeMatMul", [x, b, b_scale], node_name, ms=True)
             return y
-        inputs = [x, *_quantized_weight(self.g, matrix, q)]
+        packed = self.blocks(matrix)
         (y,) = self.g.node(
             "MatMulNBits",
-            inputs,
+            [x, *packed.names],
             node_name,
             ms=True,
-            K=w.shape[1],
-            N=w.shape[0],
-            bits=q.bits,
-            block_size=q.block,
+            K=packed.cols,
+            N=packed.rows,
+            bits=packed.bits,
+            block_size=packed.block,
             accuracy_level=self.options.accuracy_level,
         )
         return y
 
+    def blocks(self, matrix: str) -> _Packed:
+        """The matrix's packed blocks in MatMulNBits' layout (or the untied embedding table's, by the name
+        "model.embed_tokens"), written once: a tied head shares the embedding's."""
+        if matrix not in self.packed:
+            if matrix == "model.embed_tokens":
+                m = Matrix(self.weights("model.embed_tokens.weight"), "")
+            else:
+                m = fused_matrix(self.config, self.weights, matrix)
+            hessian = self.hessians.get(m.hessian_key)
+            q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, self.eight_bit)
+            names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
+            packed, scales, zero_points = pack_matmul_nbits(q)
+            self.g.weight(names[0], packed)
+            self.g.float_weight(names[1], scales)
+            if zero_points is not None:
+                self.g.weight(names[2], zero_points)
+            kept = names if q.zeros is not None else names[:2]
+            self.packed[matrix] = _Packed(kept, q.bits, q.block, *m.w.shape)
+        return self.packed[matrix]
 
-def _quantized_weight(g: _Graph, matrix: str, q: QuantizedBlocks) -> list[str]:
-    """The initializers of a packed matrix (added once, shared by the head and a tied embedding)."""
-    names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
-    if names[0] not in g.added:
-        packed, scales, zero_points = pack_matmul_nbits(q)
-        g.weight(names[0], packed)
-        g.float_weight(names[1], scales)
-        if zero_points is not None:
-            g.weight(names[2], zero_points)
-        g.added.add(names[0])
-    return names if q.zeros is not None else names[:2]
 
-
-def _embedding(
-    g: _Graph,
-    config: ModelConfig,
-    tensors: dict[str, np.ndarray],
-    quantized: dict[str, QuantizedBlocks],
-    options: QuantOptions,
-) -> str:
+def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear) -> str:
     """The token embeddings of input_ids: Gather of float rows, or GatherBlockQuantized of the quantized
     embedding (the head's own blocks when tied, so the file holds them once)."""
     name = "/model/embed_tokens"
-    # its own blocks when it has them (untied, or int8_dynamic's per-channel head), else the tied head's
-    own = not config.tie_word_embeddings or "model.embed_tokens" in quantized
-    key = "model.embed_tokens" if own else "lm_head"
-    if key not in quantized or quantized[key].codes.shape[1] != config.hidden_size:  # padded: not as a table
-        weight = g.float_weight("model.embed_tokens.weight", tensors["model.embed_tokens.weight"])
+    padded = config.hidden_size % linear.options.block_size  # blocks padded past the row: not as a table
+    if linear.precision.bits is None or padded:
+        weight = g.float_weight("model.embed_tokens.weight", weights("model.embed_tokens.weight"))
         (x,) = g.node("Gather", [weight, "input_ids"], name)
         return x
-    q = quantized[key]
-    packed, scales, *zero_points = _quantized_weight(g, key, q)
+    # its own blocks when it has them (untied, or int8_dynamic, whose head is per channel), else the head's
+    own = not config.tie_word_embeddings or linear.precision.dynamic
+    blocks = linear.blocks("model.embed_tokens" if own else "lm_head")
+    packed, scales, *zero_points = blocks.names
     rows = g.constant(f"{name}/rows_shape", np.array([config.vocab_size, -1], np.int64))
     (data,) = g.node("Reshape", [packed, rows], name)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
     (x,) = g.node(
@@ -388,7 +445,7 @@ def _embedding(
         ms=True,
         gather_axis=0,
         quantize_axis=1,
-        block_size=q.block,
-        bits=q.bits,
+        block_size=blocks.block,
+        bits=blocks.bits,
     )
     return x

@@ -70,70 +70,46 @@ class Matrix:
     hessian_key: str
 
 
-def quantize_matrices(
-    matrices: dict[str, Matrix],
-    untied_embedding: np.ndarray | None,
+def quantized_blocks(
+    name: str,
+    w: np.ndarray,
     precision: Precision,
     options: QuantOptions,
-    hessians: dict[str, np.ndarray],
-) -> dict[str, QuantizedBlocks]:
-    """Every matrix (and an untied embedding table) at the precision's bits; for a mixed precision, the
-    matrices `sensitive_matrices` picks at 8 bits."""
+    hessian: np.ndarray | None,
+    eight_bit: frozenset[str] = frozenset(),
+) -> QuantizedBlocks:
+    """One matrix of the graph (or "model.embed_tokens", the untied embedding table) at the precision's
+    bits: per output channel for int8_dynamic's matrices, 8 bits for the names in `eight_bit` (int4_mixed),
+    else in blocks of `options.block_size`. The embedding table is quantized without a hessian."""
     bits = precision.bits
     assert bits is not None
-    if precision.dynamic:  # per output channel: one block spanning each row
-        quantized = {
-            name: quantize_blocks(
-                m.w,
-                DYNAMIC_BITS,
-                m.w.shape[1],
-                True,
-                search=options.search,
-                hessian=hessians.get(m.hessian_key),
-            )
-            for name, m in matrices.items()
-        }
-        embedding = matrices["lm_head"].w if untied_embedding is None else untied_embedding
-        quantized["model.embed_tokens"] = quantize_matrix(embedding, bits, options)  # blocks, for the table
-        return quantized
-    quantized = {
-        name: quantize_matrix(m.w, bits, options, hessians.get(m.hessian_key)) for name, m in matrices.items()
-    }
-    if untied_embedding is not None:
-        quantized["model.embed_tokens"] = quantize_matrix(untied_embedding, bits, options)
-    if precision.mixed:
-        for name in sensitive_matrices(matrices, quantized, hessians, MIXED_EIGHT_BIT_SHARE):
-            m = matrices[name]
-            quantized[name] = quantize_matrix(m.w, 8, options, hessians.get(m.hessian_key))
-    return quantized
+    if name == "model.embed_tokens":
+        return quantize_matrix(w, bits, options)  # blocks, for GatherBlockQuantized
+    if precision.dynamic:  # one block spanning each row
+        return quantize_blocks(w, DYNAMIC_BITS, w.shape[1], True, search=options.search, hessian=hessian)
+    return quantize_matrix(w, 8 if name in eight_bit else bits, options, hessian)
 
 
-def sensitive_matrices(
-    matrices: dict[str, Matrix],
-    quantized: dict[str, QuantizedBlocks],
-    hessians: dict[str, np.ndarray],
-    share: float,
-) -> list[str]:
-    """The head, then the layer matrices whose quantization error costs most per weight, up to `share` of the
-    layers' weights.
+def quantization_cost(w: np.ndarray, q: QuantizedBlocks, hessian: np.ndarray | None) -> float:
+    """What quantizing w to q costs per weight: with calibration, the expected squared error of the
+    matrix's output, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ]; without, the squared weight error ||E||²
+    (the output error for inputs of unit variance, which the RMS-normalized inputs of qkv and gate/up are
+    near)."""
+    error = w - q.dequantize()[:, : w.shape[1]]
+    total = float(np.sum((error @ hessian) * error)) if hessian is not None else float(np.sum(error * error))
+    return total / w.size
 
-    A matrix's error is measured on its quantized blocks: with calibration, the expected squared error of its
-    output, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ]; without, the squared weight error ||E||² (the
-    output error for inputs of unit variance, which the RMS-normalized inputs of qkv and gate/up are near).
-    """
-    scores = {}
-    for name, m in matrices.items():
-        error = m.w - quantized[name].dequantize()[:, : m.w.shape[1]]
-        h = hessians.get(m.hessian_key)
-        total = float(np.sum((error @ h) * error)) if h is not None else float(np.sum(error * error))
-        scores[name] = total / m.w.size
-    layers = [name for name in matrices if name != "lm_head"]
-    budget = share * sum(matrices[name].w.size for name in layers)
+
+def sensitive_matrices(costs: dict[str, float], sizes: dict[str, int], share: float) -> list[str]:
+    """The head, then the layer matrices whose quantization costs most per weight (`quantization_cost` at
+    4 bits), up to `share` of the layers' weights (`sizes`: values per matrix)."""
+    layers = [name for name in costs if name != "lm_head"]
+    budget = share * sum(sizes[name] for name in layers)
     chosen = ["lm_head"]
-    for name in sorted(layers, key=scores.__getitem__, reverse=True):
-        if matrices[name].w.size <= budget:
+    for name in sorted(layers, key=costs.__getitem__, reverse=True):
+        if sizes[name] <= budget:
             chosen.append(name)
-            budget -= matrices[name].w.size
+            budget -= sizes[name]
     return chosen
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,13 @@ import onnx
 import onnxruntime as ort  # the oracle: a missing one fails the suite
 import onnxruntime_genai as og
 import pytest
-from conftest import SMALL, make_checkpoint
+from conftest import SMALL, LiveTensors, make_checkpoint
 
 import edgelm
-from edgelm.checkpoint import load_checkpoint, save_checkpoint
+from edgelm.checkpoint import load_checkpoint, save_checkpoint, weight_shapes
 from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
-from edgelm.export.onnx_graph import fused_matrices
+from edgelm.export.onnx_graph import fused_matrix, matrix_names
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import QuantOptions, quantize_matrix
 from edgelm.model.config import Llama3RopeScaling
@@ -101,6 +102,22 @@ def test_fp16_runs_in_half_precision_close_to_torch(checkpoint: Path, tmp_path: 
     print(f"fp16: max |Δlogit| / max |logit| = {error:.2e}")
     assert error < 5e-3
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4_mixed", "int8_dynamic"])
+def test_export_holds_one_layer_at_a_time(
+    tmp_path: Path, small_tokenizer: Tokenizer, live_tensors: LiveTensors, quant: str
+) -> None:
+    """A 12-layer model streams into model.onnx.data: the checkpoint tensors alive at once never weigh more
+    than one decoder layer (int4_mixed, which ranks every matrix first, included)."""
+    config = dataclasses.replace(
+        SMALL, hidden_size=256, intermediate_size=512, head_dim=64, num_hidden_layers=12
+    )
+    checkpoint = make_checkpoint(tmp_path / "deep", small_tokenizer, config)
+    shapes = weight_shapes(checkpoint)
+    layer = 4 * sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("model.layers.0."))
+    export_onnx(checkpoint, tmp_path / "onnx", quant)
+    assert 0 < live_tensors.peak <= layer < 4 * sum(math.prod(shape) for shape in shapes.values()) / 10
 
 
 def test_graph_is_fused_and_folder_complete(checkpoint: Path, tmp_path: Path) -> None:
@@ -298,7 +315,9 @@ def test_quantized_graph_computes_torch_on_its_own_weights(
     checkpoint = make_checkpoint(tmp_path / "ckpt", small_tokenizer, CONFIGS[config])
     folder = export_onnx(checkpoint, tmp_path / "onnx", quant, options)
     model_config, tensors, _ = load_checkpoint(checkpoint)
-    expected = fused_matrices(model_config, tensors)
+    expected = {
+        name: fused_matrix(model_config, tensors.__getitem__, name) for name in matrix_names(model_config)
+    }
     stored = stored_matrices(folder)
     assert stored.keys() == expected.keys()
     bits = 4 if quant == "int4" else 8
