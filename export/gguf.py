@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def export_gguf(
     checkpoint: Path,
     out: Path | None = None,
     quant: str = "f16",
-    hessians: dict[str, np.ndarray] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the checkpoint as a GGUF file of the given quantization; return its path.
 
@@ -135,7 +135,7 @@ def _plan_tensor(
 
 
 def _encoded(
-    hf_name: str, w: np.ndarray, qtype: T, config: ModelConfig, hessians: dict[str, np.ndarray] | None
+    hf_name: str, w: np.ndarray, qtype: T, config: ModelConfig, hessians: Mapping[str, np.ndarray] | None
 ) -> np.ndarray:
     """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order, then encoded
     (steered by the hessian of its input, a tied embedding by the head's)."""

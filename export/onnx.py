@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def export_onnx(
     out: Path | None = None,
     quant: str = "fp32",
     options: QuantOptions | None = None,
-    hessians: dict[str, np.ndarray] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it.
 
@@ -153,7 +154,7 @@ def provenance(
     quant: str,
     precision: Precision,
     options: QuantOptions,
-    hessians: dict[str, np.ndarray] | None,
+    hessians: Mapping[str, np.ndarray] | None,
     model: onnx.ModelProto,
 ) -> dict[str, Any]:
     """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and, for a

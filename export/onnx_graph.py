@@ -11,7 +11,7 @@ from either reads the same in Netron. Each subgraph builder below draws its node
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -106,7 +106,7 @@ def build_model(
     weights: Weights,
     precision: Precision,
     options: QuantOptions,
-    hessians: dict[str, np.ndarray],
+    hessians: Mapping[str, np.ndarray],
     data: BinaryIO,
 ) -> onnx.ModelProto:
     """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
@@ -135,7 +135,7 @@ def build_model(
 
 
 def eight_bit_matrices(
-    config: ModelConfig, weights: Weights, options: QuantOptions, hessians: dict[str, np.ndarray]
+    config: ModelConfig, weights: Weights, options: QuantOptions, hessians: Mapping[str, np.ndarray]
 ) -> list[str]:
     """int4_mixed's matrices at 8 bits: each matrix quantized at 4 bits and its cost measured, one at a
     time (the build quantizes them again), then `sensitive_matrices`' choice."""
@@ -370,7 +370,7 @@ class _Linear:
     weights: Weights
     precision: Precision
     options: QuantOptions
-    hessians: dict[str, np.ndarray]
+    hessians: Mapping[str, np.ndarray]
     eight_bit: frozenset[str]  # int4_mixed's 8-bit matrices
     packed: dict[str, _Packed] = field(default_factory=dict)  # blocks already written (a tied head's)
 

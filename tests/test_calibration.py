@@ -4,6 +4,7 @@ quantization importance."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, SMALL, make_checkpoint
+from conftest import SAMPLE_TEXT, SMALL, LiveTensors, make_checkpoint
 from transformers import LlamaForCausalLM
 
 from edgelm.checkpoint import load_checkpoint, tensor_shapes
@@ -82,7 +83,6 @@ def test_keys_and_shapes(measured) -> None:
         assert np.array_equal(q, ours[p + "self_attn.k_proj.weight"])
         assert np.array_equal(q, ours[p + "self_attn.v_proj.weight"])
         assert np.array_equal(ours[p + "mlp.gate_proj.weight"], ours[p + "mlp.up_proj.weight"])
-    assert ours[p + "self_attn.q_proj.weight"] is not ours[p + "self_attn.k_proj.weight"]  # no aliasing
 
 
 def test_equal_to_second_moment_of_transformers_inputs(measured) -> None:
@@ -96,6 +96,37 @@ def test_equal_to_second_moment_of_transformers_inputs(measured) -> None:
         np.testing.assert_allclose(
             covariance[name], expected, rtol=1e-4, atol=1e-6 * expected.max(), err_msg=name
         )
+
+
+def test_any_order_of_keys_gives_the_same_statistics(measured) -> None:
+    """Measured layer by layer on demand: the head first, a later layer, then an earlier one (which starts
+    again from the embeddings) give the arrays of a pass in layer order."""
+    directory, _, _, in_order = measured
+    expected = {name: in_order[name] for name in in_order}
+    again = activation_covariance(directory, SAMPLE_TEXT, context=CONTEXT)
+    for name in [
+        "lm_head.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    ]:
+        assert np.array_equal(again[name], expected[name]), name
+    assert all(np.array_equal(again[name], expected[name]) for name in reversed(list(expected)))
+    with pytest.raises(KeyError):
+        again["model.embed_tokens.weight"]  # a lookup table has no input activations
+
+
+def test_holds_one_layer_at_a_time(
+    tmp_path: Path, small_tokenizer: Tokenizer, live_tensors: LiveTensors
+) -> None:
+    """Over a 12-layer model, the checkpoint tensors alive at once never weigh more than one layer's."""
+    config = dataclasses.replace(SMALL, num_hidden_layers=12)
+    directory = make_checkpoint(tmp_path / "deep", small_tokenizer, config)
+    covariance = activation_covariance(directory, SAMPLE_TEXT, context=CONTEXT)
+    assert len([covariance[name] for name in covariance]) == 7 * 12 + 1
+    shapes = tensor_shapes(config)
+    layer = 4 * sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("model.layers.0."))
+    embedding = 4 * math.prod(shapes["model.embed_tokens.weight"])
+    assert 0 < live_tensors.peak <= max(layer, embedding) < 4 * sum(map(math.prod, shapes.values())) / 6
 
 
 def test_equal_to_norms_of_transformers_hidden_states(checkpoint: Path, small_tokenizer: Tokenizer) -> None:

@@ -4,6 +4,7 @@ Runtime."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,7 +138,7 @@ def run_onnx(args: argparse.Namespace) -> None:
     print(f"wrote {folder} ({size / 1e6:.1f} MB)")
 
 
-def _hessians(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+def _hessians(args: argparse.Namespace) -> Mapping[str, np.ndarray] | None:
     """The activation covariances of --calibration's text on the checkpoint, or None without it."""
     if not args.calibration:
         return None

@@ -7,8 +7,8 @@ the weight that `edgelm.quant.blocks`'s `importance=` parameter expects; the who
 error feedback needs (its `hessian=`).
 
     text ──tokenize──▶ [BOS t1 .. t(C-1)] [BOS tC ..] ..   windows of C = context tokens, at most max_tokens
-                              │
-                   Transformer forward, pre-hooks on the nn.Linear modules
+                              │ embedded once
+                   layer 0, 1, ... read from the checkpoint one at a time, pre-hooks on its nn.Linear modules
                               │
           sum of x xᵀ (float64) / tokens  ──▶  {"model.layers.0.self_attn.q_proj.weight": (in, in), ..}
 
@@ -17,21 +17,21 @@ This module needs torch (the `torch` extra); it imports it only when activation 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelm.checkpoint import load_checkpoint
+from edgelm.checkpoint import checked_entries, tensor_reader, tensor_shapes
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.files import read_text
+from edgelm.model.config import ModelConfig
+from edgelm.tokenizer import Tokenizer
 from edgelm.values import is_int
 
 if TYPE_CHECKING:
     import torch
-
-    from edgelm.model.transformer import Transformer
 
 # the module of a layer whose input is measured → the weights of that layer that read the same input
 SHARED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -79,7 +79,7 @@ def calibration_windows(
 
 def activation_covariance(
     checkpoint: Path, text: str, context: int | None = None, max_tokens: int = 100_000
-) -> dict[str, np.ndarray]:
+) -> ActivationCovariance:
     """The second moment H = E[x xᵀ] of the input activations of every linear weight, keyed by the weight's HF
     name: "model.layers.0.self_attn.q_proj.weight" → float32 (in_features, in_features), accumulated in
     float64. Its diagonal, the mean squared input of each column, is the `importance=` of
@@ -87,23 +87,15 @@ def activation_covariance(
 
     Keys: the q/k/v/o, gate, up and down projections of every layer and "lm_head.weight" (whose input is the
     final norm's output; reported for a tied model too, since the exporters quantize the output matrix from
-    the embeddings). q/k/v share one input and gate/up another, so their arrays are equal. The embedding
-    matrix "model.embed_tokens.weight" is a lookup table with no activation input and has no entry.
+    the embeddings). q/k/v share one input and gate/up another, so they map to one array each. The
+    embedding matrix "model.embed_tokens.weight" is a lookup table with no activation input and has no entry.
 
-    Measured by running the checkpoint's PyTorch model (float32, CPU) over `text`, tokenized with the
+    Measured by running the checkpoint's PyTorch layers (float32, CPU) over `text`, tokenized with the
     checkpoint's tokenizer and cut into non-overlapping windows of `context` tokens (default the model's
     context, at most DEFAULT_CONTEXT) that each start with BOS, at most `max_tokens` tokens in all (see
-    `calibration_windows`); every token, BOS included, counts. H holds in_features² values per weight: about
-    4 * (4 * hidden² + intermediate²) bytes per layer.
+    `calibration_windows`); every token, BOS included, counts. The result measures a layer when its keys
+    are first asked for (`ActivationCovariance`), so memory holds one layer, not the model.
     """
-    model, windows = _model_and_windows(checkpoint, text, context, max_tokens)
-    return _measure(model, windows)
-
-
-def _model_and_windows(
-    checkpoint: Path, text: str, context: int | None, max_tokens: int
-) -> tuple[Transformer, list[list[int]]]:
-    """Check the arguments, load the checkpoint's model (float32, eval) and cut the text into windows."""
     if context is not None:
         _check_at_least_two("context", context)
     _check_at_least_two("max_tokens", max_tokens)
@@ -112,9 +104,8 @@ def _model_and_windows(
     if not text.strip():
         raise EdgelmError("calibration text is empty: give a text like what the model will see")
     _import_torch()
-    from edgelm.model.transformer import Transformer, load_weights  # imports torch
-
-    config, tensors, tokenizer = load_checkpoint(checkpoint)
+    config, entries = checked_entries(checkpoint)
+    tokenizer = Tokenizer.load(checkpoint)
     context = min(config.max_position_embeddings, DEFAULT_CONTEXT) if context is None else context
     if context > config.max_position_embeddings:
         raise EdgelmError(
@@ -127,58 +118,133 @@ def _model_and_windows(
             f"calibration text is only {len(ids)} token(s): too short to measure activations "
             "(give at least a few sentences; thousands of tokens are better)"
         )
-    model = Transformer(config)
-    load_weights(model, tensors)
-    del tensors
-    model.eval()
-    return model, calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
+    windows = calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
+    return ActivationCovariance(config, tensor_reader(entries), windows)
 
 
-def _sum_of_outer_products(x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, in) → the sum over tokens of x xᵀ, float64 (in, in)."""
-    x = x.double()
-    return x.T @ x
+class ActivationCovariance(Mapping[str, np.ndarray]):
+    """E[x xᵀ] of every linear weight's input (see `activation_covariance`), measured one decoder layer at a
+    time, when a key of that layer is first asked for.
+
+    The calibration tokens are embedded once; each layer is then read from the checkpoint, run over the
+    activations with its inputs measured, and dropped, so memory holds the activations (tokens × hidden),
+    one layer and its statistics. Asked in layer order, as the exporters ask, the model runs once; a key of
+    an earlier layer starts again from the embeddings, and the head's (the final norm's output) needs
+    every layer first. The numbers are those of one forward pass of the whole model.
+    """
+
+    def __init__(self, config: ModelConfig, weights: Callable[[str], np.ndarray], windows: list[list[int]]):
+        self.config = config
+        self._weights = weights
+        self._windows = windows
+        self._layer_of: dict[str, int | None] = {
+            f"model.layers.{i}.{reader}.weight": i
+            for i in range(config.num_hidden_layers)
+            for readers in SHARED_INPUTS.values()
+            for reader in readers
+        }
+        self._layer_of[HEAD] = None
+        self._head: np.ndarray | None = None
+        self._restart()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        layer = self._layer_of[key]  # a KeyError for a weight that has no activation input
+        if layer is None:
+            return self._head_covariance()
+        if layer < self._next - 1:
+            self._restart()
+        while self._next <= layer:
+            self._run_layer()
+        return self._stats[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layer_of)
+
+    def __len__(self) -> int:
+        return len(self._layer_of)
+
+    def _restart(self) -> None:
+        """The activations back at the embeddings of the calibration windows, before layer 0."""
+        import torch
+
+        table = self._weights("model.embed_tokens.weight")
+        self._x = [torch.from_numpy(table[window])[None] for window in self._windows]  # (1, T, hidden) each
+        self._next = 0  # the layer the activations are the input of
+        self._stats: dict[str, np.ndarray] = {}  # of layer _next - 1
+
+    def _run_layer(self) -> None:
+        """Run layer `_next` over the activations, measuring the inputs of its linear weights."""
+        import torch
+
+        from edgelm.model.transformer import Block, rope_tables
+
+        prefix = f"model.layers.{self._next}."
+        block = Block(self.config)
+        names = [name for name in tensor_shapes(self.config) if name.startswith(prefix)]
+        block.load_state_dict({n.removeprefix(prefix): torch.from_numpy(self._weights(n)) for n in names})
+        sums: dict[str, torch.Tensor] = {}
+        handles = [
+            block.get_submodule(module).register_forward_pre_hook(_accumulating(sums, module))
+            for module in SHARED_INPUTS
+        ]
+        try:
+            with torch.inference_mode():
+                for i, x in enumerate(self._x):
+                    cos, sin = rope_tables(self.config, torch.arange(x.shape[1]))
+                    self._x[i] = block.eval()(x, cos, sin, 0)
+        finally:
+            for handle in handles:
+                handle.remove()
+        means = _means(sums, sum(len(w) for w in self._windows))
+        self._stats = {
+            f"{prefix}{reader}.weight": means[module]
+            for module, readers in SHARED_INPUTS.items()
+            for reader in readers
+        }
+        self._next += 1
+
+    def _head_covariance(self) -> np.ndarray:
+        """E[x xᵀ] of the head's input, the final norm of the last layer's output (every layer runs first)."""
+        if self._head is None:
+            import torch
+
+            from edgelm.model.transformer import RMSNorm
+
+            while self._next < self.config.num_hidden_layers:
+                self._run_layer()
+            norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+            norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
+            sums: dict[str, torch.Tensor] = {}
+            with torch.inference_mode():
+                for x in self._x:
+                    _accumulate(sums, "lm_head", norm(x))
+            self._head = _means(sums, sum(len(w) for w in self._windows))["lm_head"]
+        return self._head
 
 
-def _measure(model: Transformer, windows: list[list[int]]) -> dict[str, np.ndarray]:
-    """Run the windows through the model and return the mean over tokens of x xᵀ by weight name."""
-    import torch
+def _accumulate(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """Add the sum over tokens of x xᵀ (float64) to sums[name]; x (..., in)."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    total = flat.T @ flat
+    sums[name] = sums[name] + total if name in sums else total
 
-    sums: dict[str, torch.Tensor] = {}  # module name → sum of x xᵀ over the tokens so far, float64
 
-    def accumulate(name: str, x: torch.Tensor) -> None:
-        total = _sum_of_outer_products(x.reshape(-1, x.shape[-1]))  # from (B*T, in)
-        sums[name] = sums[name] + total if name in sums else total
+def _accumulating(
+    sums: dict[str, torch.Tensor], name: str
+) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+    """A forward pre-hook that accumulates its module's input into sums[name]."""
+    return lambda _module, args: _accumulate(sums, name, args[0])
 
-    def pre_hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
-        return lambda _module, args: accumulate(name, args[0])
 
-    layers = [f"model.layers.{i}" for i in range(len(model.model.layers))]
-    measured = [f"{layer}.{m}" for layer in layers for m in SHARED_INPUTS]
-    handles = [model.get_submodule(name).register_forward_pre_hook(pre_hook(name)) for name in measured]
-    head = model.lm_head
-    model.lm_head = torch.nn.Identity()  # type: ignore[assignment]  # the forward then returns the head's input: no (T, vocab) logits
-    tokens = 0
-    try:
-        with torch.inference_mode():
-            for window in windows:
-                accumulate("lm_head", model(torch.tensor([window])))  # (1, T, hidden)
-                tokens += len(window)
-    finally:
-        model.lm_head = head
-        for handle in handles:
-            handle.remove()
+def _means(sums: dict[str, torch.Tensor], tokens: int) -> dict[str, np.ndarray]:
+    """The sums divided by the token count, as read-only float32 (weights that share an input share the
+    array); refused when they overflowed."""
     means = {name: (total / tokens).numpy().astype(np.float32) for name, total in sums.items()}
     if not all(np.isfinite(m).all() for m in means.values()):
         raise EdgelmError("activations overflowed to infinity or NaN (check the checkpoint's weights)")
-    result = {
-        f"{layer}.{reader}.weight": means[f"{layer}.{m}"].copy()
-        for layer in layers
-        for m, readers in SHARED_INPUTS.items()
-        for reader in readers
-    }
-    result[HEAD] = means["lm_head"]
-    return result
+    for m in means.values():
+        m.setflags(write=False)
+    return means
 
 
 def _check_at_least_two(name: str, value: object) -> None:
