@@ -48,23 +48,39 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
     return (base / rope_frequencies(config)).astype(np.float32)
 
 
-def encode_tensor(w: np.ndarray, qtype: T, hessian: np.ndarray | None) -> np.ndarray:
-    """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes."""
+def encode_tensor(
+    w: np.ndarray, qtype: T, hessian: np.ndarray | None, threads: int | None = None
+) -> np.ndarray:
+    """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes
+    (quantized on `threads` threads, None: every core)."""
     if qtype == T.F32:
         return w.astype(np.float32)
     if qtype == T.F16:
         return w.astype(np.float16)
     quantize, pack = QUANTIZERS[qtype]
-    return pack(quantize(w, hessian))
+    return pack(quantize(w, hessian, threads))
 
 
+# GGUF type → (quantize(w, hessian, threads=None), pack)
 QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
-    T.Q8_0: (lambda w, h: quantize_blocks(w, 8, 32, True, hessian=h), gguf_blocks.pack_q8_0),
-    T.Q5_0: (lambda w, h: quantize_blocks(w, 5, 32, True, hessian=h), gguf_blocks.pack_q5_0),
-    T.Q4_0: (lambda w, h: quantize_blocks(w, 4, 32, True, hessian=h), gguf_blocks.pack_q4_0),
-    T.Q4_1: (lambda w, h: quantize_blocks(w, 4, 32, False, hessian=h), gguf_blocks.pack_q4_1),
-    T.Q4_K: (lambda w, h: quantize_q4_k(w, hessian=h), gguf_blocks.pack_q4_k),
-    T.Q6_K: (lambda w, h: quantize_q6_k(w, hessian=h), gguf_blocks.pack_q6_k),
+    T.Q8_0: (
+        lambda w, h, t=None: quantize_blocks(w, 8, 32, True, hessian=h, threads=t),
+        gguf_blocks.pack_q8_0,
+    ),
+    T.Q5_0: (
+        lambda w, h, t=None: quantize_blocks(w, 5, 32, True, hessian=h, threads=t),
+        gguf_blocks.pack_q5_0,
+    ),
+    T.Q4_0: (
+        lambda w, h, t=None: quantize_blocks(w, 4, 32, True, hessian=h, threads=t),
+        gguf_blocks.pack_q4_0,
+    ),
+    T.Q4_1: (
+        lambda w, h, t=None: quantize_blocks(w, 4, 32, False, hessian=h, threads=t),
+        gguf_blocks.pack_q4_1,
+    ),
+    T.Q4_K: (lambda w, h, t=None: quantize_q4_k(w, hessian=h, threads=t), gguf_blocks.pack_q4_k),
+    T.Q6_K: (lambda w, h, t=None: quantize_q6_k(w, hessian=h, threads=t), gguf_blocks.pack_q6_k),
 }
 
 
@@ -81,8 +97,10 @@ def export_gguf(
     out: Path | None = None,
     quant: str = "f16",
     hessians: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """Write the checkpoint as a GGUF file of the given quantization; return its path.
+    """Write the checkpoint as a GGUF file of the given quantization; return its path. The quantizer runs
+    on `threads` threads (None: every core).
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`: E[x xᵀ] of each weight's input on
     calibration text) make the quantizer minimize the error of the layer's output rather than of its
@@ -114,7 +132,7 @@ def export_gguf(
         if rope_factors is not None:
             writer.write_tensor_data(rope_factors)
         for hf_name, w in read_entries(entries):  # one tensor in memory at a time
-            writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians))
+            writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
         writer.close()
         tmp.replace(path)
     finally:
@@ -135,7 +153,12 @@ def _plan_tensor(
 
 
 def _encoded(
-    hf_name: str, w: np.ndarray, qtype: T, config: ModelConfig, hessians: Mapping[str, np.ndarray] | None
+    hf_name: str,
+    w: np.ndarray,
+    qtype: T,
+    config: ModelConfig,
+    hessians: Mapping[str, np.ndarray] | None,
+    threads: int | None,
 ) -> np.ndarray:
     """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order, then encoded
     (steered by the hessian of its input, a tied embedding by the head's)."""
@@ -145,7 +168,7 @@ def _encoded(
     key = (
         "lm_head.weight" if config.tie_word_embeddings and hf_name == "model.embed_tokens.weight" else hf_name
     )
-    return encode_tensor(w, qtype, (hessians or {}).get(key))
+    return encode_tensor(w, qtype, (hessians or {}).get(key), threads)
 
 
 def _write_metadata(

@@ -55,8 +55,10 @@ def export_onnx(
     quant: str = "fp32",
     options: QuantOptions | None = None,
     hessians: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it.
+    """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it. The
+    quantizer runs on `threads` threads (None: every core).
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`) make the int8/int4 quantizer minimize
     each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
@@ -77,7 +79,8 @@ def export_onnx(
     tmp.mkdir(parents=True)
     try:
         with open(tmp / DATA_FILE, "wb") as data:
-            model = build_model(config, tensor_reader(entries), precision, options, hessians or {}, data)
+            weights = tensor_reader(entries)
+            model = build_model(config, weights, precision, options, hessians or {}, data, threads)
         onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in model.onnx.data already
         try:
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)

@@ -108,15 +108,16 @@ def build_model(
     options: QuantOptions,
     hessians: Mapping[str, np.ndarray],
     data: BinaryIO,
+    threads: int | None = None,
 ) -> onnx.ModelProto:
     """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
     its initializers' bytes are written to `data` (model.onnx.data) as the graph is built, layer by layer,
-    each matrix read, quantized, packed, written and dropped."""
+    each matrix read, quantized (on `threads` threads, None: every core), packed, written and dropped."""
     g = _Graph(precision.dtype, data)
     inputs, outputs = _graph_io(config, _ONNX_TYPES[precision.dtype])
     sequence = _sequence(g, config)
-    eight_bit = frozenset(eight_bit_matrices(config, weights, options, hessians) if precision.mixed else ())
-    linear = _Linear(g, config, weights, precision, options, hessians, eight_bit)
+    mixed = eight_bit_matrices(config, weights, options, hessians, threads) if precision.mixed else ()
+    linear = _Linear(g, config, weights, precision, options, hessians, frozenset(mixed), threads)
     x = _embedding(g, config, weights, linear)
     residual = None
     for i in range(config.num_hidden_layers):
@@ -135,7 +136,11 @@ def build_model(
 
 
 def eight_bit_matrices(
-    config: ModelConfig, weights: Weights, options: QuantOptions, hessians: Mapping[str, np.ndarray]
+    config: ModelConfig,
+    weights: Weights,
+    options: QuantOptions,
+    hessians: Mapping[str, np.ndarray],
+    threads: int | None,
 ) -> list[str]:
     """int4_mixed's matrices at 8 bits: each matrix quantized at 4 bits and its cost measured, one at a
     time (the build quantizes them again), then `sensitive_matrices`' choice."""
@@ -144,7 +149,8 @@ def eight_bit_matrices(
     for name in matrix_names(config):
         m = fused_matrix(config, weights, name)
         hessian = hessians.get(m.hessian_key)
-        costs[name] = quantization_cost(m.w, quantized_blocks(name, m.w, four_bit, options, hessian), hessian)
+        q = quantized_blocks(name, m.w, four_bit, options, hessian, threads=threads)
+        costs[name] = quantization_cost(m.w, q, hessian)
         sizes[name] = m.w.size
     return sensitive_matrices(costs, sizes, MIXED_EIGHT_BIT_SHARE)
 
@@ -372,6 +378,7 @@ class _Linear:
     options: QuantOptions
     hessians: Mapping[str, np.ndarray]
     eight_bit: frozenset[str]  # int4_mixed's 8-bit matrices
+    threads: int | None  # the quantizer's
     packed: dict[str, _Packed] = field(default_factory=dict)  # blocks already written (a tied head's)
 
     def __call__(self, x: str, node_name: str, matrix: str) -> str:
@@ -381,7 +388,8 @@ class _Linear:
             return y
         if self.precision.dynamic:
             m = fused_matrix(self.config, self.weights, matrix)
-            q = quantized_blocks(matrix, m.w, self.precision, self.options, self.hessians.get(m.hessian_key))
+            hessian = self.hessians.get(m.hessian_key)
+            q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, threads=self.threads)
             # one scale per output channel: ONNX Runtime's dynamic int8 path, B as int8 (in, out)
             signed = q.codes.astype(np.int16) - (1 << (q.bits - 1))
             b = self.g.weight(matrix + ".weight.int8", signed.astype(np.int8).T)
@@ -411,7 +419,9 @@ class _Linear:
             else:
                 m = fused_matrix(self.config, self.weights, matrix)
             hessian = self.hessians.get(m.hessian_key)
-            q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, self.eight_bit)
+            q = quantized_blocks(
+                matrix, m.w, self.precision, self.options, hessian, self.eight_bit, self.threads
+            )
             names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
             packed, scales, zero_points = pack_matmul_nbits(q)
             self.g.weight(names[0], packed)

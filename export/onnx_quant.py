@@ -77,17 +77,21 @@ def quantized_blocks(
     options: QuantOptions,
     hessian: np.ndarray | None,
     eight_bit: frozenset[str] = frozenset(),
+    threads: int | None = None,
 ) -> QuantizedBlocks:
     """One matrix of the graph (or "model.embed_tokens", the untied embedding table) at the precision's
     bits: per output channel for int8_dynamic's matrices, 8 bits for the names in `eight_bit` (int4_mixed),
-    else in blocks of `options.block_size`. The embedding table is quantized without a hessian."""
+    else in blocks of `options.block_size`. The embedding table is quantized without a hessian. threads: as
+    for `quantize_blocks`."""
     bits = precision.bits
     assert bits is not None
     if name == "model.embed_tokens":
-        return quantize_matrix(w, bits, options)  # blocks, for GatherBlockQuantized
+        return quantize_matrix(w, bits, options, threads=threads)  # blocks, for GatherBlockQuantized
     if precision.dynamic:  # one block spanning each row
-        return quantize_blocks(w, DYNAMIC_BITS, w.shape[1], True, search=options.search, hessian=hessian)
-    return quantize_matrix(w, 8 if name in eight_bit else bits, options, hessian)
+        return quantize_blocks(
+            w, DYNAMIC_BITS, w.shape[1], True, search=options.search, hessian=hessian, threads=threads
+        )
+    return quantize_matrix(w, 8 if name in eight_bit else bits, options, hessian, threads)
 
 
 def quantization_cost(w: np.ndarray, q: QuantizedBlocks, hessian: np.ndarray | None) -> float:
@@ -114,7 +118,11 @@ def sensitive_matrices(costs: dict[str, float], sizes: dict[str, int], share: fl
 
 
 def quantize_matrix(
-    w: np.ndarray, bits: int, options: QuantOptions, hessian: np.ndarray | None = None
+    w: np.ndarray,
+    bits: int,
+    options: QuantOptions,
+    hessian: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> QuantizedBlocks:
     """w (out, in) quantized along its rows in blocks of `options.block_size`, the rows zero-padded to a
     whole number of blocks as MatMulNBits pads them (the padding's codes are never used)."""
@@ -136,4 +144,5 @@ def quantize_matrix(
         search=options.search,
         hessian=hessian,
         integer_zeros=not options.symmetric,
+        threads=threads,
     )

@@ -157,6 +157,16 @@ def test_chunks_of_rows_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         assert np.array_equal(pack(quantize(w)), pack(whole[qtype]))
 
 
+def test_threads_change_nothing() -> None:
+    """Rows quantized on 1, 3 or every core's thread give the same bytes; a bad count is refused."""
+    w = weights(37, 512, "outliers")
+    for quantize, pack in ALL.values():
+        one = pack(quantize(w, threads=1))
+        assert np.array_equal(pack(quantize(w, threads=3)), one) and np.array_equal(pack(quantize(w)), one)
+        with pytest.raises(EdgelmError, match="threads=0 must be an integer >= 1"):
+            quantize(w, threads=0)
+
+
 def test_bad_input_raises() -> None:
     w = weights(2, 96, "normal")
     with pytest.raises(EdgelmError, match="multiple of 64"):

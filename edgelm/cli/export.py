@@ -55,6 +55,7 @@ def _add_gguf(formats: argparse._SubParsersAction) -> None:
         default="edgelm",
         help="quantize with edgelm, or with llama.cpp's own quantizer from edgelm's F32 file",
     )
+    gguf.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
     gguf.set_defaults(run=run_gguf)
 
 
@@ -100,6 +101,7 @@ def _add_onnx(formats: argparse._SubParsersAction) -> None:
         default="edgelm",
         help="build the graph with edgelm, or export with optimum (its own environment: see README)",
     )
+    onnx.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
     onnx.set_defaults(run=run_onnx)
 
 
@@ -113,7 +115,7 @@ def run_gguf(args: argparse.Namespace) -> None:
             raise EdgelmError("--calibration applies to edgelm's quantizer, not --via llama.cpp")
         path = export_gguf_via_llama_cpp(Path(args.checkpoint), out, args.quant)
     else:
-        path = export_gguf(Path(args.checkpoint), out, args.quant, _hessians(args))
+        path = export_gguf(Path(args.checkpoint), out, args.quant, _hessians(args), args.threads)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -133,7 +135,7 @@ def run_onnx(args: argparse.Namespace) -> None:
         from edgelm.export.onnx_quant import QuantOptions
 
         options = QuantOptions(args.block_size, not args.zero_points, args.accuracy_level)
-        folder = export_onnx(Path(args.checkpoint), out, args.quant, options, _hessians(args))
+        folder = export_onnx(Path(args.checkpoint), out, args.quant, options, _hessians(args), args.threads)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB)")
 

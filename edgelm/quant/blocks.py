@@ -25,7 +25,9 @@ from the weights as updated so far; the result has the same type and arrays as w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
@@ -43,6 +45,7 @@ _CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
 _GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
+_R = TypeVar("_R")  # what a function of a chunk of rows returns
 # (scale, offset) → the values a format keeps of them
 Store = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -150,6 +153,7 @@ def quantize_blocks(
     search: bool = True,
     hessian: np.ndarray | None = None,
     integer_zeros: bool = False,
+    threads: int | None = None,
 ) -> QuantizedBlocks:
     """Quantize every `block` consecutive values of each row of w (rows, cols) to `bits`-bit codes.
 
@@ -167,6 +171,8 @@ def quantize_blocks(
     hessian: optional (cols, cols) second moment of the inputs, E[x xᵀ]: GPTQ error feedback (module
       docstring). Each block's scale (and offset) is chosen from the error-updated weights as above, steered
       by `importance` if given, else by diag(hessian); the codes are then rounded column by column.
+    threads: rows are quantized in chunks on this many threads (None: every core); the result does not
+      depend on it.
     """
     for name, value, low, high in (("bits", bits, 2, 8), ("block", block, 1, None)):
         if not is_int(value) or value < low or (high and value > high):
@@ -178,9 +184,9 @@ def quantize_blocks(
     weights = _as_importance(importance, x.shape[1])
     store = _integer_zero_store(bits) if integer_zeros else _f16_store
     if hessian is None:
-        parts = [
-            _blocks_rows(x[rows], bits, block, symmetric, weights, search, store) for rows in _row_chunks(x)
-        ]
+        parts = _over_row_chunks(
+            lambda rows: _blocks_rows(rows, bits, block, symmetric, weights, search, store), x, threads
+        )
         codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
     lo = -(1 << (bits - 1)) if symmetric else 0
@@ -201,6 +207,7 @@ def quantize_q4_k(
     importance: np.ndarray | None = None,
     search: bool = True,
     hessian: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> Q4KBlocks:
     """Quantize w (rows, cols) to GGUF Q4_K; cols must be a multiple of 256.
 
@@ -212,12 +219,12 @@ def quantize_q4_k(
     whichever result has the lower error.
 
     hessian: GPTQ error feedback as in quantize_blocks, with all scales and mins of a super-block of 256
-    chosen at its start.
+    chosen at its start. threads: as in quantize_blocks.
     """
     x = _as_matrix(w, QK_K, "Q4_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
-        return _concat([_q4_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+        return _concat(_over_row_chunks(lambda rows: _q4_k_rows(rows, weights, search), x, threads))
     steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q4KBlocks]:
@@ -235,6 +242,7 @@ def quantize_q6_k(
     importance: np.ndarray | None = None,
     search: bool = True,
     hessian: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> Q6KBlocks:
     """Quantize w (rows, cols) to GGUF Q6_K; cols must be a multiple of 256.
 
@@ -242,12 +250,12 @@ def quantize_q6_k(
     the value of largest magnitude); the 16 scales of a super-block are rounded to int8 against
     d = s / -128 for s the scale of largest magnitude, and the codes are chosen again with the final float16
     d, as llama.cpp's quantize_row_q6_K_ref does (which fits the sub-blocks by its own search). search=True
-    as for quantize_q4_k. hessian: GPTQ error feedback as for quantize_q4_k.
+    as for quantize_q4_k. hessian, threads: as for quantize_q4_k.
     """
     x = _as_matrix(w, QK_K, "Q6_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
-        return _concat([_q6_k_rows(x[rows], weights, search) for rows in _row_chunks(x)])
+        return _concat(_over_row_chunks(lambda rows: _q6_k_rows(rows, weights, search), x, threads))
     steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q6KBlocks]:
@@ -562,6 +570,19 @@ def _as_importance(importance: np.ndarray | None, cols: int) -> np.ndarray:
     if not (np.isfinite(weights).all() and (weights >= 0).all()):
         raise EdgelmError("quantize: importance must be finite and >= 0 (e.g. mean squared activations)")
     return weights
+
+
+def _over_row_chunks(fn: Callable[[np.ndarray], _R], x: np.ndarray, threads: int | None) -> list[_R]:
+    """fn on consecutive chunks of x's rows (at most _CHUNK_VALUES values each, and at least one chunk per
+    thread), on up to `threads` threads (None: every core; numpy releases the GIL), in row order."""
+    if threads is not None and (not is_int(threads) or threads < 1):
+        raise EdgelmError(f"quantize: threads={threads!r} must be an integer >= 1")
+    workers = int(threads or os.cpu_count() or 1)
+    chunks = _row_chunks(x, min(_CHUNK_VALUES, -(-x.size // workers)))
+    if workers == 1 or len(chunks) == 1:
+        return [fn(x[rows]) for rows in chunks]
+    with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
+        return list(pool.map(lambda rows: fn(x[rows]), chunks))
 
 
 def _row_chunks(x: np.ndarray, values: int = _CHUNK_VALUES) -> list[slice]:
