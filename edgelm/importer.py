@@ -13,7 +13,7 @@ tensors stay so and quantized ones become float32.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.model.config import ModelConfig
+from edgelm.progress import progress_bar
 from edgelm.tokenizer import Tokenizer
 
 # tokenizer and generation files of a Hugging Face folder, copied as they are
@@ -44,8 +45,9 @@ HF_TEXT_FILES = (
 )
 
 
-def import_model(source: Path, out: Path) -> Path:
-    """Import a Hugging Face folder or a GGUF file into the checkpoint directory `out`; return `out`."""
+def import_model(source: Path, out: Path, show_progress: bool = False) -> Path:
+    """Import a Hugging Face folder or a GGUF file into the checkpoint directory `out`; return `out`.
+    `show_progress` draws a bar per tensor on a terminal."""
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise EdgelmError(f"{out} exists and is not empty; choose a new folder for the checkpoint")
@@ -57,7 +59,7 @@ def import_model(source: Path, out: Path) -> Path:
     building = temporary_sibling(out)  # renamed to `out` only when the checkpoint is complete
     shutil.rmtree(building, ignore_errors=True)
     try:
-        (import_gguf if kind == "gguf" else import_hf)(source, building)
+        (import_gguf if kind == "gguf" else import_hf)(source, building, show_progress)
         if out.exists():
             out.rmdir()  # empty, as checked above
         building.rename(out)
@@ -66,7 +68,7 @@ def import_model(source: Path, out: Path) -> Path:
     return out
 
 
-def import_hf(source: Path, out: Path) -> None:
+def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
     """Copy a Hugging Face Llama-family folder as an edgelm checkpoint, each weight in its own dtype."""
     config = ModelConfig.load(source)
     generation = source / "generation_config.json"
@@ -78,14 +80,16 @@ def import_hf(source: Path, out: Path) -> None:
     entries = [e for e in weight_entries(source) if e.name not in skip]
     shapes = {e.name: e.shape for e in entries}
     dtypes = {e.name: e.dtype for e in entries}  # kept: a bf16 model stays bf16, bit for bit
-    write_weights(out, config, shapes, read_entries(entries), {"source": source.name}, dtypes)
+    with progress_bar(f"import {source.name}", len(entries), show_progress) as advance:
+        tensors = _advancing(read_entries(entries), advance)
+        write_weights(out, config, shapes, tensors, {"source": source.name}, dtypes)
     for name in HF_TEXT_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
     config.save(out, weights_dtype(shapes, dtypes))
 
 
-def import_gguf(source: Path, out: Path) -> None:
+def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     """A GGUF file of architecture llama → checkpoint: tensors dequantized to HF layout, tokenizer rebuilt."""
     gguf = read_gguf(source)
     if "rope_freqs.weight" in gguf.tensors:
@@ -110,7 +114,17 @@ def import_gguf(source: Path, out: Path) -> None:
                 w = unpermute_from_gguf(w, config.num_key_value_heads)
             yield name, w
 
-    write_weights(out, config, shapes, tensors(), {"source": source.name}, dtypes)
+    with progress_bar(f"import {source.name}", len(names), show_progress) as advance:
+        write_weights(out, config, shapes, _advancing(tensors(), advance), {"source": source.name}, dtypes)
     tokenizer.save(out, context_length=config.max_position_embeddings)
     config.save(out, weights_dtype(shapes, dtypes))
     write_generation_config(out, config)
+
+
+def _advancing(
+    tensors: Iterator[tuple[str, np.ndarray]], advance: Callable[[str], None]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors, calling `advance` with each one's name once the writer has taken it."""
+    for name, w in tensors:
+        yield name, w
+        advance(name)

@@ -29,6 +29,7 @@ from edgelm.formats.gguf import gguf_name, permute_for_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_metadata
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
+from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.tokenizer import Tokenizer
 
@@ -98,9 +99,10 @@ def export_gguf(
     quant: str = "f16",
     hessians: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    show_progress: bool = False,
 ) -> Path:
     """Write the checkpoint as a GGUF file of the given quantization; return its path. The quantizer runs
-    on `threads` threads (None: every core).
+    on `threads` threads (None: every core); `show_progress` draws a bar per tensor on a terminal.
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`: E[x xᵀ] of each weight's input on
     calibration text) make the quantizer minimize the error of the layer's output rather than of its
@@ -131,8 +133,10 @@ def export_gguf(
         writer.write_ti_data_to_file()
         if rope_factors is not None:
             writer.write_tensor_data(rope_factors)
-        for hf_name, w in read_entries(entries):  # one tensor in memory at a time
-            writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
+        with progress_bar(f"{path.name}", len(entries), show_progress) as advance:
+            for hf_name, w in read_entries(entries):  # one tensor in memory at a time
+                writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
+                advance(hf_name)
         writer.close()
         tmp.replace(path)
     finally:

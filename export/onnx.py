@@ -34,6 +34,7 @@ from edgelm.export.onnx_quant import DYNAMIC_BITS, PRECISIONS, Precision, QuantO
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
 from edgelm.model.config import ModelConfig
+from edgelm.progress import progress_bar
 
 try:
     import onnx
@@ -56,9 +57,11 @@ def export_onnx(
     options: QuantOptions | None = None,
     hessians: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    show_progress: bool = False,
 ) -> Path:
     """Write the checkpoint as an ONNX folder of the given precision (a key of PRECISIONS); return it. The
-    quantizer runs on `threads` threads (None: every core).
+    quantizer runs on `threads` threads (None: every core); `show_progress` draws a bar per layer on a
+    terminal.
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`) make the int8/int4 quantizer minimize
     each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
@@ -78,9 +81,10 @@ def export_onnx(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with open(tmp / DATA_FILE, "wb") as data:
+        steps = config.num_hidden_layers * (2 if precision.mixed else 1)  # int4_mixed ranks them first
+        with open(tmp / DATA_FILE, "wb") as data, progress_bar(folder.name, steps, show_progress) as advance:
             weights = tensor_reader(entries)
-            model = build_model(config, weights, precision, options, hessians or {}, data, threads)
+            model = build_model(config, weights, precision, options, hessians or {}, data, threads, advance)
         onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in model.onnx.data already
         try:
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)

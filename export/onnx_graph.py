@@ -109,19 +109,24 @@ def build_model(
     hessians: Mapping[str, np.ndarray],
     data: BinaryIO,
     threads: int | None = None,
+    advance: Callable[[str], None] = lambda done: None,
 ) -> onnx.ModelProto:
     """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
     its initializers' bytes are written to `data` (model.onnx.data) as the graph is built, layer by layer,
-    each matrix read, quantized (on `threads` threads, None: every core), packed, written and dropped."""
+    each matrix read, quantized (on `threads` threads, None: every core), packed, written and dropped.
+    `advance` is called with each layer's name when it is done (and, for int4_mixed, ranked)."""
     g = _Graph(precision.dtype, data)
     inputs, outputs = _graph_io(config, _ONNX_TYPES[precision.dtype])
     sequence = _sequence(g, config)
-    mixed = eight_bit_matrices(config, weights, options, hessians, threads) if precision.mixed else ()
+    mixed = (
+        eight_bit_matrices(config, weights, options, hessians, threads, advance) if precision.mixed else ()
+    )
     linear = _Linear(g, config, weights, precision, options, hessians, frozenset(mixed), threads)
     x = _embedding(g, config, weights, linear)
     residual = None
     for i in range(config.num_hidden_layers):
         x, residual = _layer(g, config, weights, linear, sequence, i, x, residual)
+        advance(f"layer {i}")
     _head(g, config, weights, linear, x, residual)
 
     graph = helper.make_graph(g.nodes, "edgelm", inputs, outputs, g.initializers)
@@ -141,6 +146,7 @@ def eight_bit_matrices(
     options: QuantOptions,
     hessians: Mapping[str, np.ndarray],
     threads: int | None,
+    advance: Callable[[str], None],
 ) -> list[str]:
     """int4_mixed's matrices at 8 bits: each matrix quantized at 4 bits and its cost measured, one at a
     time (the build quantizes them again), then `sensitive_matrices`' choice."""
@@ -152,6 +158,8 @@ def eight_bit_matrices(
         q = quantized_blocks(name, m.w, four_bit, options, hessian, threads=threads)
         costs[name] = quantization_cost(m.w, q, hessian)
         sizes[name] = m.w.size
+        if name.endswith("down_proj"):  # the last matrix of a layer
+            advance(f"ranked {name.removesuffix('.mlp.down_proj')}")
     return sensitive_matrices(costs, sizes, MIXED_EIGHT_BIT_SHARE)
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import SMALL, make_checkpoint
+
+import edgelm as edgelm_module
+from edgelm.errors import EdgelmError
+from edgelm.files import temporary_sibling
+from edgelm.tokenizer import Tokenizer
 
 
 def edgelm(*args: str) -> subprocess.CompletedProcess:
@@ -75,3 +84,40 @@ def test_info_on_onnx_and_gguf(checkpoint: Path, tmp_path: Path) -> None:
     assert described["format"] == "ONNX int4" and described["layers"] == config.num_hidden_layers
     assert "GroupQueryAttention" in described["operators"] and "MatMulNBits" in described["operators"]
     assert "parameters" in edgelm("info", str(folder)).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["import", "gguf", "onnx"])
+def test_killed_mid_write_leaves_nothing_that_loads(
+    tmp_path: Path, small_tokenizer: Tokenizer, command: str
+) -> None:
+    """kill -9 while the output is being written (its hidden temporary name exists and grows): the
+    output's own name never appears, loading it fails, and the same command then succeeds."""
+    config = dataclasses.replace(
+        SMALL, hidden_size=256, intermediate_size=1024, head_dim=64, num_hidden_layers=24
+    )
+    checkpoint = make_checkpoint(tmp_path / "ckpt", small_tokenizer, config)
+    out, args = {
+        "import": (tmp_path / "imported", ["import", str(checkpoint)]),
+        "gguf": (tmp_path / "out.gguf", ["export", "gguf", str(checkpoint), "--quant", "q4_k_m"]),
+        "onnx": (tmp_path / "onnx", ["export", "onnx", str(checkpoint), "--quant", "int4"]),
+    }[command]
+    args += ["--out", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "edgelm", *args], stderr=subprocess.DEVNULL)
+    temporary = temporary_sibling(out)
+    while process.poll() is None and not written_into(temporary):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "finished before it could be killed: make the model larger"
+    assert not out.exists()
+    with pytest.raises(EdgelmError):
+        edgelm_module.load(out)
+    assert edgelm(*args).returncode == 0
+    with edgelm_module.load(out) as model:
+        assert model.config.num_hidden_layers == config.num_hidden_layers
+
+
+def written_into(temporary: Path) -> bool:
+    """Whether the temporary file (or a file inside the temporary folder) holds data yet."""
+    files = [temporary] if temporary.is_file() else list(temporary.glob("*")) if temporary.is_dir() else []
+    return any(f.is_file() and f.stat().st_size > 0 for f in files)

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # the layer table, top to bottom: a module may import its own layer and the layers above it
 LAYERS = [
-    ("edgelm.errors", "edgelm.files", "edgelm.values", "edgelm._version"),
+    ("edgelm.errors", "edgelm.files", "edgelm.values", "edgelm.progress", "edgelm._version"),
     ("edgelm.model",),
     ("edgelm.checkpoint", "edgelm.tokenizer"),
     ("edgelm.formats",),

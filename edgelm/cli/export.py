@@ -115,7 +115,8 @@ def run_gguf(args: argparse.Namespace) -> None:
             raise EdgelmError("--calibration applies to edgelm's quantizer, not --via llama.cpp")
         path = export_gguf_via_llama_cpp(Path(args.checkpoint), out, args.quant)
     else:
-        path = export_gguf(Path(args.checkpoint), out, args.quant, _hessians(args), args.threads)
+        hessians = _hessians(args)
+        path = export_gguf(Path(args.checkpoint), out, args.quant, hessians, args.threads, show_progress=True)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -135,7 +136,10 @@ def run_onnx(args: argparse.Namespace) -> None:
         from edgelm.export.onnx_quant import QuantOptions
 
         options = QuantOptions(args.block_size, not args.zero_points, args.accuracy_level)
-        folder = export_onnx(Path(args.checkpoint), out, args.quant, options, _hessians(args), args.threads)
+        hessians = _hessians(args)
+        folder = export_onnx(
+            Path(args.checkpoint), out, args.quant, options, hessians, args.threads, show_progress=True
+        )
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB)")
 

@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> None:
     """Import the model and say where it went."""
     from edgelm.importer import import_model
 
-    out = import_model(Path(args.source), Path(args.out))
+    out = import_model(Path(args.source), Path(args.out), show_progress=True)
     print(f"imported {args.source} into {out}")
