@@ -25,12 +25,13 @@ from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
 from edgelm.files import temporary_sibling
-from edgelm.formats.gguf import gguf_name, permute_for_gguf
+from edgelm.formats.gguf import gguf_name, permute_for_gguf, unpermute_from_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_metadata
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
 from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
+from edgelm.quant.calibration import record_quantized, wants_quantized
 from edgelm.tokenizer import Tokenizer
 
 try:
@@ -165,14 +166,21 @@ def _encoded(
     threads: int | None,
 ) -> np.ndarray:
     """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order, then encoded
-    (steered by the hessian of its input, a tied embedding by the head's)."""
+    (steered by the hessian of its input, a tied embedding by the head's). Calibration statistics that go on
+    through the quantized model get the tensor's quantized values back."""
+    heads = None
     if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
         heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
         w = permute_for_gguf(w, heads)
-    key = (
-        "lm_head.weight" if config.tie_word_embeddings and hf_name == "model.embed_tokens.weight" else hf_name
-    )
-    return encode_tensor(w, qtype, (hessians or {}).get(key), threads)
+    tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
+    hessian = (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
+    if qtype in (T.F32, T.F16) or not wants_quantized(hessians):
+        return encode_tensor(w, qtype, hessian, threads)
+    quantize, pack = QUANTIZERS[qtype]
+    blocks = quantize(w, hessian, threads)
+    values = blocks.dequantize()
+    record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
+    return pack(blocks)
 
 
 def _write_metadata(

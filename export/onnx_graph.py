@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from edgelm._version import __version__
+from edgelm.checkpoint import tensor_shapes
 from edgelm.errors import missing_dependency
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import (
@@ -32,6 +33,8 @@ from edgelm.export.onnx_quant import (
 from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
+from edgelm.quant.blocks import QuantizedBlocks
+from edgelm.quant.calibration import record_quantized, wants_quantized
 
 try:
     import onnx
@@ -398,6 +401,7 @@ class _Linear:
             m = fused_matrix(self.config, self.weights, matrix)
             hessian = self.hessians.get(m.hessian_key)
             q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, threads=self.threads)
+            self.record(matrix, m.w, q)
             # one scale per output channel: ONNX Runtime's dynamic int8 path, B as int8 (in, out)
             signed = q.codes.astype(np.int16) - (1 << (q.bits - 1))
             b = self.g.weight(matrix + ".weight.int8", signed.astype(np.int8).T)
@@ -430,6 +434,7 @@ class _Linear:
             q = quantized_blocks(
                 matrix, m.w, self.precision, self.options, hessian, self.eight_bit, self.threads
             )
+            self.record(matrix, m.w, q)
             names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
             packed, scales, zero_points = pack_matmul_nbits(q)
             self.g.weight(names[0], packed)
@@ -439,6 +444,18 @@ class _Linear:
             kept = names if q.zeros is not None else names[:2]
             self.packed[matrix] = _Packed(kept, q.bits, q.block, *m.w.shape)
         return self.packed[matrix]
+
+    def record(self, matrix: str, w: np.ndarray, q: QuantizedBlocks) -> None:
+        """Hand a layer matrix's quantized values, split into the HF weights it fuses, to calibration
+        statistics that go on through the quantized model."""
+        if not wants_quantized(self.hessians) or not matrix.startswith("model.layers."):
+            return
+        *layer_path, fused = matrix.split(".", 3)
+        names = [f"{'.'.join(layer_path)}.{part}.weight" for part in _FUSED[fused]]
+        rows = [tensor_shapes(self.config)[name][0] for name in names]
+        values = q.dequantize()[:, : w.shape[1]]
+        for name, part in zip(names, np.split(values, np.cumsum(rows)[:-1]), strict=True):
+            record_quantized(self.hessians, name, part)
 
 
 def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear) -> str:

@@ -15,7 +15,7 @@ import torch
 from conftest import SAMPLE_TEXT, SMALL, LiveTensors, make_checkpoint
 from transformers import LlamaForCausalLM
 
-from edgelm.checkpoint import load_checkpoint, tensor_shapes
+from edgelm.checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
 from edgelm.errors import EdgelmError
 from edgelm.quant.blocks import quantize_blocks
 from edgelm.quant.calibration import activation_covariance, calibration_windows, read_calibration_text
@@ -113,6 +113,46 @@ def test_any_order_of_keys_gives_the_same_statistics(measured) -> None:
     assert all(np.array_equal(again[name], expected[name]) for name in reversed(list(expected)))
     with pytest.raises(KeyError):
         again["model.embed_tokens.weight"]  # a lookup table has no input activations
+
+
+def test_through_the_quantized_layers_as_transformers_computes_them(
+    checkpoint: Path, small_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """GPTQ's sequential scheme: with layer 0's weights handed back quantized, layer 1 is measured on the
+    activations of the quantized layer 0 (transformers' inputs on a checkpoint that holds those values);
+    through="float" ignores them, and the float model's statistics stay those of the float model."""
+    config, tensors, tokenizer = load_checkpoint(checkpoint)
+    layer0 = [name for name in tensors if name.startswith("model.layers.0.") and name.endswith("proj.weight")]
+    rounded = {name: quantize_blocks(tensors[name], 4, 32, True).dequantize() for name in layer0}
+    statistics = {
+        through: activation_covariance(checkpoint, SAMPLE_TEXT, context=CONTEXT, through=through)
+        for through in ("quantized", "float")
+    }
+    for covariance in statistics.values():
+        covariance["model.layers.0.self_attn.q_proj.weight"]
+        for name, values in rounded.items():
+            covariance.record_quantized(name, values)
+    save_checkpoint(tmp_path / "rounded", config, {**tensors, **rounded}, tokenizer)
+    windows = reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT)
+    quantized_inputs = hf_linear_inputs(tmp_path / "rounded", windows)
+    float_inputs = hf_linear_inputs(checkpoint, windows)
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ):
+        for through, inputs in (("quantized", quantized_inputs), ("float", float_inputs)):
+            expected = inputs[name].T @ inputs[name] / len(inputs[name])
+            np.testing.assert_allclose(
+                statistics[through][name],
+                expected,
+                rtol=1e-4,
+                atol=1e-6 * expected.max(),
+                err_msg=f"{through} {name}",
+            )
+        assert not np.allclose(statistics["quantized"][name], statistics["float"][name], rtol=1e-3), name
+    with pytest.raises(EdgelmError, match="through='fixed'"):
+        activation_covariance(checkpoint, SAMPLE_TEXT, through="fixed")
 
 
 def test_holds_one_layer_at_a_time(

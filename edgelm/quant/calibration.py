@@ -33,6 +33,8 @@ from edgelm.values import is_int
 if TYPE_CHECKING:
     import torch
 
+    from edgelm.model.transformer import Block
+
 # the module of a layer whose input is measured → the weights of that layer that read the same input
 SHARED_INPUTS: dict[str, tuple[str, ...]] = {
     "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -44,6 +46,7 @@ HEAD = "lm_head.weight"  # its input is the final norm's output
 # the default window: the model's context up to this, so that a model with a context of 128k tokens is not run
 # over one window of 100k tokens (activations of gigabytes); llama.cpp's imatrix uses 512
 DEFAULT_CONTEXT = 2048
+THROUGH = ("quantized", "float")  # what the activations go on through after a layer is measured
 
 
 def read_calibration_text(path: Path) -> str:
@@ -78,7 +81,11 @@ def calibration_windows(
 
 
 def activation_covariance(
-    checkpoint: Path, text: str, context: int | None = None, max_tokens: int = 100_000
+    checkpoint: Path,
+    text: str,
+    context: int | None = None,
+    max_tokens: int = 100_000,
+    through: str = "quantized",
 ) -> ActivationCovariance:
     """The second moment H = E[x xᵀ] of the input activations of every linear weight, keyed by the weight's HF
     name: "model.layers.0.self_attn.q_proj.weight" → float32 (in_features, in_features), accumulated in
@@ -94,7 +101,9 @@ def activation_covariance(
     checkpoint's tokenizer and cut into non-overlapping windows of `context` tokens (default the model's
     context, at most DEFAULT_CONTEXT) that each start with BOS, at most `max_tokens` tokens in all (see
     `calibration_windows`); every token, BOS included, counts. The result measures a layer when its keys
-    are first asked for (`ActivationCovariance`), so memory holds one layer, not the model.
+    are first asked for (`ActivationCovariance`), so memory holds one layer, not the model; `through`
+    says whether the activations go on through each layer's quantized values, which the exporter hands
+    back (GPTQ's sequential scheme), or through the float model.
     """
     if context is not None:
         _check_at_least_two("context", context)
@@ -119,7 +128,7 @@ def activation_covariance(
             "(give at least a few sentences; thousands of tokens are better)"
         )
     windows = calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
-    return ActivationCovariance(config, tensor_reader(entries), windows)
+    return ActivationCovariance(config, tensor_reader(entries), windows, through)
 
 
 class ActivationCovariance(Mapping[str, np.ndarray]):
@@ -130,11 +139,27 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
     activations with its inputs measured, and dropped, so memory holds the activations (tokens × hidden),
     one layer and its statistics. Asked in layer order, as the exporters ask, the model runs once; a key of
     an earlier layer starts again from the embeddings, and the head's (the final norm's output) needs
-    every layer first. The numbers are those of one forward pass of the whole model.
+    every layer first.
+
+    `through="quantized"` is GPTQ's sequential scheme: an exporter hands each weight's quantized values to
+    `record_quantized`, and the activations go on from a layer through those values, so that each layer
+    is measured on the inputs the quantized model gives it; `"float"` measures every layer on the float
+    model's activations (one forward pass of the whole model).
     """
 
-    def __init__(self, config: ModelConfig, weights: Callable[[str], np.ndarray], windows: list[list[int]]):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Callable[[str], np.ndarray],
+        windows: list[list[int]],
+        through: str = "quantized",
+    ):
+        if through not in THROUGH:
+            raise EdgelmError(
+                f"through={through!r}: the activations go through {' or '.join(THROUGH)} layers"
+            )
         self.config = config
+        self.through = through
         self._weights = weights
         self._windows = windows
         self._layer_of: dict[str, int | None] = {
@@ -145,16 +170,19 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         }
         self._layer_of[HEAD] = None
         self._head: np.ndarray | None = None
+        self._quantized: dict[str, np.ndarray] = {}  # recorded values of the weights of layers not yet passed
         self._restart()
 
     def __getitem__(self, key: str) -> np.ndarray:
         layer = self._layer_of[key]  # a KeyError for a weight that has no activation input
         if layer is None:
             return self._head_covariance()
-        if layer < self._next - 1:
-            self._restart()
-        while self._next <= layer:
-            self._run_layer()
+        if layer != self._measured:
+            if layer < self._at:
+                self._restart()
+            while self._at < layer:
+                self._pass_layer()
+            self._measure_layer()
         return self._stats[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -163,45 +191,76 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._layer_of)
 
+    def record_quantized(self, name: str, values: np.ndarray) -> None:
+        """The values (float32, its HF layout) a weight of a layer not yet passed was quantized to; the
+        activations go through them (with `through="quantized"`; ignored otherwise, and for other weights)."""
+        layer = self._layer_of.get(name)
+        if self.through == "quantized" and layer is not None and layer >= self._at:
+            self._quantized[name] = np.asarray(values, np.float32)
+
     def _restart(self) -> None:
         """The activations back at the embeddings of the calibration windows, before layer 0."""
         import torch
 
         table = self._weights("model.embed_tokens.weight")
         self._x = [torch.from_numpy(table[window])[None] for window in self._windows]  # (1, T, hidden) each
-        self._next = 0  # the layer the activations are the input of
-        self._stats: dict[str, np.ndarray] = {}  # of layer _next - 1
+        self._at = 0  # the layer the activations are the input of
+        self._measured = -1  # the layer whose statistics `_stats` holds
+        self._stats: dict[str, np.ndarray] = {}
+        self._float_out: list[torch.Tensor] | None = None  # layer _measured's float output, when kept
 
-    def _run_layer(self) -> None:
-        """Run layer `_next` over the activations, measuring the inputs of its linear weights."""
+    def _layer(self, i: int, quantized: bool) -> Block:
+        """Layer i as a torch module, from the checkpoint, its weights the recorded quantized values where
+        `quantized` and there are some."""
         import torch
 
-        from edgelm.model.transformer import Block, rope_tables
+        from edgelm.model.transformer import Block
 
-        prefix = f"model.layers.{self._next}."
-        block = Block(self.config)
+        prefix = f"model.layers.{i}."
         names = [name for name in tensor_shapes(self.config) if name.startswith(prefix)]
-        block.load_state_dict({n.removeprefix(prefix): torch.from_numpy(self._weights(n)) for n in names})
+        state = {}
+        for name in names:
+            kept = self._quantized.pop(name, None) if quantized else None
+            state[name.removeprefix(prefix)] = torch.from_numpy(
+                kept if kept is not None else self._weights(name)
+            )
+        block = Block(self.config)
+        block.load_state_dict(state)
+        return block.eval()
+
+    def _measure_layer(self) -> None:
+        """Measure the inputs of layer `_at`'s linear weights (keeping its float output for `_pass_layer`)."""
+
+        block = self._layer(self._at, quantized=False)
         sums: dict[str, torch.Tensor] = {}
         handles = [
             block.get_submodule(module).register_forward_pre_hook(_accumulating(sums, module))
             for module in SHARED_INPUTS
         ]
         try:
-            with torch.inference_mode():
-                for i, x in enumerate(self._x):
-                    cos, sin = rope_tables(self.config, torch.arange(x.shape[1]))
-                    self._x[i] = block.eval()(x, cos, sin, 0)
+            self._float_out = _forward(block, self.config, self._x)
         finally:
             for handle in handles:
                 handle.remove()
         means = _means(sums, sum(len(w) for w in self._windows))
+        prefix = f"model.layers.{self._at}."
         self._stats = {
             f"{prefix}{reader}.weight": means[module]
             for module, readers in SHARED_INPUTS.items()
             for reader in readers
         }
-        self._next += 1
+        self._measured = self._at
+
+    def _pass_layer(self) -> None:
+        """Move the activations through layer `_at`: through its recorded quantized values, or the float
+        output its measurement kept."""
+        quantized = any(name.startswith(f"model.layers.{self._at}.") for name in self._quantized)
+        if not quantized and self._measured == self._at and self._float_out is not None:
+            self._x = self._float_out
+        else:
+            self._x = _forward(self._layer(self._at, quantized), self.config, self._x)
+        self._float_out = None
+        self._at += 1
 
     def _head_covariance(self) -> np.ndarray:
         """E[x xᵀ] of the head's input, the final norm of the last layer's output (every layer runs first)."""
@@ -210,8 +269,8 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
 
             from edgelm.model.transformer import RMSNorm
 
-            while self._next < self.config.num_hidden_layers:
-                self._run_layer()
+            while self._at < self.config.num_hidden_layers:
+                self._pass_layer()
             norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
             norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
             sums: dict[str, torch.Tensor] = {}
@@ -220,6 +279,28 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
                     _accumulate(sums, "lm_head", norm(x))
             self._head = _means(sums, sum(len(w) for w in self._windows))["lm_head"]
         return self._head
+
+
+def record_quantized(statistics: Mapping[str, np.ndarray] | None, name: str, values: np.ndarray) -> None:
+    """Hand a weight's quantized values to layer-by-layer statistics that go on through them (see
+    `ActivationCovariance`); nothing for any other mapping."""
+    if isinstance(statistics, ActivationCovariance):
+        statistics.record_quantized(name, values)
+
+
+def wants_quantized(statistics: Mapping[str, np.ndarray] | None) -> bool:
+    """Whether `record_quantized` would use the values: worth dequantizing a weight for."""
+    return isinstance(statistics, ActivationCovariance) and statistics.through == "quantized"
+
+
+def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decoder layer over each window's activations."""
+    import torch
+
+    from edgelm.model.transformer import rope_tables
+
+    with torch.inference_mode():
+        return [block(x, *rope_tables(config, torch.arange(x.shape[1])), 0) for x in xs]
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
