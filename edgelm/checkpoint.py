@@ -30,6 +30,7 @@ from edgelm.values import is_int
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+WRITE_CHUNK = 1 << 20  # values converted to the stored dtype at once
 SHARD_BYTES = 5 * 10**9  # above this the weights go into shards, as transformers' save_pretrained makes them
 # buffers that some writers store beside the weights and that the model recomputes from config.json
 IGNORED_BUFFERS = ("rotary_emb.inv_freq",)
@@ -207,7 +208,9 @@ def _write_file(
                 name, w = next(tensors, ("(none)", np.empty(0)))
                 if name != expected or tuple(w.shape) != tuple(shapes[name]):
                     raise EdgelmError(f"{path.parent}: tensor {name} {w.shape} came where {expected} was due")
-                f.write(stored_bytes(w, dtypes[name]))
+                flat = w.reshape(-1)
+                for start in range(0, flat.size, WRITE_CHUNK):  # converted in pieces: small temporaries
+                    f.write(stored_bytes(flat[start : start + WRITE_CHUNK], dtypes[name]))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
