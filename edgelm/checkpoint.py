@@ -250,7 +250,7 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]
 
 
 def checked_entries(directory: Path) -> tuple[ModelConfig, list[TensorEntry]]:
-    """A checkpoint directory's config and the weights it implies, checked against it, in reading order;
+    """A checkpoint directory's config and the weights it implies, checked against it, in `model_order`;
     nothing is read but the headers (`read_entries` then gives the tensors one at a time)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -259,7 +259,7 @@ def checked_entries(directory: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     entries = weight_entries(directory)
     check_shapes(config, {e.name: e.shape for e in entries}, str(weights_path(directory)))
     expected = tensor_shapes(config)  # without a tied head that some writers store twice
-    return config, [e for e in entries if e.name in expected]
+    return config, model_order(e for e in entries if e.name in expected)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -420,6 +420,22 @@ def read_entries(entries: Iterable[TensorEntry]) -> Iterator[tuple[str, np.ndarr
         with open(path, "rb") as f:
             for entry in group:
                 yield entry.name, read_tensor(f, entry)
+
+
+def model_order(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
+    """The entries in the order the model computes: the embeddings, then layer 0, 1, ... (each layer's
+    tensors as the file has them), then the rest. Files that transformers writes list their tensors by
+    name (layers 0, 1, 10, 11, ..., 2), which would have a layer-by-layer calibration start over."""
+
+    def rank(entry: TensorEntry) -> tuple[int, int]:
+        parts = entry.name.split(".")
+        if entry.name.startswith("model.embed_tokens."):
+            return (0, 0)
+        if entry.name.startswith("model.layers.") and parts[2].isdigit():
+            return (1, int(parts[2]))
+        return (2, 0)
+
+    return sorted(entries, key=rank)  # stable: file order within each rank
 
 
 def tensor_reader(entries: Iterable[TensorEntry]) -> Callable[[str], np.ndarray]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.checkpoint import (
+    model_order,
     read_entries,
     weight_entries,
     weights_dtype,
@@ -77,7 +78,7 @@ def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
         config = ModelConfig.from_hf_dict({**config.to_hf_dict(), "eos_token_id": eos}, str(generation))
     Tokenizer.load(source)  # refuse a tokenizer edgelm cannot run before writing anything
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()  # a tied head some writers store twice
-    entries = [e for e in weight_entries(source) if e.name not in skip]
+    entries = model_order(e for e in weight_entries(source) if e.name not in skip)
     shapes = {e.name: e.shape for e in entries}
     dtypes = {e.name: e.dtype for e in entries}  # kept: a bf16 model stays bf16, bit for bit
     with progress_bar(f"import {source.name}", len(entries), show_progress) as advance:

@@ -15,7 +15,7 @@ import torch
 from conftest import SAMPLE_TEXT, SMALL, LiveTensors, make_checkpoint
 from transformers import LlamaForCausalLM
 
-from edgelm.checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
+from edgelm.checkpoint import iter_weights, load_checkpoint, save_checkpoint, tensor_shapes
 from edgelm.errors import EdgelmError
 from edgelm.quant.blocks import quantize_blocks
 from edgelm.quant.calibration import activation_covariance, calibration_windows, read_calibration_text
@@ -291,3 +291,38 @@ def test_read_calibration_text(tmp_path: Path) -> None:
         path.write_bytes(empty)
         with pytest.raises(EdgelmError, match=r"calibration\.txt: empty"):
             read_calibration_text(path)
+
+
+def test_a_file_in_name_order_is_calibrated_in_one_pass(
+    tmp_path: Path, small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers writes tensors by name (layers 0, 1, 10, 11, 2, ...): the exporters and the import take
+    them in the model's order, so the statistics never start over (once more for a tied model's head)."""
+    from safetensors.numpy import save_file
+
+    import edgelm.quant.calibration as calibration
+    from edgelm.export.gguf import export_gguf
+    from edgelm.importer import import_model
+
+    directory = make_checkpoint(
+        tmp_path / "ckpt", small_tokenizer, dataclasses.replace(TIED, num_hidden_layers=12)
+    )
+    _, tensors, _ = load_checkpoint(directory)
+    save_file(tensors, str(directory / "model.safetensors"))  # by name, as transformers' files are
+    starts = []
+    restart = calibration.ActivationCovariance._restart
+    monkeypatch.setattr(
+        calibration.ActivationCovariance, "_restart", lambda self: (starts.append(1), restart(self))[1]
+    )
+    covariance = activation_covariance(directory, SAMPLE_TEXT, context=CONTEXT)
+    path = export_gguf(directory, tmp_path / "out.gguf", "q4_0", covariance)
+    assert len(starts) == 2  # the first, and after the head's pass
+    from gguf import GGUFReader
+
+    layers = [int(t.name.split(".")[1]) for t in GGUFReader(path).tensors if t.name.startswith("blk.")]
+    assert layers == sorted(layers)
+    imported = import_model(directory, tmp_path / "imported")
+    written = [
+        int(name.split(".")[2]) for name, _ in iter_weights(imported) if name.startswith("model.layers.")
+    ]
+    assert written == sorted(written)
