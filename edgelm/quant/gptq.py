@@ -77,9 +77,14 @@ def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, 
     h[:, dead] = 0
     dampening = _DAMPENING * diagonal.mean() if diagonal.any() else 1.0
     h[np.diag_indices(cols)] += dampening
-    try:
-        inverse_lower = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
-        factor = np.linalg.cholesky(inverse_lower.T @ inverse_lower).T
+    try:  # each step drops what it came from: two (cols, cols) arrays at a time, not four
+        lower = np.linalg.cholesky(h)
+        del h
+        inverse_lower = np.linalg.inv(lower)  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
+        del lower
+        inverse = inverse_lower.T @ inverse_lower
+        del inverse_lower
+        factor = np.linalg.cholesky(inverse).T
     except np.linalg.LinAlgError:
         raise EdgelmError(
             "quantize: the hessian is not positive semi-definite even after dampening "
