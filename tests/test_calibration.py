@@ -326,3 +326,20 @@ def test_a_file_in_name_order_is_calibrated_in_one_pass(
         int(name.split(".")[2]) for name, _ in iter_weights(imported) if name.startswith("model.layers.")
     ]
     assert written == sorted(written)
+
+
+def test_one_calibration_serves_several_exports(checkpoint: Path, tmp_path: Path) -> None:
+    """Statistics that went on through one export's quantized layers start over for the next: a Q4_0 file
+    calibrated after a Q4_K_M export with the same statistics equals one calibrated on its own."""
+    from edgelm.export.gguf import export_gguf
+
+    shared = activation_covariance(checkpoint, SAMPLE_TEXT, context=CONTEXT)
+    export_gguf(checkpoint, tmp_path / "first.gguf", "q8_0", shared)
+    after = export_gguf(checkpoint, tmp_path / "after.gguf", "q4_0", shared)
+    alone = export_gguf(
+        checkpoint,
+        tmp_path / "alone.gguf",
+        "q4_0",
+        activation_covariance(checkpoint, SAMPLE_TEXT, context=CONTEXT),
+    )
+    assert after.read_bytes() == alone.read_bytes()

@@ -170,7 +170,6 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         }
         self._layer_of[HEAD] = None
         self._head: np.ndarray | None = None
-        self._quantized: dict[str, np.ndarray] = {}  # recorded values of the weights of layers not yet passed
         self._restart()
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -199,8 +198,14 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             self._quantized[name] = np.asarray(values, np.float32)
 
     def _restart(self) -> None:
-        """The activations back at the embeddings of the calibration windows, before layer 0."""
+        """The activations back at the embeddings of the calibration windows, before layer 0. Recorded
+        values are forgotten (a new export records its own), and so is the head's statistic when it came
+        through quantized layers."""
         import torch
+
+        self._quantized: dict[str, np.ndarray] = {}  # recorded values of weights of layers not yet passed
+        if self.through == "quantized":
+            self._head = None
 
         table = self._weights("model.embed_tokens.weight")
         self._x = [torch.from_numpy(table[window])[None] for window in self._windows]  # (1, T, hidden) each
