@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -201,7 +202,7 @@ def measure(args: argparse.Namespace) -> dict[str, tuple[Measured, Measured | No
     for step in args.steps:
         print(f"-- {step}", flush=True)
         if step == "import":
-            subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
             results[step] = run(edgelm("import", str(source), "--out", str(checkpoint)), checkpoint), None
             continue
         fmt, quant = step.split("-", 1)
