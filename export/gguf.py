@@ -51,36 +51,36 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
 
 
 def encode_tensor(
-    w: np.ndarray, qtype: T, hessian: np.ndarray | None, threads: int | None = None
+    w: np.ndarray,
+    qtype: T,
+    hessian: np.ndarray | None,
+    threads: int | None = None,
+    quantized: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes
-    (quantized on `threads` threads, None: every core)."""
+    (quantized on `threads` threads, None: every core; `quantized`, if given, gets the dequantized values)."""
     if qtype == T.F32:
         return w.astype(np.float32)
     if qtype == T.F16:
         return w.astype(np.float16)
     quantize, pack = QUANTIZERS[qtype]
-    return pack(quantize(w, hessian, threads))
+    blocks = quantize(w, hessian, threads)
+    if quantized is not None:
+        quantized(blocks.dequantize())
+    return pack(blocks)
+
+
+def _plain_blocks(bits: int, symmetric: bool) -> Callable[..., Any]:
+    """quantize(w, hessian, threads=None) for blocks of 32 at `bits` bits."""
+    return lambda w, h, t=None: quantize_blocks(w, bits, 32, symmetric, hessian=h, threads=t)
 
 
 # GGUF type → (quantize(w, hessian, threads=None), pack)
 QUANTIZERS: dict[T, tuple[Callable[..., Any], Callable[[Any], np.ndarray]]] = {
-    T.Q8_0: (
-        lambda w, h, t=None: quantize_blocks(w, 8, 32, True, hessian=h, threads=t),
-        gguf_blocks.pack_q8_0,
-    ),
-    T.Q5_0: (
-        lambda w, h, t=None: quantize_blocks(w, 5, 32, True, hessian=h, threads=t),
-        gguf_blocks.pack_q5_0,
-    ),
-    T.Q4_0: (
-        lambda w, h, t=None: quantize_blocks(w, 4, 32, True, hessian=h, threads=t),
-        gguf_blocks.pack_q4_0,
-    ),
-    T.Q4_1: (
-        lambda w, h, t=None: quantize_blocks(w, 4, 32, False, hessian=h, threads=t),
-        gguf_blocks.pack_q4_1,
-    ),
+    T.Q8_0: (_plain_blocks(8, True), gguf_blocks.pack_q8_0),
+    T.Q5_0: (_plain_blocks(5, True), gguf_blocks.pack_q5_0),
+    T.Q4_0: (_plain_blocks(4, True), gguf_blocks.pack_q4_0),
+    T.Q4_1: (_plain_blocks(4, False), gguf_blocks.pack_q4_1),
     T.Q4_K: (lambda w, h, t=None: quantize_q4_k(w, hessian=h, threads=t), gguf_blocks.pack_q4_k),
     T.Q6_K: (lambda w, h, t=None: quantize_q6_k(w, hessian=h, threads=t), gguf_blocks.pack_q6_k),
 }
@@ -174,13 +174,11 @@ def _encoded(
         w = permute_for_gguf(w, heads)
     tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
     hessian = (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
-    if qtype in (T.F32, T.F16) or not wants_quantized(hessians):
-        return encode_tensor(w, qtype, hessian, threads)
-    quantize, pack = QUANTIZERS[qtype]
-    blocks = quantize(w, hessian, threads)
-    values = blocks.dequantize()
-    record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
-    return pack(blocks)
+
+    def record(values: np.ndarray) -> None:
+        record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
+
+    return encode_tensor(w, qtype, hessian, threads, record if wants_quantized(hessians) else None)
 
 
 def _write_metadata(
