@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-import edgelm.quant.blocks as quant
+import edgelm.quant.rows
 from edgelm.errors import EdgelmError
 from edgelm.export.gguf_blocks import pack_q4_0, pack_q4_1, pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
@@ -152,7 +152,7 @@ def test_array_types_and_ranges() -> None:
 def test_chunks_of_rows_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     w = weights(7, 512, "outliers")
     whole = {t: ALL[t][0](w) for t in ALL}
-    monkeypatch.setattr(quant, "_CHUNK_VALUES", 1000)  # two rows per chunk
+    monkeypatch.setattr(edgelm.quant.rows, "CHUNK_VALUES", 1000)  # two rows per chunk
     for qtype, (quantize, pack) in ALL.items():
         assert np.array_equal(pack(quantize(w)), pack(whole[qtype]))
 

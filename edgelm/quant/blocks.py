@@ -25,11 +25,9 @@ from the weights as updated so far; the result has the same type and arrays as w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,15 +35,14 @@ from edgelm.errors import EdgelmError
 from edgelm.quant import gptq
 from edgelm.quant.arith import divide
 from edgelm.quant.gptq import GroupFit
+from edgelm.quant.rows import concat_columns, concat_rows, over_row_chunks, row_chunks
 from edgelm.values import is_int
 
 QK_K = 256  # values in a K-quant super-block
 
-_CHUNK_VALUES = 1 << 20  # values quantized at once: bounds the temporaries to a few tens of MiB
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
 _GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
-_R = TypeVar("_R")  # what a function of a chunk of rows returns
 # (scale, offset) → the values a format keeps of them
 Store = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -184,7 +181,7 @@ def quantize_blocks(
     weights = _as_importance(importance, x.shape[1])
     store = _integer_zero_store(bits) if integer_zeros else _f16_store
     if hessian is None:
-        parts = _over_row_chunks(
+        parts = over_row_chunks(
             lambda rows: _blocks_rows(rows, bits, block, symmetric, weights, search, store), x, threads
         )
         codes, scales, zeros = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
@@ -224,7 +221,7 @@ def quantize_q4_k(
     x = _as_matrix(w, QK_K, "Q4_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
-        return _concat(_over_row_chunks(lambda rows: _q4_k_rows(rows, weights, search), x, threads))
+        return concat_rows(over_row_chunks(lambda rows: _q4_k_rows(rows, weights, search), x, threads))
     steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q4KBlocks]:
@@ -234,7 +231,7 @@ def quantize_q4_k(
         return np.repeat(step, 32, axis=1), np.repeat(offset, 32, axis=1), r
 
     codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, 0, 15, fit)
-    return replace(_concat_columns(fitted), codes=codes.astype(np.uint8))
+    return replace(concat_columns(fitted), codes=codes.astype(np.uint8))
 
 
 def quantize_q6_k(
@@ -255,7 +252,7 @@ def quantize_q6_k(
     x = _as_matrix(w, QK_K, "Q6_K super-block size 256")
     weights = _as_importance(importance, x.shape[1])
     if hessian is None:
-        return _concat(_over_row_chunks(lambda rows: _q6_k_rows(rows, weights, search), x, threads))
+        return concat_rows(over_row_chunks(lambda rows: _q6_k_rows(rows, weights, search), x, threads))
     steer = None if importance is None else weights
 
     def fit(group: np.ndarray, group_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, Q6KBlocks]:
@@ -264,7 +261,7 @@ def quantize_q6_k(
         return np.repeat(step, 16, axis=1), np.zeros(group.shape, np.float32), r
 
     codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, -32, 31, fit)
-    return replace(_concat_columns(fitted), codes=(codes + 32).astype(np.uint8))
+    return replace(concat_columns(fitted), codes=(codes + 32).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------- one chunk of rows
@@ -371,14 +368,14 @@ def _error_feedback_rows(
     fit: GroupFit,
 ) -> tuple[np.ndarray, list]:
     """`gptq.error_feedback` over chunks of rows: codes (rows, cols) and, per group of columns, the fits of
-    the chunks joined along the rows (arrays by np.concatenate, K-quant results by _concat). The groups'
+    the chunks joined along the rows (arrays by np.concatenate, K-quant results by concat_rows). The groups'
     scales are steered by `importance` if given, else by diag(hessian), else (nothing measured) evenly."""
 
     factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
     weights = importance if importance is not None else diagonal if diagonal.any() else np.ones_like(diagonal)
     parts = [
         gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
-        for rows in _row_chunks(x, _GPTQ_CHUNK_VALUES)
+        for rows in row_chunks(x, _GPTQ_CHUNK_VALUES)
     ]
     codes = np.concatenate([c for c, _ in parts])
     fitted = []
@@ -386,7 +383,7 @@ def _error_feedback_rows(
         if isinstance(fits[0], tuple):
             fitted.append(tuple(np.concatenate(arrays) for arrays in zip(*fits, strict=True)))
         else:
-            fitted.append(_concat(list(fits)))
+            fitted.append(concat_rows(list(fits)))
     return codes, fitted
 
 
@@ -570,35 +567,3 @@ def _as_importance(importance: np.ndarray | None, cols: int) -> np.ndarray:
     if not (np.isfinite(weights).all() and (weights >= 0).all()):
         raise EdgelmError("quantize: importance must be finite and >= 0 (e.g. mean squared activations)")
     return weights
-
-
-def _over_row_chunks(fn: Callable[[np.ndarray], _R], x: np.ndarray, threads: int | None) -> list[_R]:
-    """fn on consecutive chunks of x's rows (at most _CHUNK_VALUES values each, and at least one chunk per
-    thread), on up to `threads` threads (None: every core; numpy releases the GIL), in row order."""
-    if threads is not None and (not is_int(threads) or threads < 1):
-        raise EdgelmError(f"quantize: threads={threads!r} must be an integer >= 1")
-    workers = int(threads or os.cpu_count() or 1)
-    chunks = _row_chunks(x, min(_CHUNK_VALUES, -(-x.size // workers)))
-    if workers == 1 or len(chunks) == 1:
-        return [fn(x[rows]) for rows in chunks]
-    with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
-        return list(pool.map(lambda rows: fn(x[rows]), chunks))
-
-
-def _row_chunks(x: np.ndarray, values: int = _CHUNK_VALUES) -> list[slice]:
-    """Slices of about `values` values each, whole rows only."""
-    step = max(1, values // x.shape[1])
-    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
-
-
-def _concat(parts: list) -> Any:
-    """One result from results for consecutive chunks of rows (same dataclass, arrays joined along rows)."""
-    return type(parts[0])(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))
-
-
-def _concat_columns(parts: list) -> Any:
-    """One K-quant result from results for consecutive groups of whole super-blocks (arrays joined along
-    the columns)."""
-    return type(parts[0])(
-        *(np.concatenate([getattr(p, f.name) for p in parts], axis=1) for f in fields(parts[0]))
-    )
