@@ -91,6 +91,8 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             }
         if config.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if config.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
         shapes |= {
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (config.intermediate_size, h),

@@ -29,7 +29,7 @@ from edgelm.checkpoint import (
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling
 from edgelm.formats.artifact import artifact_kind
-from edgelm.formats.gguf import hf_name, unpermute_from_gguf
+from edgelm.formats.gguf import ROTATE_HALF_ARCHITECTURES, hf_name, unpermute_from_gguf
 from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
@@ -91,7 +91,7 @@ def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
 
 
 def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
-    """A GGUF file of architecture llama → checkpoint: tensors dequantized to HF layout, tokenizer rebuilt."""
+    """A GGUF file (llama, qwen2, qwen3) → checkpoint: tensors dequantized to HF layout, tokenizer rebuilt."""
     gguf = read_gguf(source)
     if "rope_freqs.weight" in gguf.tensors:
         raise EdgelmError(
@@ -106,13 +106,16 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32
     dtypes = {name: kind if kind in ("F16", "BF16") else "F32" for name, kind in types.items()}
 
+    # llama's q/k rows are in adjacent-pair order; rotate-half architectures store HF's own
+    paired = gguf.metadata["general.architecture"] not in ROTATE_HALF_ARCHITECTURES
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name, stored in names.items():
             w = gguf.tensor_array(stored)
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = unpermute_from_gguf(w, config.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = unpermute_from_gguf(w, config.num_key_value_heads)
+            projection = name.split(".")[-2]
+            if paired and projection in heads:
+                w = unpermute_from_gguf(w, heads[projection])
             yield name, w
 
     with progress_bar(f"import {source.name}", len(names), show_progress) as advance:

@@ -1,11 +1,12 @@
-"""Checkpoint → GGUF file (architecture `llama`), for llama.cpp and everything built on it.
+"""Checkpoint → GGUF file (llama.cpp's architecture for the family: `llama`, `qwen2`, `qwen3`), for llama.cpp
+and everything built on it.
 
 The weights are read with numpy (no torch), quantized by `edgelm.quant.blocks`, packed into block bytes by
-`gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `llama.*` hyperparameter and the
-full tokenizer. The file streams: every tensor's name, shape and type are declared from the checkpoint's
-headers first, then each tensor is read, encoded, written and dropped, so memory holds one tensor. The
-type of each tensor follows llama.cpp's rules for the chosen mixture (`gguf_types`), so that `--quant
-q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
+`gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `<architecture>.*`
+hyperparameter and the full tokenizer. The file streams: every tensor's name, shape and type are declared
+from the checkpoint's headers first, then each tensor is read, encoded, written and dropped, so memory
+holds one tensor. The type of each tensor follows llama.cpp's rules for the chosen mixture (`gguf_types`),
+so that `--quant q4_k_m` here and `llama-quantize ... Q4_K_M` give files with the same tensor types.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
 from edgelm.files import temporary_sibling
-from edgelm.formats.gguf import gguf_name, permute_for_gguf, unpermute_from_gguf
+from edgelm.formats.gguf import (
+    GGUF_ARCHITECTURES,
+    ROTATE_HALF_ARCHITECTURES,
+    gguf_name,
+    permute_for_gguf,
+    unpermute_from_gguf,
+)
 from edgelm.formats.gguf_tokenizer import tokenizer_metadata
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
@@ -114,12 +121,17 @@ def export_gguf(
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
     checkpoint = Path(checkpoint)
     config, entries = checked_entries(checkpoint)
+    if config.architecture == "Qwen3ForCausalLM" and config.o_bias:
+        raise EdgelmError(
+            f"{checkpoint}: llama.cpp's qwen3 has no attention biases, and this Qwen3 model has them "
+            "(attention_bias=true); export it to ONNX, or run the checkpoint itself"
+        )
     tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     mixture = MIXTURES[quant]
 
-    writer = gguf.GGUFWriter(None, arch="llama")
+    writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
     _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
     rope_factors = llama3_rope_factors(config) if config.rope_scaling is not None else None
     if rope_factors is not None:
@@ -165,11 +177,12 @@ def _encoded(
     hessians: Mapping[str, np.ndarray] | None,
     threads: int | None,
 ) -> np.ndarray:
-    """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order, then encoded
-    (steered by the hessian of its input, a tied embedding by the head's). Calibration statistics that go on
-    through the quantized model get the tensor's quantized values back."""
+    """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order for the
+    architecture, then encoded (steered by the hessian of its input, a tied embedding by the head's).
+    Calibration statistics that go on through the quantized model get the tensor's quantized values back."""
     heads = None
-    if hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+    paired = GGUF_ARCHITECTURES[config.architecture] not in ROTATE_HALF_ARCHITECTURES
+    if paired and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
         heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
         w = permute_for_gguf(w, heads)
     tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"

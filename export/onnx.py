@@ -33,7 +33,7 @@ from edgelm.export.onnx_graph import MS_DOMAIN, OPSET, build_model
 from edgelm.export.onnx_quant import DYNAMIC_BITS, PRECISIONS, Precision, QuantOptions
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
-from edgelm.model.config import ModelConfig
+from edgelm.model.config import ARCHITECTURES, ModelConfig
 from edgelm.progress import progress_bar
 
 try:
@@ -138,7 +138,7 @@ def genai_config(config: ModelConfig) -> dict[str, Any]:
             },
             "eos_token_id": eos,
             "pad_token_id": eos if isinstance(eos, int) else eos[0],
-            "type": "llama",
+            "type": ARCHITECTURES[config.architecture],  # transformers' model_type, which genai also names
             "vocab_size": config.vocab_size,
         },
         "search": {

@@ -245,6 +245,7 @@ def _attention(
     """Layer i's self-attention on the normed h; GroupQueryAttention applies RoPE and appends to the cache:
 
     h ─ /model/layers.0/attn/qkv_proj/MatMulNBits (MatMul, DynamicQuantizeMatMul) [─ qkv_proj/Add bias]
+      [─ q/k norms, below: then q, k, v go in apart]
       ─ /model/layers.0/attn/GroupQueryAttention ◀─ past_key_values.0.key/value, seqlens_k, total,
       │                                              cos_cache, sin_cache
       │       └─▶ present.0.key, present.0.value
@@ -255,11 +256,12 @@ def _attention(
     if c.qkv_bias:
         bias = np.concatenate([weights(f"{p}self_attn.{m}_proj.bias") for m in "qkv"])
         (qkv,) = g.node("Add", [qkv, g.float_weight(p + "self_attn.qkv_proj.bias", bias)], f"{name}/qkv_proj")
+    query = _normed_heads(g, config, weights, i, qkv) if c.qk_norm else [qkv, "", ""]
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     s = sequence
     attn, _, _ = g.node(
         "GroupQueryAttention",
-        [qkv, "", "", *past, s.seqlens_k, s.total, s.cos_cache, s.sin_cache],
+        [*query, *past, s.seqlens_k, s.total, s.cos_cache, s.sin_cache],
         name,
         outputs=3,
         ms=True,
@@ -277,6 +279,36 @@ def _attention(
         o_bias = g.float_weight(p + "self_attn.o_proj.bias", weights(p + "self_attn.o_proj.bias"))
         (o,) = g.node("Add", [o, o_bias], f"{name}/o_proj")
     return o
+
+
+def _normed_heads(g: _Graph, config: ModelConfig, weights: Weights, i: int, qkv: str) -> list[str]:
+    """Layer i's q and k with each head RMS-normalized (Qwen3), and v, split from the fused projection:
+
+    qkv ─ /model/layers.0/attn/Split ─┬─ q ─ q_norm/heads/Reshape (B, T, nh, hd) ─ q_norm/RMSNormalization
+                                      │      ─ q_norm/flat/Reshape (B, T, nh*hd) ─▶ query
+                                      ├─ k ─ k_norm/... the same ─▶ key
+                                      └─ v ─▶ value
+    """
+    c, p, name = config, f"model.layers.{i}.self_attn.", f"/model/layers.{i}/attn"
+    q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    sizes = g.constant(f"{name}/split_sizes", np.array([q_size, kv_size, kv_size], np.int64))
+    q, k, v = g.node("Split", [qkv, sizes], name, outputs=3, axis=-1)
+    heads = g.constant(f"{name}/heads_shape", np.array([0, 0, -1, c.head_dim], np.int64))
+    flat = g.constant(f"{name}/flat_shape", np.array([0, 0, -1], np.int64))
+    normed = []
+    for part, x in (("q_norm", q), ("k_norm", k)):
+        (by_head,) = g.node("Reshape", [x, heads], f"{name}/{part}/heads")
+        weight = g.float_weight(f"{p}{part}.weight", weights(f"{p}{part}.weight"))
+        (y,) = g.node(
+            "RMSNormalization",
+            [by_head, weight],
+            f"{name}/{part}",
+            axis=-1,
+            epsilon=float(c.rms_norm_eps),
+            stash_type=1,
+        )
+        normed.append(g.node("Reshape", [y, flat], f"{name}/{part}/flat")[0])
+    return [*normed, v]
 
 
 def _mlp(g: _Graph, config: ModelConfig, linear: _Linear, i: int, h: str) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from edgelm.model.config import ModelConfig
@@ -44,6 +46,38 @@ SMALL = ModelConfig(
     rope_theta=50000.0,
     tie_word_embeddings=False,
 )
+
+
+def random_hf_model(model_type: str, settings: dict[str, Any], vocab_size: int, seed: int) -> Any:
+    """A transformers model of `model_type` (2 layers, a context of 64) with random weights far from
+    transformers' tiny init, so that logits differ clearly and a missed norm shows: matrices normal(0, 0.1),
+    biases normal(0, 0.5), norm weights uniform in (0.5, 1.5)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        **{
+            "vocab_size": vocab_size,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            **settings,
+        },
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5, generator=generator)
+            elif p.dim() > 1:
+                p.normal_(0.0, 0.1, generator=generator)
+            else:
+                p.uniform_(0.5, 1.5, generator=generator)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, LiveTensors, make_checkpoint, saved_weights
+from conftest import SMALL, LiveTensors, make_checkpoint, random_hf_model, saved_weights
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -92,6 +92,12 @@ CASES: dict[str, tuple[str, dict[str, Any], torch.dtype, str | None]] = {
         torch.float32,
         None,
     ),
+    "qwen3-gqa-headdim-bf16-sharded": (
+        "qwen3",
+        {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16},
+        torch.bfloat16,
+        "40KB",
+    ),
     "qwen2-mqa-headdim-window-fp16-sharded": (
         "qwen2",
         {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}
@@ -107,29 +113,7 @@ IDS = np.random.default_rng(0).integers(0, 300, size=48)
 def build_hf_folder(directory: Path, tokenizer: Tokenizer, name: str) -> Path:
     """Save a random transformers model of the case `name` with transformers' save_pretrained."""
     model_type, settings, dtype, shard = CASES[name]
-    config = AutoConfig.for_model(
-        model_type,
-        **{
-            "vocab_size": tokenizer.vocab_size,
-            "intermediate_size": 96,
-            "num_hidden_layers": 2,
-            "max_position_embeddings": 64,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            **settings,
-        },
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    with torch.no_grad():  # weights far from transformers' tiny init, so that the logits differ clearly
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.normal_(0.0, 0.5, generator=generator)
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.1, generator=generator)
-            else:
-                p.uniform_(0.5, 1.5, generator=generator)
+    model = random_hf_model(model_type, settings, tokenizer.vocab_size, seed=sum(map(ord, name)))
     model.to(dtype).save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
     tokenizer.save(directory)
     return directory
@@ -167,14 +151,12 @@ def edgelm_logits(directory: Path, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", CASES)
 def test_logits_equal_transformers(hf_folder: Callable[[str], Path], name: str) -> None:
     folder = hf_folder(name)
-    model_type, settings, _, shard = CASES[name]
+    _, settings, _, shard = CASES[name]
     if shard:
         assert (folder / "model.safetensors.index.json").is_file()
         assert len(list(folder.glob("model-*.safetensors"))) > 2
     config = ModelConfig.load(folder)
-    assert config.architecture == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        model_type, "Qwen2ForCausalLM"
-    )
+    assert config.architecture == json.loads((folder / "config.json").read_text())["architectures"][0]
     assert config.head_dim == settings.get(
         "head_dim", settings["hidden_size"] // settings["num_attention_heads"]
     )
@@ -281,7 +263,7 @@ def test_both_rope_spellings_read_the_same() -> None:
     assert default.rope_scaling.original_max_position_embeddings == 128  # transformers' fallback
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_missing_keys_take_transformers_defaults(model_type: str) -> None:
     minimal = {
         "vocab_size": 100,
@@ -296,6 +278,7 @@ def test_missing_keys_take_transformers_defaults(model_type: str) -> None:
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
     assert ours.rms_norm_eps == theirs.rms_norm_eps
     assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 128 // 32)
     assert ours.max_position_embeddings == min(theirs.max_position_embeddings, window)
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
 

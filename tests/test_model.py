@@ -25,6 +25,9 @@ CONFIGS = {
         SMALL, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=10000.0
     ),
     "mqa-headdim": dataclasses.replace(SMALL, num_key_value_heads=1, head_dim=24, rope_theta=1e6),
+    "qwen3-qk-norm-biases": dataclasses.replace(
+        SMALL, architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True, head_dim=32
+    ),
 }
 
 
@@ -147,6 +150,10 @@ PARAMETER_CONFIGS: dict[str, ModelConfig] = {
     "llama-biased-tied": dataclasses.replace(SMALL, qkv_bias=True, o_bias=True, tie_word_embeddings=True),
     "qwen2-qkv-bias-untied": dataclasses.replace(SMALL, architecture="Qwen2ForCausalLM", qkv_bias=True),
     "mistral-tied": dataclasses.replace(SMALL, architecture="MistralForCausalLM", tie_word_embeddings=True),
+    "qwen3-untied": dataclasses.replace(SMALL, architecture="Qwen3ForCausalLM"),
+    "qwen3-biased-tied": dataclasses.replace(
+        SMALL, architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True, tie_word_embeddings=True
+    ),
 }
 
 

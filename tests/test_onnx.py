@@ -39,6 +39,14 @@ CONFIGS = {
         rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 32),
         architecture="LlamaForCausalLM",
     ),
+    "qwen3-qk-norm-tied-biases": dataclasses.replace(
+        SMALL,
+        architecture="Qwen3ForCausalLM",
+        head_dim=32,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        o_bias=True,
+    ),
 }
 
 
@@ -303,8 +311,9 @@ def gathered_embeddings(folder: Path, vocab_size: int) -> np.ndarray:
         ("int4", QuantOptions(16, False, accuracy_level=1), "gqa-untied"),
         ("int4", QuantOptions(32, True, accuracy_level=1), "mha-tied-biases"),
         ("int8", QuantOptions(16, False, accuracy_level=1), "mha-tied-biases"),
+        ("int4", QuantOptions(32, True, accuracy_level=1), "qwen3-qk-norm-tied-biases"),
     ],
-    ids=["int4-b32", "int4-b16-zero-points", "int4-tied", "int8-b16-zero-points-tied"],
+    ids=["int4-b32", "int4-b16-zero-points", "int4-tied", "int8-b16-zero-points-tied", "int4-qwen3"],
 )
 def test_quantized_graph_computes_torch_on_its_own_weights(
     quant: str, options: QuantOptions, config: str, tmp_path: Path, small_tokenizer: Tokenizer

@@ -1,5 +1,5 @@
-"""GGUF facts shared by the reader, the importer, the exporter and the runtimes: llama.cpp's tensor names
-for a Llama-family checkpoint, its q/k row order, its file types and its default token ids."""
+"""GGUF facts shared by the reader, the importer, the exporter and the runtimes: llama.cpp's architecture
+and tensor names for each family, its q/k row order, its file types and its default token ids."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def file_type_name(file_type: int) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
+# Hugging Face architecture → llama.cpp's (its converter writes Mistral as llama)
+GGUF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# and back: the class a GGUF file's architecture is imported as
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp's architectures that rotate q/k in halves as transformers does (its NEOX RoPE type); llama
+# rotates adjacent pairs, so its q/k rows are permuted on the way in and out (`permute_for_gguf`)
+ROTATE_HALF_ARCHITECTURES = frozenset({"qwen2", "qwen3"})
+
 # Hugging Face tensor name → GGUF tensor name
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -34,6 +47,8 @@ _LAYER_NAMES = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",

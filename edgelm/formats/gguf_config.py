@@ -1,4 +1,4 @@
-"""A GGUF file's `llama.*` hyperparameters → `ModelConfig`."""
+"""A GGUF file's `<architecture>.*` hyperparameters → `ModelConfig`."""
 
 from __future__ import annotations
 
@@ -8,32 +8,37 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.formats.gguf import DEFAULT_TOKEN_IDS
+from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, HF_ARCHITECTURES
 from edgelm.model.config import ModelConfig
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
-    """Read the `llama.*` hyperparameters of a GGUF file; its tensor names tell tied embeddings (no
-    output.weight) and attention biases (q/k/v only, as Qwen2 has them, or all four, as Llama)."""
+    """Read the hyperparameters of a GGUF file of architecture llama, qwen2 or qwen3; its tensor names
+    tell tied embeddings (no output.weight) and attention biases (q/k/v only, as Qwen2 has them, or all
+    four). A llama file with q/k/v biases alone is a Qwen2 model (as edgelm wrote them before qwen2)."""
     arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise EdgelmError(f"{where}: architecture {arch!r} is not supported (edgelm runs llama)")
+    if not isinstance(arch, str) or arch not in HF_ARCHITECTURES:
+        known = ", ".join(HF_ARCHITECTURES)
+        raise EdgelmError(f"{where}: architecture {arch!r} is not supported (edgelm runs {known})")
 
     def key(name: str, default: Any = None) -> Any:
-        value = metadata.get(f"llama.{name}", default)
+        value = metadata.get(f"{arch}.{name}", default)
         if value is None:
-            raise EdgelmError(f"{where}: metadata key llama.{name} is missing")
+            raise EdgelmError(f"{where}: metadata key {arch}.{name} is missing")
         return value
 
     heads, hidden = key("attention.head_count"), key("embedding_length")
     head_dim = key("attention.key_length", hidden // heads if heads else None)
-    scaling = metadata.get("llama.rope.scaling.type", "none")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or key("rope.dimension_count", head_dim) != head_dim:
         raise EdgelmError(
             f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
             "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
         )
     qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
+    architecture = HF_ARCHITECTURES[arch]
+    if arch == "llama" and qkv_bias and not o_bias:
+        architecture = "Qwen2ForCausalLM"
     # without the keys, llama.cpp's own defaults for the tokenizer model
     defaults = DEFAULT_TOKEN_IDS["llama" if metadata.get("tokenizer.ggml.model") == "llama" else "gpt2"]
     eos = [
@@ -51,7 +56,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
         rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_shortest(key("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        architecture="LlamaForCausalLM" if o_bias or not qkv_bias else "Qwen2ForCausalLM",
+        architecture=architecture,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", defaults["bos"]),

@@ -1,8 +1,9 @@
 """`ModelConfig`: the one description of a model, saved as a Hugging Face `config.json`.
 
-Three Hugging Face architectures compute the same decoder up to a few switches, and each is read exactly:
+Four Hugging Face architectures compute the same decoder up to a few switches, and each is read exactly:
 LlamaForCausalLM (optionally biases on all four attention projections, Llama 3 RoPE scaling),
-MistralForCausalLM (a sliding window) and Qwen2ForCausalLM (q/k/v biases, an optional sliding window).
+MistralForCausalLM (a sliding window), Qwen2ForCausalLM (q/k/v biases, an optional sliding window) and
+Qwen3ForCausalLM (an RMSNorm on each head of q and k before RoPE, optionally all four biases).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+# the architectures that normalize each head of q and k (RMSNorm over head_dim) before RoPE
+QK_NORM = frozenset({"Qwen3ForCausalLM"})
 SUPPORTED = (
-    "edgelm supports LlamaForCausalLM (Llama 2/3, TinyLlama, SmolLM), MistralForCausalLM, Qwen2ForCausalLM; "
+    "edgelm supports LlamaForCausalLM (Llama 2/3, TinyLlama, SmolLM), MistralForCausalLM, Qwen2ForCausalLM, "
+    "Qwen3ForCausalLM; "
     "for other architectures, `edgelm export onnx --via optimum` covers more for ONNX"
 )
-# transformers' defaults (LlamaConfig, MistralConfig, Qwen2Config) for keys a config.json may leave out;
-# Llama's num_key_value_heads defaults to num_attention_heads
+# transformers' defaults (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config) for keys a config.json may
+# leave out; Llama's num_key_value_heads defaults to num_attention_heads
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "MistralForCausalLM": {
@@ -39,6 +44,16 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "Qwen2ForCausalLM": {
         "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "sliding_window": 4096,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+    },
+    "Qwen3ForCausalLM": {
+        "num_key_value_heads": 32,
+        "head_dim": 128,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
@@ -85,10 +100,10 @@ class Llama3RopeScaling:
 class ModelConfig:
     """Hyperparameters of a Llama-style decoder, named as in transformers' LlamaConfig.
 
-    architecture: "LlamaForCausalLM", "MistralForCausalLM" or "Qwen2ForCausalLM", the class transformers
-        builds from the saved config.json.
-    qkv_bias, o_bias: whether the q/k/v projections and the o projection have biases. Llama has all four
-        (`attention_bias: true`) or none, Qwen2 always has q/k/v and never o, Mistral has none.
+    architecture: one of `ARCHITECTURES`, the class transformers builds from the saved config.json; it
+        also decides the switches that are not fields (`qk_norm`).
+    qkv_bias, o_bias: whether the q/k/v projections and the o projection have biases. Llama and Qwen3 have
+        all four (`attention_bias: true`) or none, Qwen2 always has q/k/v and never o, Mistral has none.
     rope_scaling: None for plain RoPE, or Llama 3's frequency scaling.
     A sliding window is not a field: a model whose window is shorter than its context is read with the
     context cut to the window, where full causal attention and windowed attention are the same.
@@ -150,11 +165,12 @@ class ModelConfig:
             "LlamaForCausalLM": self.qkv_bias == self.o_bias,
             "MistralForCausalLM": not (self.qkv_bias or self.o_bias),
             "Qwen2ForCausalLM": self.qkv_bias and not self.o_bias,
+            "Qwen3ForCausalLM": self.qkv_bias == self.o_bias,
         }
         if not biases[self.architecture]:
             raise EdgelmError(
                 f"config: {self.architecture} cannot have qkv_bias={self.qkv_bias}, o_bias={self.o_bias} "
-                "(Llama: all four attention biases or none, Mistral: none, Qwen2: q/k/v only)"
+                "(Llama, Qwen3: all four attention biases or none, Mistral: none, Qwen2: q/k/v only)"
             )
         if not isinstance(self.rope_scaling, (Llama3RopeScaling, type(None))):
             raise EdgelmError(f"config: rope_scaling={self.rope_scaling!r} must be Llama3RopeScaling or None")
@@ -166,13 +182,18 @@ class ModelConfig:
         return (eos,) if isinstance(eos, int) else tuple(eos)
 
     @property
+    def qk_norm(self) -> bool:
+        """Whether each head of q and k is RMS-normalized (a weight of head_dim each) before RoPE."""
+        return self.architecture in QK_NORM
+
+    @property
     def num_parameters(self) -> int:
         """Parameter count, counting tied embeddings once."""
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         attention = h * self.num_attention_heads * self.head_dim * 2 + h * kv * 2
         attention += (self.num_attention_heads * self.head_dim + 2 * kv) * self.qkv_bias + h * self.o_bias
         mlp = 3 * h * self.intermediate_size
-        per_layer = attention + mlp + 2 * h
+        per_layer = attention + mlp + 2 * h + 2 * self.head_dim * self.qk_norm
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embeddings + h
 
@@ -191,6 +212,11 @@ class ModelConfig:
             "LlamaForCausalLM": {"attention_bias": self.o_bias, "mlp_bias": False},
             "MistralForCausalLM": {"sliding_window": None},
             "Qwen2ForCausalLM": {"use_sliding_window": False, "sliding_window": None},
+            "Qwen3ForCausalLM": {
+                "attention_bias": self.o_bias,
+                "use_sliding_window": False,
+                "sliding_window": None,
+            },
         }
         return {
             "architectures": [self.architecture],
@@ -204,7 +230,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], where: str = "config.json") -> ModelConfig:
-        """Read a Llama, Mistral or Qwen2 config dictionary; refuse what this model does not compute.
+        """Read a Llama, Mistral, Qwen2 or Qwen3 config dictionary; refuse what this model does not compute.
 
         Keys that the dictionary leaves out take transformers' defaults for its architecture. RoPE settings
         are read in both spellings, `rope_theta` + `rope_scaling` (transformers v4) and `rope_parameters`
@@ -254,6 +280,7 @@ class ModelConfig:
             "LlamaForCausalLM": (attention_bias, attention_bias),
             "MistralForCausalLM": (False, False),  # transformers' Mistral ignores attention_bias
             "Qwen2ForCausalLM": (True, False),
+            "Qwen3ForCausalLM": (attention_bias, attention_bias),
         }[architecture]
         return cls(
             **values,
@@ -338,13 +365,13 @@ def hf_sliding_window(
 ) -> int | None:
     """The attention window of a config.json, or None where every layer attends to the whole sequence.
 
-    Mistral windows every layer unless sliding_window is null; Qwen2 windows the layers from
+    Mistral windows every layer unless sliding_window is null; Qwen2 and Qwen3 window the layers from
     max_window_layers on (or those `layer_types` marks), and only when use_sliding_window is true.
     """
     if architecture == "LlamaForCausalLM":
         return None
     window = data.get("sliding_window", HF_DEFAULTS[architecture]["sliding_window"])
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if not data.get("use_sliding_window", False):
             return None
         first = data.get("max_window_layers")

@@ -1,4 +1,5 @@
-"""The Llama-style decoder in PyTorch: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""The Llama-style decoder in PyTorch: RMSNorm, rotary embeddings, grouped-query attention (with Qwen3's
+per-head q/k norms), SwiGLU.
 
 Module and parameter names follow transformers' `LlamaForCausalLM`, so a state dict maps 1:1 onto the
 Hugging Face tensor names of the checkpoint (`model.layers.0.self_attn.q_proj.weight`, ...).
@@ -81,7 +82,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings, and a KV cache when one is set up."""
+    """Grouped-query self-attention with rotary embeddings, and a KV cache when one is set up. Where the
+    config says `qk_norm`, each head of q and k is RMS-normalized before the rotation."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -95,12 +97,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads

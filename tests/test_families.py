@@ -1,0 +1,228 @@
+"""Every model family edgelm runs, on every path, against someone else's implementation of it.
+
+Each case is a tiny random model that transformers builds and saves itself (its norms far from 1, so that a
+missed norm shows), imported with `edgelm import`. Then: edgelm's PyTorch model against transformers'
+(prefill and decode step by step), the GGUF export in llama.cpp and back through `edgelm import`, the ONNX
+export in ONNX Runtime and onnxruntime-genai, and a calibrated export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+import torch
+from conftest import SAMPLE_TEXT, make_checkpoint, random_hf_model
+from test_onnx import dequantized_checkpoint
+
+import edgelm
+from edgelm.errors import EdgelmError
+from edgelm.evaluation.metrics import kl_divergence, log_probs
+from edgelm.export.gguf import export_gguf
+from edgelm.export.onnx import export_onnx
+from edgelm.formats.gguf_reader import read_gguf
+from edgelm.importer import import_model
+from edgelm.model.config import ModelConfig
+from edgelm.quant.calibration import activation_covariance
+from edgelm.tokenizer import Tokenizer
+
+# name → (transformers model_type, config keys)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3-gqa-untied": (
+        "qwen3",
+        {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
+        | {"tie_word_embeddings": False},
+    ),
+    "qwen3-mqa-tied": (
+        "qwen3",
+        {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 16}
+        | {"tie_word_embeddings": True},
+    ),
+}
+# long enough that a top-1 agreement of 0.98 allows two near-ties to fall the other way
+CONTEXT = {"max_position_embeddings": 128}
+IDS = np.random.default_rng(1).integers(0, 300, size=120)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer) -> Callable[[str], Path]:
+    """The case's transformers folder imported as an edgelm checkpoint, built once per module; the
+    transformers folder lies beside it as `<checkpoint>.hf`."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            model_type, settings = FAMILIES[name]
+            root = tmp_path_factory.mktemp(name)
+            model = random_hf_model(model_type, CONTEXT | settings, small_tokenizer.vocab_size, len(built))
+            model.save_pretrained(root / "hf")
+            small_tokenizer.save(root / "hf")
+            built[name] = import_model(root / "hf", root / "checkpoint")
+        return built[name]
+
+    return get
+
+
+def transformers_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+    """transformers' logits for ids from a model folder, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)[None]).logits[0].numpy()
+
+
+def hf_logits(checkpoint: Path, ids: np.ndarray) -> np.ndarray:
+    """transformers' logits for ids, from the folder edgelm imported."""
+    return transformers_logits(checkpoint.parent / "hf", ids)
+
+
+def stepwise_logits(artifact: Path, ids: np.ndarray, prefill: int = 20, **options: Any) -> np.ndarray:
+    """A runtime's logits for ids: `prefill` tokens at once, then one token at a time through its cache."""
+    with edgelm.load(artifact, **options) as model:
+        first = model.runtime.forward(ids[:prefill].tolist(), all_logits=True)
+        steps = [model.runtime.forward([int(t)]) for t in ids[prefill:]]
+    return np.concatenate([first, *(s.reshape(1, -1) for s in steps)])
+
+
+def top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torch_computes_what_transformers_computes(imported: Callable[[str], Path], name: str) -> None:
+    checkpoint = imported(name)
+    config = ModelConfig.load(checkpoint)
+    assert (
+        config.architecture
+        == json.loads((checkpoint.parent / "hf" / "config.json").read_text())["architectures"][0]
+    )
+    want = hf_logits(checkpoint, IDS)
+    assert np.abs(want).max() > 1.0  # the weights are not trivially small
+    with edgelm.load(checkpoint, runtime="torch", device="cpu") as model:
+        full = model.runtime.forward(IDS.tolist(), all_logits=True)
+    assert np.abs(full - want).max() <= 1e-4
+    assert np.abs(stepwise_logits(checkpoint, IDS, runtime="torch", device="cpu") - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gguf_in_llama_cpp_and_back(imported: Callable[[str], Path], tmp_path: Path, name: str) -> None:
+    checkpoint = imported(name)
+    want = hf_logits(checkpoint, IDS)
+    f32 = export_gguf(checkpoint, tmp_path, "f32")
+    assert read_gguf(f32).metadata["general.architecture"] == FAMILIES[name][0]
+    got = stepwise_logits(f32, IDS, kv_cache="f32")
+    assert top1(got, want) == 1.0 and np.abs(got - want).max() <= 1e-3
+    # llama.cpp rounds the activations of a Q8_0 product to 8 bits too: on these random models, whose top
+    # two logits are often close, that alone moves 2-6 % of the top tokens (measured against transformers
+    # on the Q8_0 file's own dequantized weights); a misplaced tensor would move nearly all
+    q8 = stepwise_logits(export_gguf(checkpoint, tmp_path, "q8_0"), IDS)
+    assert top1(q8, want) >= 0.9
+    back = import_model(f32, tmp_path / "back")
+    assert ModelConfig.load(back) == ModelConfig.load(checkpoint)
+    with edgelm.load(back, runtime="torch", device="cpu") as model:
+        again = model.runtime.forward(IDS.tolist(), all_logits=True)
+    assert np.abs(again - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnx_in_onnx_runtime_and_genai(imported: Callable[[str], Path], tmp_path: Path, name: str) -> None:
+    checkpoint = imported(name)
+    want = hf_logits(checkpoint, IDS)
+    fp32 = export_onnx(checkpoint, tmp_path / "fp32", "fp32")
+    assert np.abs(stepwise_logits(fp32, IDS) - want).max() <= 1e-4
+    # int4 moves many top tokens of a random model (its top logits are close): held instead against
+    # transformers on the int4 file's own weights, where ONNX Runtime's int8 activations are the difference
+    int4 = export_onnx(checkpoint, tmp_path / "int4", "int4")
+    own = transformers_logits(dequantized_checkpoint(checkpoint, int4, tmp_path / "own"), IDS)
+    assert top1(stepwise_logits(int4, IDS), own) >= 0.9
+
+    prompt = IDS[:12].tolist()
+    with edgelm.load(fp32) as model:
+        ours, logits = [], model.runtime.forward(prompt)
+        for _ in range(16):
+            ours.append(int(logits[-1].argmax()))
+            logits = model.runtime.forward([ours[-1]])
+    genai = og.Model(str(fp32))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_calibration_lowers_the_kl_divergence(
+    imported: Callable[[str], Path], tmp_path: Path, small_tokenizer: Tokenizer, name: str
+) -> None:
+    """Calibration statistics come through the family's layers: on the calibration text, Q4_0 in llama.cpp
+    and int4 in ONNX Runtime come closer to transformers' float model with them than without."""
+    checkpoint = imported(name)
+    ids = np.array(small_tokenizer.encode(SAMPLE_TEXT)[:120])
+    want = log_probs(hf_logits(checkpoint, ids))
+    statistics = activation_covariance(checkpoint, SAMPLE_TEXT, context=120)
+    kld = {}
+    for calibrated in (False, True):
+        hessians = statistics if calibrated else None
+        gguf = export_gguf(checkpoint, tmp_path / f"{calibrated}.gguf", "q4_0", hessians=hessians)
+        onnx = export_onnx(checkpoint, tmp_path / f"int4-{calibrated}", "int4", hessians=hessians)
+        for path in (gguf, onnx):
+            got = log_probs(stepwise_logits(path, ids))
+            kld[path.suffix or "onnx", calibrated] = float(kl_divergence(want, got).mean())
+    assert kld[".gguf", True] < 0.8 * kld[".gguf", False], kld
+    assert kld["onnx", True] < 0.8 * kld["onnx", False], kld
+
+
+def test_unknown_families_and_options_are_refused_in_one_line(tmp_path: Path) -> None:
+    from transformers import GPTBigCodeConfig
+
+    bigcode = GPTBigCodeConfig(n_layer=1, n_embd=32, n_head=2).to_dict()
+    with pytest.raises(EdgelmError, match="'gpt_bigcode' is not supported") as refused:
+        ModelConfig.from_hf_dict(bigcode)
+    assert "\n" not in str(refused.value)
+    qwen3 = random_hf_model("qwen3", FAMILIES["qwen3-gqa-untied"][1], 300, seed=0).config.to_dict()
+    with pytest.raises(EdgelmError, match="hidden_act='gelu' is not supported"):
+        ModelConfig.from_hf_dict({**qwen3, "hidden_act": "gelu"})
+    with pytest.raises(EdgelmError, match="rope_type 'yarn' is not supported"):
+        ModelConfig.from_hf_dict({**qwen3, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_what_llama_cpp_lacks_is_refused_before_writing(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Qwen3 with attention biases runs in torch and ONNX (test_model, test_onnx), but llama.cpp's qwen3
+    would not load it: the GGUF export says so and writes nothing."""
+    config = ModelConfig(architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True)
+    checkpoint = make_checkpoint(tmp_path / "biased", small_tokenizer, config)
+    with pytest.raises(EdgelmError, match=r"llama\.cpp's qwen3 has no attention biases"):
+        export_gguf(checkpoint, tmp_path / "out", "q8_0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tensor_types_equal_llama_cpp_quantizer(
+    imported: Callable[[str], Path], tmp_path: Path, name: str, quant: str
+) -> None:
+    """llama.cpp's per-tensor rules for the family's architecture: its own quantizer, given only the file
+    type, picks the types edgelm's export picked."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    from edgelm.export.gguf_types import MIXTURES
+
+    checkpoint = imported(name)
+    ours = export_gguf(checkpoint, tmp_path / "ours.gguf", quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(MIXTURES[quant].file_type)
+    f32, theirs = export_gguf(checkpoint, tmp_path / "f32.gguf", "f32"), tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    types = [{t.name: t.tensor_type.name for t in GGUFReader(path).tensors} for path in (ours, theirs)]
+    assert types[0] == types[1]
