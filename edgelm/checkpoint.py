@@ -93,6 +93,11 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if config.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        if config.gemma_layout:  # the norms after the attention and after the MLP
+            shapes |= {
+                p + "pre_feedforward_layernorm.weight": (h,),
+                p + "post_feedforward_layernorm.weight": (h,),
+            }
         shapes |= {
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (config.intermediate_size, h),

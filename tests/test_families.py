@@ -31,6 +31,10 @@ from edgelm.model.config import ModelConfig
 from edgelm.quant.calibration import activation_covariance
 from edgelm.tokenizer import Tokenizer
 
+GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+}
 # name → (transformers model_type, config keys)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-gqa-untied": (
@@ -42,6 +46,22 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "qwen3",
         {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 16}
         | {"tie_word_embeddings": True},
+    ),
+    # soft-caps small enough to bend these logits; a window shorter than the sequence
+    "gemma2-softcap-window": (
+        "gemma2",
+        {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+        | {"query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
+        | {"sliding_window": 24},
+    ),
+    # a local, a local and a global layer; the global one with linear RoPE scaling, the local ones with
+    # their own base
+    "gemma3-local-global-untied": (
+        "gemma3_text",
+        {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32}
+        | {"num_hidden_layers": 3, "sliding_window_pattern": 3, "sliding_window": 24}
+        | {"query_pre_attn_scalar": 32, "tie_word_embeddings": False}
+        | {"rope_parameters": GEMMA3_ROPE},
     ),
 }
 # long enough that a top-1 agreement of 0.98 allows two near-ties to fall the other way

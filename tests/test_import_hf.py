@@ -318,8 +318,8 @@ def test_missing_shard_is_named(hf_folder: Callable[[str], Path], tmp_path: Path
     [
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
         (
-            {"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}},
-            "'linear'",
+            {"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            "'dynamic'",
         ),
         (
             {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},

@@ -1,5 +1,6 @@
 """The Llama-style decoder in PyTorch: RMSNorm, rotary embeddings, grouped-query attention (with Qwen3's
-per-head q/k norms), SwiGLU.
+and Gemma 3's per-head q/k norms, Gemma's sliding windows and soft-capping), a gated MLP (SwiGLU, or GELU
+for Gemma), and Gemma's layout (norms as x * (1 + w), before and after each sublayer; scaled embeddings).
 
 Module and parameter names follow transformers' `LlamaForCausalLM`, so a state dict maps 1:1 onto the
 Hugging Face tensor names of the checkpoint (`model.layers.0.self_attn.q_proj.weight`, ...).
@@ -19,26 +20,45 @@ from edgelm.model.rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32."""
+    """x / rms(x) * weight, computed in float32; Gemma's (`plus_one`) is x / rms(x) * (1 + weight), the
+    product taken in float32 too (as transformers computes each)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, plus_one: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 whatever the activation dtype, as transformers does
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for the given positions in the rotate-half layout, each (T, head_dim)."""
-    inv_freq = torch.from_numpy(rope_frequencies(config)).to(positions.device)  # (d/2,)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-    return angles.cos(), angles.sin()
+def rms_norm(config: ModelConfig, dim: int) -> RMSNorm:
+    """The family's RMSNorm over `dim` values."""
+    return RMSNorm(dim, config.rms_norm_eps, plus_one=config.gemma_layout)
+
+
+# (cos, sin), each (T, head_dim), by whether a layer is a sliding (local) one
+RopeTables = dict[bool, tuple[torch.Tensor, torch.Tensor]]
+
+
+def rope_tables(config: ModelConfig, positions: torch.Tensor) -> RopeTables:
+    """cos and sin for the given positions in the rotate-half layout, for the global layers and for the
+    local ones (the same unless Gemma 3 gives them their own base)."""
+
+    def table(local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = torch.from_numpy(rope_frequencies(config, local)).to(positions.device)  # (d/2,)
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+        return angles.cos(), angles.sin()
+
+    full = table(False)
+    return {False: full, True: table(True) if config.rope_local_theta is not None else full}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,11 +101,46 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q (B, nh, T, hd), at positions start.., over k and v (B, nkv, S, hd) at 0..S-1:
+    each query sees the keys at and before its position, only the last `window` of them when windowed, its
+    scores soft-capped (softcap * tanh(s / softcap)) when `softcap`; (B, nh, T, hd)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    q_pos = torch.arange(start, start + T, device=q.device)[:, None]
+    k_pos = torch.arange(S, device=q.device)[None, :]
+    mask = k_pos <= q_pos  # (T, S)
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    if softcap is None:
+        if window is None and T == 1:  # one new token attends to everything cached: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if window is None and start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    # soft-capped scores (Gemma 2) are not something scaled_dot_product_attention computes
+    if gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, nh, T, S)
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, and a KV cache when one is set up. Where the
-    config says `qk_norm`, each head of q and k is RMS-normalized before the rotation."""
+    config says `qk_norm`, each head of q and k is RMS-normalized before the rotation; layer `layer` may be
+    a sliding one, and Gemma 2 soft-caps the scores."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads,
@@ -97,8 +152,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = rms_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = rms_norm(config, self.head_dim) if config.qk_norm else None
+        self.scale = config.attention_scale
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.softcap = config.attn_logit_softcapping
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
@@ -110,47 +168,53 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_heads != self.n_kv_heads
-        if self.cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # (B, nkv, start+T, hd)
-            if T == 1:  # one new token attends to everything cached: no mask needed
-                mask = None
-            else:
-                q_pos = torch.arange(start, start + T, device=x.device)
-                mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, start+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attend(q, k, v, start if self.cache is not None else 0, self.scale, self.window, self.softcap)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU, down(silu(gate(x)) * up(x)), or Gemma's GeGLU with GELU's tanh approximation."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.gelu = config.gemma_layout
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        activated = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(activated * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Decoder layer `layer`, pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). In Gemma's layout each
+    sublayer's output is normed too (x + norm(attn(norm(x))), ...), and post_attention_layernorm is that
+    norm of the attention's output; pre_feedforward_layernorm is then the MLP's input norm."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        h = config.hidden_size
+        self.sliding = config.is_sliding(layer)
+        self.input_layernorm = rms_norm(config, h)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = rms_norm(config, h)
+        self.pre_feedforward_layernorm = rms_norm(config, h) if config.gemma_layout else None
+        self.post_feedforward_layernorm = rms_norm(config, h) if config.gemma_layout else None
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope: RopeTables, start: int) -> torch.Tensor:
+        cos, sin = rope[self.sliding]
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, start)
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -159,8 +223,8 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = rms_norm(config, config.hidden_size)
 
 
 class Transformer(nn.Module):
@@ -180,8 +244,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
-            elif p.dim() == 1:
-                nn.init.ones_(p)
+            elif p.dim() == 1:  # norm weights: 1, or 0 where the norm multiplies by 1 + weight
+                nn.init.constant_(p, 0.0 if self.config.gemma_layout else 1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(
                     p, 0.0, std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator
@@ -202,14 +266,18 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
         T = ids.shape[1]
-        cos, sin = rope_tables(self.config, torch.arange(start, start + T, device=ids.device))
+        rope = rope_tables(self.config, torch.arange(start, start + T, device=ids.device))
         x = self.model.embed_tokens(ids)  # (B, T, h)
+        if self.config.gemma_layout:
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, start)
+            x = block(x, rope, start)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def load_weights(model: Transformer, tensors: dict[str, np.ndarray], assign: bool = False) -> None:

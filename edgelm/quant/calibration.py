@@ -208,7 +208,10 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             self._head = None
 
         table = self._weights("model.embed_tokens.weight")
-        self._x = [torch.from_numpy(table[window])[None] for window in self._windows]  # (1, T, hidden) each
+        scale = np.float32(self.config.embedding_multiplier)
+        self._x = [
+            torch.from_numpy(table[window] * scale)[None] for window in self._windows
+        ]  # (1, T, h) each
         self._at = 0  # the layer the activations are the input of
         self._measured = -1  # the layer whose statistics `_stats` holds
         self._stats: dict[str, np.ndarray] = {}
@@ -229,7 +232,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             state[name.removeprefix(prefix)] = torch.from_numpy(
                 kept if kept is not None else self._weights(name)
             )
-        block = Block(self.config)
+        block = Block(self.config, i)
         block.load_state_dict(state)
         return block.eval()
 
@@ -272,11 +275,11 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         if self._head is None:
             import torch
 
-            from edgelm.model.transformer import RMSNorm
+            from edgelm.model.transformer import rms_norm
 
             while self._at < self.config.num_hidden_layers:
                 self._pass_layer()
-            norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+            norm = rms_norm(self.config, self.config.hidden_size)
             norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
             sums: dict[str, torch.Tensor] = {}
             with torch.inference_mode():
@@ -305,7 +308,7 @@ def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[
     from edgelm.model.transformer import rope_tables
 
     with torch.inference_mode():
-        return [block(x, *rope_tables(config, torch.arange(x.shape[1])), 0) for x in xs]
+        return [block(x, rope_tables(config, torch.arange(x.shape[1])), 0) for x in xs]
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
