@@ -29,7 +29,12 @@ from edgelm.checkpoint import (
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling
 from edgelm.formats.artifact import artifact_kind
-from edgelm.formats.gguf import ROTATE_HALF_ARCHITECTURES, hf_name, unpermute_from_gguf
+from edgelm.formats.gguf import (
+    NORM_PLUS_ONE_ARCHITECTURES,
+    ROTATE_HALF_ARCHITECTURES,
+    hf_name,
+    unpermute_from_gguf,
+)
 from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
@@ -100,14 +105,15 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
         )
     config = config_from_gguf(gguf.metadata, gguf.tensors, str(source))
     tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
-    names = {hf_name(name): name for name in gguf.tensors}
+    arch = gguf.metadata["general.architecture"]
+    names = {hf_name(name, arch): name for name in gguf.tensors}
     shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
     types = {name: ggml_type_name(gguf.tensors[stored].type) for name, stored in names.items()}
     # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32
     dtypes = {name: kind if kind in ("F16", "BF16") else "F32" for name, kind in types.items()}
 
     # llama's q/k rows are in adjacent-pair order; rotate-half architectures store HF's own
-    paired = gguf.metadata["general.architecture"] not in ROTATE_HALF_ARCHITECTURES
+    paired = arch not in ROTATE_HALF_ARCHITECTURES
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
@@ -116,6 +122,8 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
             projection = name.split(".")[-2]
             if paired and projection in heads:
                 w = unpermute_from_gguf(w, heads[projection])
+            elif arch in NORM_PLUS_ONE_ARCHITECTURES and name.endswith("norm.weight"):
+                w = w.astype(np.float32) - np.float32(1.0)  # llama.cpp's Gemma stores 1 + w
             yield name, w
 
     with progress_bar(f"import {source.name}", len(names), show_progress) as advance:

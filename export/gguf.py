@@ -28,7 +28,9 @@ from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
 from edgelm.files import temporary_sibling
 from edgelm.formats.gguf import (
     GGUF_ARCHITECTURES,
+    NORM_PLUS_ONE_ARCHITECTURES,
     ROTATE_HALF_ARCHITECTURES,
+    gemma_query_scalar,
     gguf_name,
     permute_for_gguf,
     unpermute_from_gguf,
@@ -36,6 +38,7 @@ from edgelm.formats.gguf import (
 from edgelm.formats.gguf_tokenizer import tokenizer_metadata
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
+from edgelm.model.rope_scaling import LinearRopeScaling
 from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.quant.calibration import record_quantized, wants_quantized
@@ -55,6 +58,26 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
     """
     base = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
     return (base / rope_frequencies(config)).astype(np.float32)
+
+
+def llama_cpp_refusal(config: ModelConfig) -> str | None:
+    """What llama.cpp's architecture for the model cannot compute of it, or None."""
+    arch = GGUF_ARCHITECTURES[config.architecture]
+    if arch in ("qwen3", "gemma2", "gemma3") and config.o_bias:
+        return f"llama.cpp's {arch} has no attention biases, and this model has them (attention_bias=true)"
+    if config.gemma_layout:
+        c = config
+        scalar = gemma_query_scalar(
+            arch, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim
+        )
+        if (c.query_pre_attn_scalar or c.head_dim) != scalar:
+            return (
+                f"llama.cpp's {arch} scales attention by 1/√{scalar} (it reads no query_pre_attn_scalar), "
+                f"this model by 1/√{c.query_pre_attn_scalar}"
+            )
+    if arch == "gemma2" and not config.tie_word_embeddings:
+        return "llama.cpp's gemma2 has no output matrix of its own, and this model's is not tied"
+    return None
 
 
 def encode_tensor(
@@ -121,11 +144,8 @@ def export_gguf(
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
     checkpoint = Path(checkpoint)
     config, entries = checked_entries(checkpoint)
-    if config.architecture == "Qwen3ForCausalLM" and config.o_bias:
-        raise EdgelmError(
-            f"{checkpoint}: llama.cpp's qwen3 has no attention biases, and this Qwen3 model has them "
-            "(attention_bias=true); export it to ONNX, or run the checkpoint itself"
-        )
+    if refusal := llama_cpp_refusal(config):
+        raise EdgelmError(f"{checkpoint}: {refusal}; export it to ONNX, or run the checkpoint itself")
     tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +153,8 @@ def export_gguf(
 
     writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
     _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
-    rope_factors = llama3_rope_factors(config) if config.rope_scaling is not None else None
+    llama3 = config.rope_scaling is not None and not isinstance(config.rope_scaling, LinearRopeScaling)
+    rope_factors = llama3_rope_factors(config) if llama3 else None
     if rope_factors is not None:
         writer.add_tensor_info(
             "rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes
@@ -162,7 +183,7 @@ def _plan_tensor(
     writer: Any, hf_name: str, shape: tuple[int, ...], config: ModelConfig, mixture: Mixture
 ) -> T:
     """Declare one tensor (GGUF name, shape, type, size) before any data is written; return its type."""
-    name = gguf_name(hf_name)
+    name = gguf_name(hf_name, GGUF_ARCHITECTURES[config.architecture])
     qtype = tensor_type(name, shape, mixture, config.num_hidden_layers, config.tie_word_embeddings)
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     writer.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * block_bytes, raw_dtype=qtype)
@@ -181,7 +202,10 @@ def _encoded(
     architecture, then encoded (steered by the hessian of its input, a tied embedding by the head's).
     Calibration statistics that go on through the quantized model get the tensor's quantized values back."""
     heads = None
-    paired = GGUF_ARCHITECTURES[config.architecture] not in ROTATE_HALF_ARCHITECTURES
+    arch = GGUF_ARCHITECTURES[config.architecture]
+    if arch in NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
+        w = w.astype(np.float32) + np.float32(1.0)  # llama.cpp multiplies by the stored weight itself
+    paired = arch not in ROTATE_HALF_ARCHITECTURES
     if paired and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
         heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
         w = permute_for_gguf(w, heads)
@@ -223,6 +247,18 @@ def _write_metadata(
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if isinstance(config.rope_scaling, LinearRopeScaling):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling.factor)
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.num_hidden_layers)])
+    if config.rope_local_theta is not None:
+        writer.add_rope_freq_base_swa(config.rope_local_theta)
+    if config.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])

@@ -96,12 +96,12 @@ class _Graph:
 
 @dataclass(frozen=True)
 class _Sequence:
-    """What every layer's attention shares: GroupQueryAttention's int32 lengths and the RoPE tables."""
+    """What every layer's attention shares: GroupQueryAttention's int32 lengths and the RoPE tables (cos,
+    sin), by whether a layer is a sliding one (the same tables unless Gemma 3 gives those their own)."""
 
     seqlens_k: str
     total: str
-    cos_cache: str
-    sin_cache: str
+    rope: dict[bool, tuple[str, str]]
 
 
 def build_model(
@@ -126,6 +126,9 @@ def build_model(
     )
     linear = _Linear(g, config, weights, precision, options, hessians, frozenset(mixed), threads)
     x = _embedding(g, config, weights, linear)
+    if config.embedding_multiplier != 1.0:  # Gemma's √hidden
+        scale = g.constant("/model/embed_tokens/scale", np.array(config.embedding_multiplier, g.dtype))
+        (x,) = g.node("Mul", [x, scale], "/model/embed_tokens")
     residual = None
     for i in range(config.num_hidden_layers):
         x, residual = _layer(g, config, weights, linear, sequence, i, x, residual)
@@ -204,7 +207,12 @@ def _sequence(g: _Graph, config: ModelConfig) -> _Sequence:
     (total_1d,) = g.node("Cast", [mask_shape], "/model/attn_mask/total", to=TensorProto.INT32)
     (total,) = g.node("Squeeze", [total_1d], "/model/attn_mask/total")
     cos, sin = rope_cos_sin(config, config.max_position_embeddings)
-    return _Sequence(seqlens_k, total, g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin))
+    rope = {False: (g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin))}
+    rope[True] = rope[False]
+    if config.rope_local_theta is not None:
+        cos, sin = rope_cos_sin(config, config.max_position_embeddings, local=True)
+        rope[True] = (g.float_weight("local_cos_cache", cos), g.float_weight("local_sin_cache", sin))
+    return _Sequence(seqlens_k, total, rope)
 
 
 def _layer(
@@ -226,11 +234,21 @@ def _layer(
     """
     p, name = f"model.layers.{i}.", f"/model/layers.{i}"
     eps = float(config.rms_norm_eps)
-    h, residual = _norm(g, x, residual, weights(p + "input_layernorm.weight"), f"{name}/input_layernorm", eps)
+    weight = norm_weight(config, weights, p + "input_layernorm.weight")
+    h, residual = _norm(g, x, residual, weight, f"{name}/input_layernorm", eps)
     o = _attention(g, config, weights, linear, sequence, i, h)
-    weight = weights(p + "post_attention_layernorm.weight")
-    h, residual = _norm(g, o, residual, weight, f"{name}/post_attention_layernorm", eps)
-    return _mlp(g, config, linear, i, h), residual
+    if not config.gemma_layout:
+        weight = norm_weight(config, weights, p + "post_attention_layernorm.weight")
+        h, residual = _norm(g, o, residual, weight, f"{name}/post_attention_layernorm", eps)
+        return _mlp(g, config, linear, i, h), residual
+    # Gemma: the attention's and the MLP's outputs are normed before they join the residual stream
+    weight = norm_weight(config, weights, p + "post_attention_layernorm.weight")
+    o, _ = _norm(g, o, None, weight, f"{name}/post_attention_layernorm", eps)
+    weight = norm_weight(config, weights, p + "pre_feedforward_layernorm.weight")
+    h, residual = _norm(g, o, residual, weight, f"{name}/pre_feedforward_layernorm", eps)
+    m = _mlp(g, config, linear, i, h)
+    weight = norm_weight(config, weights, p + "post_feedforward_layernorm.weight")
+    return _norm(g, m, None, weight, f"{name}/post_feedforward_layernorm", eps)[0], residual
 
 
 def _attention(
@@ -258,19 +276,21 @@ def _attention(
         (qkv,) = g.node("Add", [qkv, g.float_weight(p + "self_attn.qkv_proj.bias", bias)], f"{name}/qkv_proj")
     query = _normed_heads(g, config, weights, i, qkv) if c.qk_norm else [qkv, "", ""]
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    s = sequence
+    s, sliding = sequence, c.is_sliding(i)
+    window = c.sliding_window if sliding and c.sliding_window is not None else -1
     attn, _, _ = g.node(
         "GroupQueryAttention",
-        [*query, *past, s.seqlens_k, s.total, s.cos_cache, s.sin_cache],
+        [*query, *past, s.seqlens_k, s.total, *s.rope[sliding]],
         name,
         outputs=3,
         ms=True,
         num_heads=c.num_attention_heads,
         kv_num_heads=c.num_key_value_heads,
-        scale=float(c.head_dim**-0.5),
+        scale=c.attention_scale,
+        softcap=float(c.attn_logit_softcapping or 0.0),
         do_rotary=1,
         rotary_interleaved=0,
-        local_window_size=-1,
+        local_window_size=window,
     )
     # the attention's present outputs are the graph's: rename them
     g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
@@ -298,7 +318,7 @@ def _normed_heads(g: _Graph, config: ModelConfig, weights: Weights, i: int, qkv:
     normed = []
     for part, x in (("q_norm", q), ("k_norm", k)):
         (by_head,) = g.node("Reshape", [x, heads], f"{name}/{part}/heads")
-        weight = g.float_weight(f"{p}{part}.weight", weights(f"{p}{part}.weight"))
+        weight = g.float_weight(f"{p}{part}.weight", norm_weight(c, weights, f"{p}{part}.weight"))
         (y,) = g.node(
             "RMSNormalization",
             [by_head, weight],
@@ -324,9 +344,12 @@ def _mlp(g: _Graph, config: ModelConfig, linear: _Linear, i: int, h: str) -> str
     gate_up = linear(h, f"{name}/gate_up_proj", p + "mlp.gate_up_proj")
     split = g.constant(f"{name}/split_sizes", np.array([config.intermediate_size] * 2, np.int64))
     gate, up = g.node("Split", [gate_up, split], name, outputs=2, axis=-1)
-    (sigmoid,) = g.node("Sigmoid", [gate], f"{name}/act_fn")
-    (silu,) = g.node("Mul", [gate, sigmoid], f"{name}/act_fn")
-    (product,) = g.node("Mul", [silu, up], name)
+    if config.gemma_layout:
+        (activated,) = g.node("Gelu", [gate], f"{name}/act_fn", approximate="tanh")
+    else:
+        (sigmoid,) = g.node("Sigmoid", [gate], f"{name}/act_fn")
+        (activated,) = g.node("Mul", [gate, sigmoid], f"{name}/act_fn")
+    (product,) = g.node("Mul", [activated, up], name)
     return linear(product, f"{name}/down_proj", p + "mlp.down_proj")
 
 
@@ -343,9 +366,15 @@ def _head(
     x, residual ─ /model/norm/SkipSimplifiedLayerNormalization ─ /lm_head/MatMulNBits ─▶ logits
     """
     eps = float(config.rms_norm_eps)
-    h, _ = _norm(g, x, residual, weights("model.norm.weight"), "/model/norm", eps, keep_residual=False)
-    linear(h, "/lm_head", "lm_head")
-    g.nodes[-1].output[0] = "logits"  # the head's output is the graph's
+    weight = norm_weight(config, weights, "model.norm.weight")
+    h, _ = _norm(g, x, residual, weight, "/model/norm", eps, keep_residual=False)
+    logits = linear(h, "/lm_head", "lm_head")
+    if config.final_logit_softcapping is not None:  # cap * tanh(logits / cap)
+        cap = g.constant("/lm_head/softcap/cap", np.array(config.final_logit_softcapping, g.dtype))
+        (scaled,) = g.node("Div", [logits, cap], "/lm_head/softcap")
+        (bent,) = g.node("Tanh", [scaled], "/lm_head/softcap")
+        g.node("Mul", [bent, cap], "/lm_head/softcap")
+    g.nodes[-1].output[0] = "logits"  # the head's (or its cap's) output is the graph's
 
 
 def _norm(
@@ -368,6 +397,12 @@ def _norm(
     if not keep_residual:
         del g.nodes[-1].output[1:]
     return normed, summed
+
+
+def norm_weight(config: ModelConfig, weights: Weights, name: str) -> np.ndarray:
+    """A norm's weight as ONNX Runtime's norms multiply by it: Gemma's 1 + w folded in (float32)."""
+    w = weights(name)
+    return w.astype(np.float32) + np.float32(1.0) if config.gemma_layout else w
 
 
 def matrix_names(config: ModelConfig) -> list[str]:

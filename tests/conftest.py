@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgelm.model.config import ModelConfig
+from edgelm.model.rope_scaling import LinearRopeScaling
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer, train_tokenizer
 from edgelm.training.random_checkpoint import random_checkpoint
@@ -51,7 +52,8 @@ SMALL = ModelConfig(
 def random_hf_model(model_type: str, settings: dict[str, Any], vocab_size: int, seed: int) -> Any:
     """A transformers model of `model_type` (2 layers, a context of 64) with random weights far from
     transformers' tiny init, so that logits differ clearly and a missed norm shows: matrices normal(0, 0.1),
-    biases normal(0, 0.5), norm weights uniform in (0.5, 1.5)."""
+    biases normal(0, 0.5), norms multiplying by uniform (0.5, 1.5) (Gemma's weights w in (-0.5, 0.5), as
+    its norms multiply by 1 + w)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -69,6 +71,7 @@ def random_hf_model(model_type: str, settings: dict[str, Any], vocab_size: int, 
     )
     model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
+    low = -0.5 if model_type.startswith("gemma") else 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -76,8 +79,31 @@ def random_hf_model(model_type: str, settings: dict[str, Any], vocab_size: int, 
             elif p.dim() > 1:
                 p.normal_(0.0, 0.1, generator=generator)
             else:
-                p.uniform_(0.5, 1.5, generator=generator)
+                p.uniform_(low, low + 1.0, generator=generator)
     return model
+
+
+# Gemma 2 with soft-capping, an attention scale of its own and a window shorter than the test sequences;
+# Gemma 3 with a local and a global layer, the global one with linear RoPE scaling
+GEMMA2 = dataclasses.replace(
+    SMALL,
+    architecture="Gemma2ForCausalLM",
+    query_pre_attn_scalar=24,
+    attn_logit_softcapping=1.5,
+    final_logit_softcapping=2.0,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=16,
+    tie_word_embeddings=True,
+)
+GEMMA3 = dataclasses.replace(
+    SMALL,
+    architecture="Gemma3ForCausalLM",
+    query_pre_attn_scalar=16,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=16,
+    rope_local_theta=10000.0,
+    rope_scaling=LinearRopeScaling(2.0),
+)
 
 
 @pytest.fixture(scope="session")

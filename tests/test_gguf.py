@@ -111,9 +111,9 @@ def test_packed_tensors_equal_quant_py(trained_run: Path, exported: dict[str, Pa
             w = permute_for_gguf(
                 w, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             )
-        stored = by_name[gguf_name(hf_name)]
+        stored = by_name[gguf_name(hf_name, "llama")]
         expected_type = tensor_type(
-            gguf_name(hf_name), w.shape, MIXTURES[quant], config.num_hidden_layers, True
+            gguf_name(hf_name, "llama"), w.shape, MIXTURES[quant], config.num_hidden_layers, True
         )
         assert stored.tensor_type == expected_type
         theirs = gguf_dequantize(stored.data, stored.tensor_type).reshape(w.shape)
@@ -259,7 +259,7 @@ def test_packed_tensors_of_256_wide_rows_equal_quant_py(
             w = permute_for_gguf(
                 w, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             )
-        stored = by_name[gguf_name(hf_name)]
+        stored = by_name[gguf_name(hf_name, "llama")]
         theirs = gguf_dequantize(stored.data, stored.tensor_type).reshape(w.shape)
         assert np.array_equal(theirs, _dequantized(w, stored.tensor_type)), (hf_name, stored.tensor_type.name)
     kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, make_checkpoint
+from conftest import GEMMA2, GEMMA3, SMALL, make_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edgelm
@@ -28,6 +28,11 @@ CONFIGS = {
     "qwen3-qk-norm-biases": dataclasses.replace(
         SMALL, architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True, head_dim=32
     ),
+    "gemma2-softcap-window": GEMMA2,
+    "gemma2-no-softcap-untied": dataclasses.replace(
+        GEMMA2, attn_logit_softcapping=None, final_logit_softcapping=None, tie_word_embeddings=False
+    ),
+    "gemma3-local-global": GEMMA3,
 }
 
 
@@ -88,7 +93,10 @@ def test_checkpoint_saved_by_transformers_loads(
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_kv_cache_decoding_equals_full_forward(checkpoint: Path) -> None:
+@pytest.mark.parametrize("name", ["gqa-untied-theta", "gemma2-softcap-window", "gemma3-local-global"])
+def test_kv_cache_decoding_equals_full_forward(tmp_path: Path, small_tokenizer: Tokenizer, name: str) -> None:
+    """Chunks after a prefill attend over the cache, windowed and soft-capped where the config says so."""
+    checkpoint = make_checkpoint(tmp_path / name, small_tokenizer, CONFIGS[name])
     ids = np.random.default_rng(2).integers(0, 300, size=50).tolist()
     with edgelm.load(checkpoint, device="cpu") as model:
         rt = model.runtime
@@ -98,8 +106,9 @@ def test_kv_cache_decoding_equals_full_forward(checkpoint: Path) -> None:
         pieces += [rt.forward([t], all_logits=True) for t in ids[30:]]
         rt.reset()
         last_only = rt.forward(ids[:33])
-    assert np.abs(np.concatenate(pieces) - full).max() <= 1e-5
-    assert last_only.shape == (1, full.shape[1]) and np.abs(last_only[0] - full[32]).max() <= 1e-5
+    # Gemma's norms multiply by up to 2.5 here: its float32 rounding differences grow past 1e-5
+    assert np.abs(np.concatenate(pieces) - full).max() <= 3e-5
+    assert last_only.shape == (1, full.shape[1]) and np.abs(last_only[0] - full[32]).max() <= 3e-5
 
 
 def test_training_model_matches_the_runtime(checkpoint: Path) -> None:
@@ -151,6 +160,8 @@ PARAMETER_CONFIGS: dict[str, ModelConfig] = {
     "qwen2-qkv-bias-untied": dataclasses.replace(SMALL, architecture="Qwen2ForCausalLM", qkv_bias=True),
     "mistral-tied": dataclasses.replace(SMALL, architecture="MistralForCausalLM", tie_word_embeddings=True),
     "qwen3-untied": dataclasses.replace(SMALL, architecture="Qwen3ForCausalLM"),
+    "gemma2": GEMMA2,
+    "gemma3-untied": dataclasses.replace(GEMMA3, tie_word_embeddings=False),
     "qwen3-biased-tied": dataclasses.replace(
         SMALL, architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True, tie_word_embeddings=True
     ),

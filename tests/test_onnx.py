@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort  # the oracle: a missing one fails the suite
 import onnxruntime_genai as og
 import pytest
-from conftest import SMALL, LiveTensors, make_checkpoint
+from conftest import GEMMA2, GEMMA3, SMALL, LiveTensors, make_checkpoint
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint, save_checkpoint, weight_shapes
@@ -47,6 +47,8 @@ CONFIGS = {
         qkv_bias=True,
         o_bias=True,
     ),
+    "gemma2-softcap-window": GEMMA2,
+    "gemma3-local-global": GEMMA3,
 }
 
 

@@ -33,12 +33,34 @@ GGUF_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 # and back: the class a GGUF file's architecture is imported as
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 # llama.cpp's architectures that rotate q/k in halves as transformers does (its NEOX RoPE type); llama
 # rotates adjacent pairs, so its q/k rows are permuted on the way in and out (`permute_for_gguf`)
-ROTATE_HALF_ARCHITECTURES = frozenset({"qwen2", "qwen3"})
+ROTATE_HALF_ARCHITECTURES = frozenset({"qwen2", "qwen3", "gemma2", "gemma3"})
+# llama.cpp's Gemma files store every norm weight w as 1 + w (its converter adds the one)
+NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
+
+# llama.cpp's Gemma reads no query_pre_attn_scalar: it scales attention by 1/√head_dim, or by
+# 1/√(hidden/heads) in the 27 B models, which it knows by their layer count
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# llama.cpp's Gemma layer patterns when a file names none: layer i is a sliding one when i % n < n - 1
+GEMMA_SLIDING_EVERY = {"gemma2": 2, "gemma3": 6}
+
+
+def gemma_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp's Gemma architecture computes with."""
+    return hidden // heads if layers == _GEMMA_27B_LAYERS.get(arch) else head_dim
+
 
 # Hugging Face tensor name → GGUF tensor name
 _LAYER_NAMES = {
@@ -54,27 +76,38 @@ _LAYER_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma's four norms: post_attention_layernorm is the attention output's, pre_feedforward_layernorm the MLP's
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(hf_name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (and likewise for `.bias`)."""
+def _layer_names(arch: str) -> dict[str, str]:
+    return _GEMMA_LAYER_NAMES if arch in NORM_PLUS_ONE_ARCHITECTURES else _LAYER_NAMES
+
+
+def gguf_name(hf_name: str, arch: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (and likewise for `.bias`), in
+    llama.cpp's names for the architecture."""
     stem, kind = hf_name.rsplit(".", 1)
     if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
-        return f"blk.{match[1]}.{_LAYER_NAMES[match[2]]}.{kind}"
+        return f"blk.{match[1]}.{_layer_names(arch)[match[2]]}.{kind}"
     return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, arch: str) -> str:
     """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; the inverse of `gguf_name`."""
     stem, kind = name.rsplit(".", 1)
     if match := re.fullmatch(r"blk\.(\d+)\.(.+)", stem):
-        layer_names = {v: k for k, v in _LAYER_NAMES.items()}
+        layer_names = {v: k for k, v in _layer_names(arch).items()}
         if match[2] in layer_names:
             return f"model.layers.{match[1]}.{layer_names[match[2]]}.{kind}"
     global_names = {v: k for k, v in _GLOBAL_NAMES.items()}
     if stem not in global_names:
-        raise EdgelmError(f"GGUF tensor {name!r} has no counterpart in a Llama checkpoint")
+        raise EdgelmError(f"GGUF tensor {name!r} has no counterpart in a checkpoint of architecture {arch}")
     return f"{global_names[stem]}.{kind}"
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 
 from edgelm.errors import EdgelmError
-from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, HF_ARCHITECTURES
+from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, GEMMA_SLIDING_EVERY, HF_ARCHITECTURES, gemma_query_scalar
 from edgelm.model.config import ModelConfig
+from edgelm.model.rope_scaling import LinearRopeScaling
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
@@ -30,11 +31,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
     heads, hidden = key("attention.head_count"), key("embedding_length")
     head_dim = key("attention.key_length", hidden // heads if heads else None)
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or key("rope.dimension_count", head_dim) != head_dim:
+    if scaling not in ("none", "linear") or key("rope.dimension_count", head_dim) != head_dim:
         raise EdgelmError(
             f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
-            "runs full-width RoPE, with Llama 3's scaling from Hugging Face folders"
+            "runs full-width RoPE, linear scaling, and Llama 3's scaling from Hugging Face folders"
         )
+    rope_scaling = LinearRopeScaling(_shortest(key("rope.scaling.factor"))) if scaling == "linear" else None
     qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
     architecture = HF_ARCHITECTURES[arch]
     if arch == "llama" and qkv_bias and not o_bias:
@@ -55,13 +57,37 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
         max_position_embeddings=key("context_length"),
         rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_shortest(key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensor_names,
         architecture=architecture,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id", defaults["bos"]),
         eos_token_id=eos[0] if len(eos) == 1 else tuple(eos),
+        **(_gemma_fields(metadata, arch, key) if arch in GEMMA_SLIDING_EVERY else {}),
     )
+
+
+def _gemma_fields(metadata: dict[str, Any], arch: str, key: Callable[..., Any]) -> dict[str, Any]:
+    """A Gemma file's own ModelConfig fields, with llama.cpp's defaults where a key is missing: the layer
+    pattern, the window, the soft-caps, the local RoPE base (Gemma 3) and the attention scale llama.cpp
+    computes."""
+    layers, hidden, heads = key("block_count"), key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", hidden // heads)
+    pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", GEMMA_SLIDING_EVERY[arch])
+    if isinstance(pattern, int):
+        pattern = [i % pattern < pattern - 1 for i in range(layers)]
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    return {
+        "query_pre_attn_scalar": gemma_query_scalar(arch, layers, hidden, heads, head_dim),
+        "attn_logit_softcapping": metadata.get(f"{arch}.attn_logit_softcapping"),
+        "final_logit_softcapping": metadata.get(f"{arch}.final_logit_softcapping"),
+        "layer_types": tuple("sliding_attention" if s and window else "full_attention" for s in pattern),
+        "sliding_window": window,
+        "rope_local_theta": _shortest(metadata.get(f"{arch}.rope.freq_base_swa", 10000.0))
+        if arch == "gemma3"
+        else None,
+    }
 
 
 def _shortest(value: float) -> float:

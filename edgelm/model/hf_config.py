@@ -240,6 +240,8 @@ def hf_architecture(data: dict[str, Any], where: str = "config.json") -> str:
     by_model_type = {v: k for k, v in ARCHITECTURES.items()}
     if model_type is not None and model_type not in by_model_type:
         listed = f" (architectures: {', '.join(map(str, names))})" if names else ""
+        if model_type == "gemma3":  # the multimodal model, whose text model is in text_config
+            listed += " (Gemma 3 with vision: edgelm runs its text model, Gemma3ForCausalLM)"
         raise EdgelmError(f"{where}: model_type={model_type!r} is not supported{listed}; {SUPPORTED}")
     for name in names:
         if name not in ARCHITECTURES:
