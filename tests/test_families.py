@@ -287,3 +287,40 @@ def test_tensor_types_equal_llama_cpp_quantizer(
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
     types = [{t.name: t.tensor_type.name for t in GGUFReader(path).tensors} for path in (ours, theirs)]
     assert types[0] == types[1]
+
+
+@pytest.mark.parametrize("name", ["qwen3-gqa-untied", "gemma3-local-global-untied"])
+def test_compare_and_generation_run_unchanged(
+    imported: Callable[[str], Path], tmp_path: Path, name: str
+) -> None:
+    """The runtime-agnostic layers need nothing of a family: `compare` checks the checkpoint and its
+    exports against one reference, and greedy generation gives the same text in all three runtimes."""
+    from edgelm.evaluation.compare import compare
+
+    checkpoint = imported(name)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    targets = ["torch", "gguf:q8_0", "onnx:fp32"]
+    compared = compare(
+        checkpoint,
+        tmp_path / "report",
+        targets,
+        text,
+        ctx=64,
+        repetitions=1,
+        isolate=False,
+        show_progress=False,
+    )
+    results = {r.target: r for r in compared.results}
+    assert sorted(results) == sorted(targets) and all(r.error is None for r in results.values())
+    assert all(r.tokenizer is not None and r.tokenizer.match for r in results.values())
+    torch_accuracy, onnx_accuracy = results["torch"].accuracy, results["onnx:fp32"].accuracy
+    assert torch_accuracy is not None and torch_accuracy.kld_mean.value == 0
+    assert onnx_accuracy is not None and onnx_accuracy.same_top_p.value == 1
+    assert compared.report_md.is_file()
+
+    texts = []
+    for artifact in (checkpoint, results["gguf:q8_0"].artifact, results["onnx:fp32"].artifact):
+        with edgelm.load(artifact, device="cpu") as model:
+            texts.append(model.generate("def fibonacci(n):", max_new_tokens=12, temperature=0.0))
+    assert texts[0] == texts[2] and len(texts[1]) > 0
