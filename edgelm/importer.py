@@ -12,6 +12,7 @@ tensors stay so and quantized ones become float32.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from edgelm.formats.gguf import (
     hf_name,
     unpermute_from_gguf,
 )
-from edgelm.formats.gguf_config import config_from_gguf
+from edgelm.formats.gguf_config import config_from_gguf, llama3_scaling
 from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.model.config import ModelConfig
@@ -98,15 +99,16 @@ def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
 def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     """A GGUF file (llama, qwen2, qwen3) → checkpoint: tensors dequantized to HF layout, tokenizer rebuilt."""
     gguf = read_gguf(source)
-    if "rope_freqs.weight" in gguf.tensors:
-        raise EdgelmError(
-            f"{source}: per-frequency RoPE factors (rope_freqs, e.g. Llama 3.1+) cannot be imported "
-            "from GGUF yet; import the model's Hugging Face folder instead"
-        )
     config = config_from_gguf(gguf.metadata, gguf.tensors, str(source))
-    tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
     arch = gguf.metadata["general.architecture"]
-    names = {hf_name(name, arch): name for name in gguf.tensors}
+    if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: the scaling as factors, not a checkpoint tensor
+        original = gguf.metadata.get(f"{arch}.rope.scaling.original_context_length")
+        factors = gguf.tensor_array("rope_freqs.weight")
+        config = dataclasses.replace(
+            config, rope_scaling=llama3_scaling(factors, config, original, str(source))
+        )
+    tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
+    names = {hf_name(name, arch): name for name in gguf.tensors if name != "rope_freqs.weight"}
     shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
     types = {name: ggml_type_name(gguf.tensors[stored].type) for name, stored in names.items()}
     # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32

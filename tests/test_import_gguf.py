@@ -104,3 +104,19 @@ def test_bad_sources(tmp_path: Path, checkpoint: Path) -> None:
         import_model(tmp_path / "empty", tmp_path / "b")
     with pytest.raises(EdgelmError, match="not empty"):
         import_model(gguf, checkpoint)
+
+
+def test_llama3_scaling_is_read_back_from_rope_freqs() -> None:
+    """Llama 3.1's own settings, written as llama.cpp's rope_freqs, come back as they were; factors that no
+    Llama 3 scaling gives are refused."""
+    from edgelm.export.gguf import llama3_rope_factors
+    from edgelm.formats.gguf_config import llama3_scaling
+    from edgelm.model.rope_scaling import Llama3RopeScaling
+
+    llama31 = Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+    config = dataclasses.replace(SMALL, head_dim=128, rope_theta=500000.0, rope_scaling=llama31)
+    factors = llama3_rope_factors(config)
+    assert 1.0 < np.median(factors) < 8.0  # kept, smoothed and slowed pairs alike
+    assert llama3_scaling(factors, config, None, "test") == llama31
+    with pytest.raises(EdgelmError, match="cannot be read as Llama 3's scaling"):
+        llama3_scaling(factors[::-1].copy(), config, None, "test")

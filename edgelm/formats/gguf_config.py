@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -10,7 +11,8 @@ import numpy as np
 from edgelm.errors import EdgelmError
 from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, GEMMA_SLIDING_EVERY, HF_ARCHITECTURES, gemma_query_scalar
 from edgelm.model.config import ModelConfig
-from edgelm.model.rope_scaling import LinearRopeScaling
+from edgelm.model.rope import rope_frequencies
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
@@ -94,3 +96,38 @@ def _shortest(value: float) -> float:
     """GGUF stores these as float32: 1e-5 comes back as 9.99999975e-06. Return the shortest decimal that
     rounds to the same float32, the number the model's author wrote."""
     return float(str(np.float32(value)))
+
+
+def llama3_scaling(
+    factors: np.ndarray, config: ModelConfig, original: int | None, where: str
+) -> Llama3RopeScaling:
+    """Llama 3's RoPE scaling from llama.cpp's `rope_freqs` (by how much each pair's frequency is
+    divided): the factor is the largest division, and the divisions between 1 and it follow
+    1/f = (1 - s)/factor + s with s = original/(wavelength (high - low)) - low/(high - low), a line in
+    1/wavelength whose two coefficients give low and high for the `original` context (a file rarely names
+    it; 8192, Llama 3's, where not: any other gives the same frequencies), each rounded to the fewest
+    significant digits that still recompute the factors. Refused when none does."""
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    base = rope_frequencies(dataclasses.replace(config, rope_scaling=None)).astype(np.float64)
+    if factors.shape != base.shape or not np.all(factors >= 1.0 - 1e-6):
+        raise EdgelmError(f"{where}: rope_freqs of shape {factors.shape} are not Llama 3 factors")
+    factor = float(factors.max())
+    medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if factor <= 1 + 1e-4 or medium.sum() < 2:
+        raise EdgelmError(f"{where}: rope_freqs cannot be read as Llama 3's scaling (too few smoothed pairs)")
+    s = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    inverse_wavelength = base[medium] / (2 * np.pi)
+    slope, intercept = np.polyfit(inverse_wavelength, s, 1)  # s = slope / wavelength + intercept
+    original = original or 8192
+    span = original / slope  # high - low
+    low = -intercept * span
+    if not 0 < low < low + span:
+        raise EdgelmError(
+            f"{where}: rope_freqs cannot be read as Llama 3's scaling (they do not grow with the wavelength)"
+        )
+    for digits in range(2, 9):
+        scaling = Llama3RopeScaling(*(float(f"{v:.{digits}g}") for v in (factor, low, low + span)), original)
+        recomputed = base / rope_frequencies(dataclasses.replace(config, rope_scaling=scaling))
+        if np.abs(recomputed - factors).max() <= 1e-5 * factor:
+            return scaling
+    raise EdgelmError(f"{where}: rope_freqs cannot be read as Llama 3's scaling (no fit recomputes them)")
