@@ -72,41 +72,47 @@ class TensorEntry:
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the checkpoint by its Hugging Face name, with its shape."""
-    h, hd = config.hidden_size, config.head_dim
+    h = config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (config.num_attention_heads * hd, h),
-            p + "self_attn.k_proj.weight": (config.num_key_value_heads * hd, h),
-            p + "self_attn.v_proj.weight": (config.num_key_value_heads * hd, h),
-            p + "self_attn.o_proj.weight": (h, config.num_attention_heads * hd),
-        }
-        if config.qkv_bias:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (config.num_attention_heads * hd,),
-                p + "self_attn.k_proj.bias": (config.num_key_value_heads * hd,),
-                p + "self_attn.v_proj.bias": (config.num_key_value_heads * hd,),
-            }
-        if config.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if config.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes |= _attention_shapes(config, p + "self_attn.")
         if config.gemma_layout:  # the norms after the attention and after the MLP
             shapes |= {
                 p + "pre_feedforward_layernorm.weight": (h,),
                 p + "post_feedforward_layernorm.weight": (h,),
             }
-        shapes |= {
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, h),
-            p + "mlp.up_proj.weight": (config.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, config.intermediate_size),
-        }
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        inner = config.intermediate_size
+        if config.fused_projections:  # Phi-3: gate and up as one matrix
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * inner, h)
+        else:
+            shapes |= {p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h)}
+        shapes[p + "mlp.down_proj.weight"] = (h, inner)
     shapes["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """One layer's attention tensors (prefix `p`, "model.layers.N.self_attn.")."""
+    h, hd = config.hidden_size, config.head_dim
+    rows = {"q": config.num_attention_heads * hd, "k": config.num_key_value_heads * hd}
+    rows["v"] = rows["k"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.fused_projections:  # Phi-3: q, k and v as one matrix
+        shapes[p + "qkv_proj.weight"] = (sum(rows.values()), h)
+    else:
+        shapes |= {f"{p}{m}_proj.weight": (n, h) for m, n in rows.items()}
+    shapes[p + "o_proj.weight"] = (h, rows["q"])
+    if config.qkv_bias:
+        shapes |= {f"{p}{m}_proj.bias": (n,) for m, n in rows.items()}
+    if config.o_bias:
+        shapes[p + "o_proj.bias"] = (h,)
+    if config.qk_norm:
+        shapes |= {p + "q_norm.weight": (hd,), p + "k_norm.weight": (hd,)}
     return shapes
 
 

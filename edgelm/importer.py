@@ -31,18 +31,21 @@ from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling
 from edgelm.formats.artifact import artifact_kind
 from edgelm.formats.gguf import (
+    LONGROPE_TENSORS,
     NORM_PLUS_ONE_ARCHITECTURES,
     ROTATE_HALF_ARCHITECTURES,
     hf_name,
     unpermute_from_gguf,
 )
-from edgelm.formats.gguf_config import config_from_gguf, llama3_scaling
-from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
+from edgelm.formats.gguf_config import config_from_gguf, llama3_scaling, longrope_scaling
+from edgelm.formats.gguf_reader import GGUFFile, ggml_type_name, read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.model.config import ModelConfig
 from edgelm.progress import progress_bar
 from edgelm.tokenizer import Tokenizer
 
+# RoPE scalings a GGUF file keeps as tensors (`_with_rope_tensors`): not checkpoint tensors
+ROPE_TENSORS = ("rope_freqs.weight", *LONGROPE_TENSORS)
 # tokenizer and generation files of a Hugging Face folder, copied as they are
 HF_TEXT_FILES = (
     "tokenizer.json",
@@ -97,18 +100,14 @@ def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
 
 
 def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
-    """A GGUF file (llama, qwen2, qwen3) → checkpoint: tensors dequantized to HF layout, tokenizer rebuilt."""
+    """A GGUF file (llama, qwen2, qwen3, gemma2, gemma3, phi3) → checkpoint: tensors dequantized to HF
+    layout, tokenizer rebuilt."""
     gguf = read_gguf(source)
     config = config_from_gguf(gguf.metadata, gguf.tensors, str(source))
     arch = gguf.metadata["general.architecture"]
-    if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: the scaling as factors, not a checkpoint tensor
-        original = gguf.metadata.get(f"{arch}.rope.scaling.original_context_length")
-        factors = gguf.tensor_array("rope_freqs.weight")
-        config = dataclasses.replace(
-            config, rope_scaling=llama3_scaling(factors, config, original, str(source))
-        )
+    config = _with_rope_tensors(gguf, config, str(source))
     tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
-    names = {hf_name(name, arch): name for name in gguf.tensors if name != "rope_freqs.weight"}
+    names = {hf_name(name, arch): name for name in gguf.tensors if name not in ROPE_TENSORS}
     shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
     types = {name: ggml_type_name(gguf.tensors[stored].type) for name, stored in names.items()}
     # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32
@@ -133,6 +132,22 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     tokenizer.save(out, context_length=config.max_position_embeddings)
     config.save(out, weights_dtype(shapes, dtypes))
     write_generation_config(out, config)
+
+
+def _with_rope_tensors(gguf: GGUFFile, config: ModelConfig, where: str) -> ModelConfig:
+    """The config with the RoPE scaling a file keeps as tensors rather than metadata: Llama 3.1's
+    `rope_freqs`, Phi-3's LongRoPE factors."""
+    arch = gguf.metadata["general.architecture"]
+    original = gguf.metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_freqs.weight" in gguf.tensors:
+        factors = gguf.tensor_array("rope_freqs.weight")
+        return dataclasses.replace(config, rope_scaling=llama3_scaling(factors, config, original, where))
+    if all(name in gguf.tensors for name in LONGROPE_TENSORS):
+        short, long = (gguf.tensor_array(name) for name in LONGROPE_TENSORS)
+        attention = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+        scaling = longrope_scaling(short, long, original or config.max_position_embeddings, attention)
+        return dataclasses.replace(config, rope_scaling=scaling)
+    return config
 
 
 def _advancing(

@@ -28,6 +28,7 @@ from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
 from edgelm.files import temporary_sibling
 from edgelm.formats.gguf import (
     GGUF_ARCHITECTURES,
+    LONGROPE_TENSORS,
     NORM_PLUS_ONE_ARCHITECTURES,
     ROTATE_HALF_ARCHITECTURES,
     gemma_query_scalar,
@@ -38,10 +39,11 @@ from edgelm.formats.gguf import (
 from edgelm.formats.gguf_tokenizer import tokenizer_metadata
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
-from edgelm.model.rope_scaling import LinearRopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.quant.calibration import record_quantized, wants_quantized
+from edgelm.quant.gptq import without_feedback
 from edgelm.tokenizer import Tokenizer
 
 try:
@@ -49,6 +51,18 @@ try:
     from gguf import GGMLQuantizationType as T
 except ModuleNotFoundError as e:
     raise missing_dependency("gguf", "gguf") from e
+
+
+def rope_tensors(config: ModelConfig) -> dict[str, np.ndarray]:
+    """llama.cpp's RoPE tensors for the config's scaling: Llama 3's `rope_freqs`, or Phi-3's LongRoPE
+    factors (`rope_factors_short`/`_long`); none for the others, which metadata describes."""
+    scaling = config.rope_scaling
+    if isinstance(scaling, Llama3RopeScaling):
+        return {"rope_freqs.weight": llama3_rope_factors(config)}
+    if isinstance(scaling, LongRopeScaling):
+        factors = (np.asarray(f, np.float32) for f in (scaling.short_factor, scaling.long_factor))
+        return dict(zip(LONGROPE_TENSORS, factors, strict=True))
+    return {}
 
 
 def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
@@ -153,20 +167,17 @@ def export_gguf(
 
     writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
     _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
-    llama3 = config.rope_scaling is not None and not isinstance(config.rope_scaling, LinearRopeScaling)
-    rope_factors = llama3_rope_factors(config) if llama3 else None
-    if rope_factors is not None:
-        writer.add_tensor_info(
-            "rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes
-        )
+    rope = rope_tensors(config)
+    for name, factors in rope.items():
+        writer.add_tensor_info(name, factors.shape, factors.dtype, factors.nbytes)
     types = {e.name: _plan_tensor(writer, e.name, e.shape, config, mixture) for e in entries}
     tmp = temporary_sibling(path)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        if rope_factors is not None:
-            writer.write_tensor_data(rope_factors)
+        for factors in rope.values():
+            writer.write_tensor_data(factors)
         with progress_bar(f"{path.name}", len(entries), show_progress) as advance:
             for hf_name, w in read_entries(entries):  # one tensor in memory at a time
                 writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
@@ -211,6 +222,8 @@ def _encoded(
         w = permute_for_gguf(w, heads)
     tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
     hessian = (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
+    if tied_embedding and hessian is not None:
+        hessian = without_feedback(hessian)  # llama.cpp reads its rows as embeddings too
 
     def record(values: np.ndarray) -> None:
         record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
@@ -244,12 +257,15 @@ def _write_metadata(
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if isinstance(config.rope_scaling, LinearRopeScaling):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling.factor)
+    if isinstance(config.rope_scaling, LongRopeScaling):
+        writer.add_rope_scaling_attn_factors(config.rope_scaling.attention_factor)
+        writer.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position_embeddings)
     if config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
         writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.num_hidden_layers)])

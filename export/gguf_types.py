@@ -24,7 +24,7 @@ class Mixture:
     file_type: F
     head: T | None = None  # output matrix (and a tied embedding); None = llama.cpp's rule
     embedding: T | None = None  # untied token embedding; None = base
-    more_bits: T | None = None  # attn_v and ffn_down of the layers use_more_bits picks (Q4_K_M)
+    more_bits: T | None = None  # attn_v (attn_qkv) and ffn_down of the layers use_more_bits picks (Q4_K_M)
 
 
 MIXTURES: dict[str, Mixture] = {
@@ -60,7 +60,8 @@ def tensor_type(name: str, shape: tuple[int, ...], mixture: Mixture, n_layers: i
         chosen = mixture.embedding if mixture.embedding is not None else mixture.base
     else:
         chosen = mixture.base
-        wants_more = name.endswith(("attn_v.weight", "ffn_down.weight"))
+        # Phi-3's fused attn_qkv takes attn_v's rule
+        wants_more = name.endswith(("attn_v.weight", "attn_qkv.weight", "ffn_down.weight"))
         if mixture.more_bits is not None and wants_more and use_more_bits(int(name.split(".")[1]), n_layers):
             chosen = mixture.more_bits
     if chosen in K_FALLBACK and shape[1] % 256:

@@ -72,6 +72,11 @@ def export_onnx(
     options.check()
     checkpoint = Path(checkpoint)
     config, entries = checked_entries(checkpoint)
+    if config.rotary_dim % 16:
+        raise EdgelmError(
+            f"{checkpoint}: ONNX Runtime's GroupQueryAttention rotates a multiple of 16 dimensions per head, "
+            f"and this model rotates {config.rotary_dim}; export it to GGUF, or run the checkpoint itself"
+        )
     folder = output_folder(checkpoint, Path(out) if out is not None else None, quant)
     if folder.exists() and not (folder / MODEL_FILE).is_file():
         raise EdgelmError(f"{folder} exists and is not an ONNX folder; choose another --out")

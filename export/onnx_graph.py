@@ -35,6 +35,7 @@ from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
 from edgelm.quant.blocks import QuantizedBlocks
 from edgelm.quant.calibration import record_quantized, wants_quantized
+from edgelm.quant.gptq import without_feedback
 
 try:
     import onnx
@@ -420,6 +421,12 @@ _FUSED = {
 }
 
 
+def fused_parts(config: ModelConfig, fused: str) -> tuple[str, ...]:
+    """The checkpoint matrices a graph matrix ("self_attn.qkv_proj", ...) stacks: itself in a checkpoint
+    that stores it fused (Phi-3)."""
+    return (fused,) if config.fused_projections else _FUSED[fused]
+
+
 def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
     """One matrix of `matrix_names`, read from the checkpoint: the HF weights it fuses stacked along the
     output rows."""
@@ -428,7 +435,7 @@ def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
         return Matrix(weights(head), "lm_head.weight")
     *layer_path, fused = name.split(".", 3)  # model.layers.N, self_attn.qkv_proj
     layer = ".".join(layer_path) + "."
-    parts = _FUSED[fused]
+    parts = fused_parts(config, fused)
     return Matrix(np.concatenate([weights(f"{layer}{p}.weight") for p in parts]), f"{layer}{parts[0]}.weight")
 
 
@@ -498,6 +505,8 @@ class _Linear:
             else:
                 m = fused_matrix(self.config, self.weights, matrix)
             hessian = self.hessians.get(m.hessian_key)
+            if hessian is not None and matrix == "lm_head" and self.config.tie_word_embeddings:
+                hessian = without_feedback(hessian)  # the embedding lookups read these blocks too
             q = quantized_blocks(
                 matrix, m.w, self.precision, self.options, hessian, self.eight_bit, self.threads
             )
@@ -518,7 +527,7 @@ class _Linear:
         if not wants_quantized(self.hessians) or not matrix.startswith("model.layers."):
             return
         *layer_path, fused = matrix.split(".", 3)
-        names = [f"{'.'.join(layer_path)}.{part}.weight" for part in _FUSED[fused]]
+        names = [f"{'.'.join(layer_path)}.{part}.weight" for part in fused_parts(self.config, fused)]
         rows = [tensor_shapes(self.config)[name][0] for name in names]
         values = q.dequantize()[:, : w.shape[1]]
         for name, part in zip(names, np.split(values, np.cumsum(rows)[:-1]), strict=True):

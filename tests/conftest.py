@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgelm.model.config import ModelConfig
-from edgelm.model.rope_scaling import LinearRopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, LongRopeScaling
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer, train_tokenizer
 from edgelm.training.random_checkpoint import random_checkpoint
@@ -103,6 +103,14 @@ GEMMA3 = dataclasses.replace(
     sliding_window=16,
     rope_local_theta=10000.0,
     rope_scaling=LinearRopeScaling(2.0),
+)
+
+# Phi-3 with partial rotary (8 of 16 dimensions) and LongRoPE within its original context
+PHI3 = dataclasses.replace(
+    SMALL,
+    architecture="Phi3ForCausalLM",
+    partial_rotary_factor=0.5,
+    rope_scaling=LongRopeScaling((1.0, 1.5, 2.5, 4.0), (1.0, 4.0, 8.0, 16.0), 96, 1.2),
 )
 
 

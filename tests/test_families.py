@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 import torch
-from conftest import GEMMA2, SAMPLE_TEXT, make_checkpoint, random_hf_model
+from conftest import GEMMA2, PHI3, SAMPLE_TEXT, make_checkpoint, random_hf_model
 from test_onnx import dequantized_checkpoint
 
 import edgelm
@@ -35,6 +35,16 @@ from edgelm.tokenizer import Tokenizer
 GEMMA3_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+}
+PHI3_PAD = {"pad_token_id": 1}  # Phi3Config's default, 32000, is past these vocabularies
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.75,
+    # a factor for each of the 24 rotated pairs (head_dim 64, three quarters rotated)
+    "short_factor": [1.0 + 0.25 * i for i in range(24)],
+    "long_factor": [1.0 + 2.0 * i for i in range(24)],
+    "original_max_position_embeddings": 256,
 }
 # name → (transformers model_type, config keys)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -63,6 +73,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         | {"num_hidden_layers": 3, "sliding_window_pattern": 3, "sliding_window": 24}
         | {"query_pre_attn_scalar": 32, "tie_word_embeddings": False}
         | {"rope_parameters": GEMMA3_ROPE},
+    ),
+    # fused qkv_proj and gate_up_proj, multi-head attention, plain RoPE
+    "phi3-mha": ("phi3", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4} | PHI3_PAD),
+    # Phi-4-mini's kind: partial rotary, LongRoPE (a published context of 4x the original, which llama.cpp
+    # would reach with the long factors: its context, padded to 256, stays within this original), tied
+    "phi3-partial-longrope-tied": (
+        "phi3",
+        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+        | {"max_position_embeddings": 1024, "original_max_position_embeddings": 256}
+        | {"rope_parameters": PHI3_LONGROPE}
+        | PHI3_PAD,
     ),
 }
 # long enough that a top-1 agreement of 0.98 allows two near-ties to fall the other way
@@ -324,3 +345,16 @@ def test_compare_and_generation_run_unchanged(
         with edgelm.load(artifact, device="cpu") as model:
             texts.append(model.generate("def fibonacci(n):", max_new_tokens=12, temperature=0.0))
     assert texts[0] == texts[2] and len(texts[1]) > 0
+
+
+def test_rotary_width_onnx_runtime_cannot_rotate_is_refused(
+    tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    """GroupQueryAttention rotates a multiple of 16 dimensions: a Phi-3 rotating 8 (Phi-4-mini rotates 96)
+    is refused before anything is written."""
+    checkpoint = make_checkpoint(tmp_path / "model", small_tokenizer, PHI3)
+    with pytest.raises(
+        EdgelmError, match="rotates a multiple of 16 dimensions per head, and this model rotates 8"
+    ):
+        export_onnx(checkpoint, tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()

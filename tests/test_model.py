@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import GEMMA2, GEMMA3, SMALL, make_checkpoint
+from conftest import GEMMA2, GEMMA3, PHI3, SMALL, make_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edgelm
@@ -33,6 +33,7 @@ CONFIGS = {
         GEMMA2, attn_logit_softcapping=None, final_logit_softcapping=None, tie_word_embeddings=False
     ),
     "gemma3-local-global": GEMMA3,
+    "phi3-partial-longrope": PHI3,
 }
 
 
@@ -93,7 +94,9 @@ def test_checkpoint_saved_by_transformers_loads(
     assert np.abs(got - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["gqa-untied-theta", "gemma2-softcap-window", "gemma3-local-global"])
+@pytest.mark.parametrize(
+    "name", ["gqa-untied-theta", "gemma2-softcap-window", "gemma3-local-global", "phi3-partial-longrope"]
+)
 def test_kv_cache_decoding_equals_full_forward(tmp_path: Path, small_tokenizer: Tokenizer, name: str) -> None:
     """Chunks after a prefill attend over the cache, windowed and soft-capped where the config says so."""
     checkpoint = make_checkpoint(tmp_path / name, small_tokenizer, CONFIGS[name])
@@ -162,6 +165,7 @@ PARAMETER_CONFIGS: dict[str, ModelConfig] = {
     "qwen3-untied": dataclasses.replace(SMALL, architecture="Qwen3ForCausalLM"),
     "gemma2": GEMMA2,
     "gemma3-untied": dataclasses.replace(GEMMA3, tie_word_embeddings=False),
+    "phi3": PHI3,
     "qwen3-biased-tied": dataclasses.replace(
         SMALL, architecture="Qwen3ForCausalLM", qkv_bias=True, o_bias=True, tie_word_embeddings=True
     ),

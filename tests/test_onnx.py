@@ -270,6 +270,10 @@ def dequantized_checkpoint(checkpoint: Path, folder: Path, out: Path) -> Path:
     )
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
+        if config.fused_projections:  # the checkpoint's own matrices
+            for fused in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                tensors[f"{p}{fused}.weight"] = stored[p + fused]
+            continue
         q, k, v = np.split(stored[p + "self_attn.qkv_proj"], [q_rows, q_rows + kv_rows])
         gate, up = np.split(stored[p + "mlp.gate_up_proj"], 2)
         parts = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate}

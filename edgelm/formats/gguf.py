@@ -35,6 +35,7 @@ GGUF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 # and back: the class a GGUF file's architecture is imported as
 HF_ARCHITECTURES = {
@@ -43,10 +44,13 @@ HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 # llama.cpp's architectures that rotate q/k in halves as transformers does (its NEOX RoPE type); llama
 # rotates adjacent pairs, so its q/k rows are permuted on the way in and out (`permute_for_gguf`)
-ROTATE_HALF_ARCHITECTURES = frozenset({"qwen2", "qwen3", "gemma2", "gemma3"})
+ROTATE_HALF_ARCHITECTURES = frozenset({"qwen2", "qwen3", "gemma2", "gemma3", "phi3"})
+# llama.cpp's LongRoPE factors (Phi-3): tensors of the file, not of the checkpoint
+LONGROPE_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 # llama.cpp's Gemma files store every norm weight w as 1 + w (its converter adds the one)
 NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 
@@ -82,10 +86,21 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+# Phi-3's fused matrices: its ffn_up is gate and up together
+_PHI3_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 def _layer_names(arch: str) -> dict[str, str]:
+    if arch == "phi3":
+        return _PHI3_LAYER_NAMES
     return _GEMMA_LAYER_NAMES if arch in NORM_PLUS_ONE_ARCHITECTURES else _LAYER_NAMES
 
 

@@ -12,7 +12,7 @@ from edgelm.errors import EdgelmError
 from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, GEMMA_SLIDING_EVERY, HF_ARCHITECTURES, gemma_query_scalar
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
-from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
@@ -33,10 +33,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
     heads, hidden = key("attention.head_count"), key("embedding_length")
     head_dim = key("attention.key_length", hidden // heads if heads else None)
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or key("rope.dimension_count", head_dim) != head_dim:
+    rotary = key("rope.dimension_count", head_dim)
+    if scaling not in ("none", "linear") or (rotary != head_dim and arch != "phi3"):
         raise EdgelmError(
             f"{where}: RoPE scaling {scaling!r} or a partial rotary dimension is not supported; edgelm "
-            "runs full-width RoPE, linear scaling, and Llama 3's scaling from Hugging Face folders"
+            "runs full-width RoPE (partial in phi3), linear scaling and, from rope tensors, Llama 3's and "
+            "Phi-3's LongRoPE"
         )
     rope_scaling = LinearRopeScaling(_shortest(key("rope.scaling.factor"))) if scaling == "linear" else None
     qkv_bias, o_bias = "blk.0.attn_q.bias" in tensor_names, "blk.0.attn_output.bias" in tensor_names
@@ -60,6 +62,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
         rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_shortest(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
+        partial_rotary_factor=rotary / head_dim,
         tie_word_embeddings="output.weight" not in tensor_names,
         architecture=architecture,
         qkv_bias=qkv_bias,
@@ -126,8 +129,15 @@ def llama3_scaling(
             f"{where}: rope_freqs cannot be read as Llama 3's scaling (they do not grow with the wavelength)"
         )
     for digits in range(2, 9):
-        scaling = Llama3RopeScaling(*(float(f"{v:.{digits}g}") for v in (factor, low, low + span)), original)
+        rounded = [float(f"{v:.{digits}g}") for v in (factor, low, low + span)]
+        scaling = Llama3RopeScaling(rounded[0], rounded[1], rounded[2], original)
         recomputed = base / rope_frequencies(dataclasses.replace(config, rope_scaling=scaling))
         if np.abs(recomputed - factors).max() <= 1e-5 * factor:
             return scaling
     raise EdgelmError(f"{where}: rope_freqs cannot be read as Llama 3's scaling (no fit recomputes them)")
+
+
+def longrope_scaling(short: np.ndarray, long: np.ndarray, original: int, attention: float) -> LongRopeScaling:
+    """Phi-3's LongRoPE from llama.cpp's factor tensors (float32, read back as the decimals written)."""
+    factors = [tuple(_shortest(v) for v in np.asarray(f).reshape(-1)) for f in (short, long)]
+    return LongRopeScaling(factors[0], factors[1], int(original), _shortest(attention))

@@ -29,7 +29,7 @@ from edgelm.model.hf_config import (
     SUPPORTED,
     hf_fields,
 )
-from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, RopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, RopeScaling
 from edgelm.values import is_int
 
 
@@ -76,6 +76,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     rope_local_theta: float | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -99,6 +100,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise EdgelmError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
+            raise EdgelmError(
+                f"config: partial_rotary_factor={self.partial_rotary_factor} of head_dim={self.head_dim} "
+                "leaves no even number of rotary dimensions"
+            )
+        if self.partial_rotary_factor != 1 and self.architecture != "Phi3ForCausalLM":
+            raise EdgelmError(f"config: partial_rotary_factor is Phi-3's, not {self.architecture}'s")
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise EdgelmError(
                 f"config: rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be positive"
@@ -117,14 +125,29 @@ class ModelConfig:
             "Qwen3ForCausalLM": self.qkv_bias == self.o_bias,
             "Gemma2ForCausalLM": self.qkv_bias == self.o_bias,
             "Gemma3ForCausalLM": self.qkv_bias == self.o_bias,
+            "Phi3ForCausalLM": not (self.qkv_bias or self.o_bias),
         }
         if not biases[self.architecture]:
             raise EdgelmError(
                 f"config: {self.architecture} cannot have qkv_bias={self.qkv_bias}, o_bias={self.o_bias} "
-                "(Llama, Qwen3, Gemma: all four attention biases or none, Mistral: none, Qwen2: q/k/v only)"
+                "(Llama, Qwen3, Gemma: all four attention biases or none, Mistral, Phi-3: none, Qwen2: q/k/v "
+                "only)"
             )
-        if not isinstance(self.rope_scaling, (Llama3RopeScaling, LinearRopeScaling, type(None))):
+        if not isinstance(
+            self.rope_scaling, (Llama3RopeScaling, LinearRopeScaling, LongRopeScaling, type(None))
+        ):
             raise EdgelmError(f"config: rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
+        if isinstance(self.rope_scaling, LongRopeScaling):
+            if len(self.rope_scaling.short_factor) != self.rotary_dim // 2:
+                raise EdgelmError(
+                    f"config: longrope needs a factor for each of the {self.rotary_dim // 2} rotary pairs, "
+                    f"got {len(self.rope_scaling.short_factor)}"
+                )
+            if self.max_position_embeddings > self.rope_scaling.original_max_position_embeddings:
+                raise EdgelmError(
+                    "config: with longrope, edgelm's context stops at original_max_position_embeddings="
+                    f"{self.rope_scaling.original_max_position_embeddings}"
+                )
         self._check_gemma_fields()
 
     def _check_gemma_fields(self) -> None:
@@ -189,6 +212,16 @@ class ModelConfig:
         """The factor of q·k: 1/√query_pre_attn_scalar for Gemma, 1/√head_dim elsewhere."""
         return float((self.query_pre_attn_scalar or self.head_dim) ** -0.5)
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions RoPE rotates (the first ones): all but in Phi-4-mini."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def fused_projections(self) -> bool:
+        """Whether the checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3)."""
+        return self.architecture == "Phi3ForCausalLM"
+
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends within `sliding_window` (Gemma's local layers)."""
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
@@ -212,7 +245,14 @@ class ModelConfig:
         RoPE is written in the classic spelling, `rope_theta` + `rope_scaling`, which all of them read.
         """
         fields = dataclasses.asdict(self)
-        for name in ("architecture", "qkv_bias", "o_bias", "rope_scaling", *GEMMA_FIELDS):
+        for name in (
+            "architecture",
+            "qkv_bias",
+            "o_bias",
+            "rope_scaling",
+            "partial_rotary_factor",
+            *GEMMA_FIELDS,
+        ):
             del fields[name]
         if not isinstance(self.eos_token_id, int):
             fields["eos_token_id"] = list(self.eos_token_id)
@@ -236,6 +276,17 @@ class ModelConfig:
             },
             "Gemma2ForCausalLM": gemma,
             "Gemma3ForCausalLM": gemma | {"rope_local_base_freq": self.rope_local_theta},
+            # Phi3Config's default pad id, 32000, would be outside a smaller vocabulary
+            "Phi3ForCausalLM": {
+                "sliding_window": None,
+                "partial_rotary_factor": self.partial_rotary_factor,
+                "pad_token_id": None,
+            }
+            | (
+                {"original_max_position_embeddings": self.rope_scaling.original_max_position_embeddings}
+                if isinstance(self.rope_scaling, LongRopeScaling)
+                else {}
+            ),
         }
         return {
             "architectures": [self.architecture],

@@ -5,11 +5,14 @@ and v5), its sliding windows, and what edgelm refuses. Writing config.json is `M
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import Any
 
+import numpy as np
+
 from edgelm.errors import EdgelmError
-from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, RopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, RopeScaling
 from edgelm.values import is_int
 
 # architecture (config.json "architectures") → transformers model_type
@@ -20,6 +23,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
 }
 # the architectures that normalize each head of q and k (RMSNorm over head_dim) before RoPE
 QK_NORM = frozenset({"Qwen3ForCausalLM", "Gemma3ForCausalLM"})
@@ -29,7 +33,7 @@ GEMMA = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED = (
     "edgelm supports LlamaForCausalLM (Llama 2/3, TinyLlama, SmolLM), MistralForCausalLM, Qwen2ForCausalLM, "
-    "Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text); "
+    "Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (Phi-3, Phi-4-mini); "
     "for other architectures, `edgelm export onnx --via optimum` covers more for ONNX"
 )
 # transformers' defaults (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Gemma2Config,
@@ -86,6 +90,12 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "rope_theta": 1_000_000.0,
         "rope_local_base_freq": 10000.0,
     },
+    "Phi3ForCausalLM": {
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+    },
 }
 
 
@@ -98,7 +108,15 @@ GEMMA_FIELDS = (
     "sliding_window",
     "rope_local_theta",
 )
-_DERIVED = {"architecture", "qkv_bias", "o_bias", "rope_theta", "rope_scaling", *GEMMA_FIELDS}
+_DERIVED = {
+    "architecture",
+    "qkv_bias",
+    "o_bias",
+    "rope_theta",
+    "rope_scaling",
+    "partial_rotary_factor",
+    *GEMMA_FIELDS,
+}
 
 
 def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "config.json") -> dict[str, Any]:
@@ -140,7 +158,15 @@ def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "confi
             data, architecture, values["num_hidden_layers"], values["max_position_embeddings"], where
         )
     else:
-        values["rope_theta"], values["rope_scaling"] = hf_rope(data, values["max_position_embeddings"], where)
+        phi3 = architecture == "Phi3ForCausalLM"
+        rope = hf_rope(data, values["max_position_embeddings"], where, partial=phi3)
+        values["rope_theta"], values["rope_scaling"] = rope
+        if phi3:
+            params = data.get("rope_parameters") or {}
+            partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+            values["partial_rotary_factor"] = 1.0 if partial is None else float(partial)
+        if isinstance(rope[1], LongRopeScaling):  # edgelm computes LongRoPE within the original context
+            values["max_position_embeddings"] = rope[1].original_max_position_embeddings
         window = hf_sliding_window(data, architecture, values["num_hidden_layers"], where)
         if window is not None and window < values["max_position_embeddings"]:
             values["max_position_embeddings"] = window
@@ -252,31 +278,43 @@ def hf_architecture(data: dict[str, Any], where: str = "config.json") -> str:
 
 
 def hf_rope(
-    data: dict[str, Any], max_position_embeddings: int, where: str = "config.json", theta: float = 10000.0
+    data: dict[str, Any],
+    max_position_embeddings: int,
+    where: str = "config.json",
+    theta: float = 10000.0,
+    partial: bool = False,
 ) -> tuple[float, RopeScaling | None]:
     """rope_theta and the frequency scaling of a config.json, read as transformers v5 does.
 
     The settings are `rope_scaling` (v4) or `rope_parameters` (v5); rope_theta is theirs or the top-level key
-    (or `theta`, the family's default).
+    (or `theta`, the family's default). A partial rotary factor is refused unless `partial` (Phi-3, whose
+    reader takes it).
     """
     params = data.get("rope_scaling") or data.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise EdgelmError(f"{where}: rope parameters {params!r} are not supported (expected one dictionary)")
-    return _rope_parameters(params, data, max_position_embeddings, where, theta)
+    return _rope_parameters(params, data, max_position_embeddings, where, theta, partial)
 
 
 def _rope_parameters(
-    params: dict[str, Any], data: dict[str, Any], max_position_embeddings: int, where: str, theta: float
+    params: dict[str, Any],
+    data: dict[str, Any],
+    max_position_embeddings: int,
+    where: str,
+    theta: float,
+    partial: bool = False,
 ) -> tuple[float, RopeScaling | None]:
     """The base and scaling of one RoPE dictionary (`data` gives the top-level keys v4 keeps outside it,
     `theta` the default base)."""
     theta = next((v for v in (params.get("rope_theta"), data.get("rope_theta")) if v is not None), theta)
-    partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise EdgelmError(f"{where}: partial_rotary_factor={partial} is not supported (rotary on all dims)")
+    factor = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+    if factor not in (None, 1, 1.0) and not partial:
+        raise EdgelmError(f"{where}: partial_rotary_factor={factor} is not supported (rotary on all dims)")
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type == "default":
         return float(theta), None
+    if rope_type == "longrope":
+        return float(theta), _longrope(params, data, max_position_embeddings, where)
     if rope_type == "linear":
         if params.get("factor") is None:
             raise EdgelmError(f"{where}: linear rope scaling lacks its factor")
@@ -284,7 +322,8 @@ def _rope_parameters(
     if rope_type != "llama3":
         raise EdgelmError(
             f"{where}: rope_type {rope_type!r} is not supported; edgelm computes plain RoPE, "
-            "Llama 3's scaling (rope_type 'llama3') and linear interpolation ('linear')"
+            "Llama 3's scaling (rope_type 'llama3'), linear interpolation ('linear') and LongRoPE "
+            "('longrope')"
         )
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
     if missing:
@@ -302,6 +341,27 @@ def _rope_parameters(
         float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]), original
     )
     return float(theta), scaling
+
+
+def _longrope(
+    params: dict[str, Any], data: dict[str, Any], max_position_embeddings: int, where: str
+) -> LongRopeScaling:
+    """Phi-3's LongRoPE, its attention factor computed as transformers does where the file gives none:
+    √(1 + ln(factor) / ln(original)), factor = the published context / the original one."""
+    original = int(
+        params.get("original_max_position_embeddings") or data.get("original_max_position_embeddings") or 0
+    )
+    needed = {"short_factor": params.get("short_factor"), "long_factor": params.get("long_factor")}
+    missing = [k for k, v in {**needed, "original_max_position_embeddings": original}.items() if not v]
+    if missing:
+        raise EdgelmError(f"{where}: longrope lacks {', '.join(missing)}")
+    factor = params.get("factor") or max_position_embeddings / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short, long = (tuple(float(f) for f in params[k]) for k in ("short_factor", "long_factor"))
+    # cos and sin are float32: the factor's float32 value (its shortest decimal) is the one that counts
+    return LongRopeScaling(short, long, original, float(str(np.float32(attention))))
 
 
 def hf_sliding_window(

@@ -7,25 +7,33 @@ import math
 import numpy as np
 
 from edgelm.model.config import ModelConfig
-from edgelm.model.rope_scaling import LinearRopeScaling
+from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 
 
 def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
-    """The rotation frequency of each pair of dimensions, float32 (head_dim/2,), the config's scaling
-    applied; with `local`, those of Gemma 3's sliding layers (their own base, no scaling).
+    """The rotation frequency of each rotated pair of dimensions, float32 (rotary_dim/2,), the config's
+    scaling applied; with `local`, those of Gemma 3's sliding layers (their own base, no scaling).
 
     Computed in float32 in the order transformers uses, so that the PyTorch model matches it exactly.
     """
-    d = config.head_dim
+    d = config.rotary_dim
     theta = config.rope_local_theta if local and config.rope_local_theta is not None else config.rope_theta
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents)
     scaling = None if local and config.rope_local_theta is not None else config.rope_scaling
-    if scaling is None:
-        return inv_freq
+    if isinstance(scaling, LongRopeScaling):  # each pair's own divisor
+        divisors = np.asarray(scaling.short_factor, np.float32)
+        return (np.float32(1.0) / (divisors * np.power(np.float32(theta), exponents))).astype(np.float32)
+    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents)
     if isinstance(scaling, LinearRopeScaling):
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
-    # Llama 3: keep short wavelengths, slow long ones by `factor`, interpolate between (as transformers does)
+    if isinstance(scaling, Llama3RopeScaling):
+        return _llama3(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3(inv_freq: np.ndarray, scaling: Llama3RopeScaling) -> np.ndarray:
+    """Llama 3: keep short wavelengths, slow long ones by `factor`, interpolate between (as transformers
+    does)."""
     original = scaling.original_max_position_embeddings
     wavelength = np.float32(2 * math.pi) / inv_freq
     slowed = np.where(
@@ -41,8 +49,15 @@ def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     return np.where(medium, smoothed, slowed).astype(np.float32)
 
 
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: LongRoPE's attention factor, 1 elsewhere."""
+    scaling = config.rope_scaling
+    return scaling.attention_factor if isinstance(scaling, LongRopeScaling) else 1.0
+
+
 def rope_cos_sin(config: ModelConfig, positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every position's angles, float32 (positions, head_dim/2) each: one column per pair
-    (`local`: of Gemma 3's sliding layers)."""
+    """cos and sin of every position's angles, float32 (positions, rotary_dim/2) each: one column per pair
+    (`local`: of Gemma 3's sliding layers), times the attention factor."""
     angles = np.arange(positions, dtype=np.float32)[:, None] * rope_frequencies(config, local)[None, :]
-    return np.cos(angles), np.sin(angles)
+    factor = np.float32(rope_attention_factor(config))
+    return np.cos(angles) * factor, np.sin(angles) * factor

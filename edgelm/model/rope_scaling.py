@@ -1,4 +1,4 @@
-"""RoPE frequency scalings a config.json may name: Llama 3's and linear interpolation."""
+"""RoPE frequency scalings a config.json may name: Llama 3's, linear interpolation and Phi-3's LongRoPE."""
 
 from __future__ import annotations
 
@@ -58,4 +58,40 @@ class LinearRopeScaling:
         return {"rope_type": "linear", "factor": self.factor}
 
 
-RopeScaling = Llama3RopeScaling | LinearRopeScaling
+@dataclass(frozen=True)
+class LongRopeScaling:
+    """Phi-3's LongRoPE (`"rope_type": "longrope"`) within its original context: each pair's frequency
+    divided by its `short_factor`, and cos and sin multiplied by `attention_factor`. (`long_factor` is
+    what transformers switches to past `original_max_position_embeddings`; edgelm's context stops there, so
+    it is kept only to be written back.)"""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    attention_factor: float
+
+    def __post_init__(self) -> None:
+        if len(self.short_factor) != len(self.long_factor) or not all(
+            f > 0 for f in (*self.short_factor, *self.long_factor)
+        ):
+            raise EdgelmError(
+                "config: longrope short_factor and long_factor must be positive and of one length"
+            )
+        if not is_int(self.original_max_position_embeddings) or self.original_max_position_embeddings <= 0:
+            raise EdgelmError("config: longrope original_max_position_embeddings must be a positive integer")
+        if not self.attention_factor > 0:
+            raise EdgelmError(f"config: longrope attention_factor={self.attention_factor!r} must be positive")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `rope_scaling` dictionary of config.json (the attention factor written out, as it was
+        computed from the context the model was published with)."""
+        return {
+            "rope_type": "longrope",
+            "short_factor": list(self.short_factor),
+            "long_factor": list(self.long_factor),
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+            "attention_factor": self.attention_factor,
+        }
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling

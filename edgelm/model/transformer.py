@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm.model.config import ModelConfig
-from edgelm.model.rope import rope_frequencies
+from edgelm.model.rope import rope_attention_factor, rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -51,21 +51,26 @@ def rope_tables(config: ModelConfig, positions: torch.Tensor) -> RopeTables:
     """cos and sin for the given positions in the rotate-half layout, for the global layers and for the
     local ones (the same unless Gemma 3 gives them their own base)."""
 
+    factor = rope_attention_factor(config)
+
     def table(local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = torch.from_numpy(rope_frequencies(config, local)).to(positions.device)  # (d/2,)
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2), d = rotary_dim
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-        return angles.cos(), angles.sin()
+        return angles.cos() * factor, angles.sin() * factor
 
     full = table(False)
     return {False: full, True: table(True) if config.rope_local_theta is not None else full}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hd) by the angles: the first and second halves of each head form the pairs."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate (B, nh, T, hd) by the angles (T, d): the first and second halves of each head's first d
+    dimensions form the pairs; the rest (Phi-4-mini's partial rotary) pass unrotated."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    rotated = torch.cat((-rot[..., d // 2 :], rot[..., : d // 2]), dim=-1)
+    y = rot * cos + rotated * sin
+    return (torch.cat((y, rest), dim=-1) if rest.shape[-1] else y).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -148,9 +153,14 @@ class Attention(nn.Module):
             config.head_dim,
         )
         h, qkv_bias = config.hidden_size, config.qkv_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.sizes = [self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2]
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3 stores q, k and v as one matrix
+            self.qkv_proj = nn.Linear(h, sum(self.sizes), bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, self.sizes[0], bias=qkv_bias)
+            self.k_proj = nn.Linear(h, self.sizes[1], bias=qkv_bias)
+            self.v_proj = nn.Linear(h, self.sizes[2], bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
         self.q_norm = rms_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = rms_norm(config, self.head_dim) if config.qk_norm else None
@@ -161,12 +171,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # (B, nkv, start+T, hd)
@@ -176,19 +190,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU, down(silu(gate(x)) * up(x)), or Gemma's GeGLU with GELU's tanh approximation."""
+    """SwiGLU, down(silu(gate(x)) * up(x)), or Gemma's GeGLU with GELU's tanh approximation; Phi-3 stores
+    gate and up as one matrix, gate first."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        h, inner = config.hidden_size, config.intermediate_size
         self.gelu = config.gemma_layout
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = config.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(h, 2 * inner, bias=False)
+        else:
+            self.gate_proj = nn.Linear(h, inner, bias=False)
+            self.up_proj = nn.Linear(h, inner, bias=False)
+        self.down_proj = nn.Linear(inner, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate, up = (
+            self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        )
         activated = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(activated * self.up_proj(x))
+        return self.down_proj(activated * up)
 
 
 class Block(nn.Module):

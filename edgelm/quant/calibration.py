@@ -42,6 +42,17 @@ SHARED_INPUTS: dict[str, tuple[str, ...]] = {
     "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
+# Phi-3's fused matrices each have an input of their own
+FUSED_INPUTS: dict[str, tuple[str, ...]] = {
+    name: (name,) for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+}
+
+
+def shared_inputs(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """A layer's linear modules whose input is measured → the weights that read that input."""
+    return FUSED_INPUTS if config.fused_projections else SHARED_INPUTS
+
+
 HEAD = "lm_head.weight"  # its input is the final norm's output
 # the default window: the model's context up to this, so that a model with a context of 128k tokens is not run
 # over one window of 100k tokens (activations of gigabytes); llama.cpp's imatrix uses 512
@@ -165,7 +176,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         self._layer_of: dict[str, int | None] = {
             f"model.layers.{i}.{reader}.weight": i
             for i in range(config.num_hidden_layers)
-            for readers in SHARED_INPUTS.values()
+            for readers in shared_inputs(config).values()
             for reader in readers
         }
         self._layer_of[HEAD] = None
@@ -243,7 +254,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         sums: dict[str, torch.Tensor] = {}
         handles = [
             block.get_submodule(module).register_forward_pre_hook(_accumulating(sums, module))
-            for module in SHARED_INPUTS
+            for module in shared_inputs(self.config)
         ]
         try:
             self._float_out = _forward(block, self.config, self._x)
@@ -254,7 +265,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         prefix = f"model.layers.{self._at}."
         self._stats = {
             f"{prefix}{reader}.weight": means[module]
-            for module, readers in SHARED_INPUTS.items()
+            for module, readers in shared_inputs(self.config).items()
             for reader in readers
         }
         self._measured = self._at
