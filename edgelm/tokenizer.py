@@ -45,7 +45,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "smollm": (r"\p{N}", GPT2_PATTERN),
 }
 SPACE = "▁"  # U+2581, SentencePiece's visible space
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -318,7 +318,7 @@ def _token_bytes(backend: HFTokenizer) -> list[bytes]:
                 table[token_id] = token.translate(to_latin1).encode("latin-1")
             else:
                 table[token_id] = token.encode("utf-8")
-        elif match := _BYTE_PIECE.fullmatch(token):
+        elif match := BYTE_PIECE.fullmatch(token):
             table[token_id] = bytes([int(match.group(1), 16)])
         else:
             table[token_id] = token.replace(SPACE, " ").encode("utf-8")

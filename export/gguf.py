@@ -275,11 +275,18 @@ def _write_metadata(
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if config.final_logit_softcapping is not None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_tokenizer_model(vocab["model"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "gpt2":  # byte-level BPE
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_merges(vocab["merges"])
+    else:  # SentencePiece BPE
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(vocab["scores"])
+        writer.add_add_space_prefix(vocab["space_prefix"])
+        if vocab["unk"] is not None:
+            writer.add_unk_token_id(vocab["unk"])
     writer.add_bos_token_id(config.bos_token_id)
     # further end ids (Llama 3's <|eot_id|>, ...) llama.cpp recognizes by their text, as edgelm does
     writer.add_eos_token_id(config.eos_token_ids[0])

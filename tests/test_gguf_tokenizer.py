@@ -4,6 +4,7 @@ of those ids, special and user-defined tokens, BOS, and the files that transform
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -374,3 +375,47 @@ def test_errors(tmp_path: Path, shared_vocab: dict) -> None:
         tokenizer_from_gguf({**metadata, "tokenizer.ggml.tokens": [tokens[1], *tokens[1:]]}, "x.gguf")
     with pytest.raises(EdgelmError, match=r"lacks tokenizer\.ggml\.tokens"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2"}, "x.gguf")
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_tokenizer_exports_to_gguf(
+    tmp_path: Path, small_tokenizer: Tokenizer, space_prefix: bool
+) -> None:
+    """A checkpoint with a SentencePiece tokenizer exports as llama.cpp's `llama` vocabulary (scores,
+    token types, byte fallback, the space prefix): llama.cpp tokenizes the multilingual text as edgelm does,
+    and the file imports back to the same ids."""
+    from conftest import SMALL, make_checkpoint
+
+    from edgelm.export.gguf import export_gguf
+    from edgelm.importer import import_model
+
+    tokenizer = rebuilt(
+        write_gguf(tmp_path / "spm.gguf", "llama", sentencepiece_vocab(), add_space_prefix=space_prefix)
+    )
+    config = dataclasses.replace(SMALL, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_ids[0])
+    checkpoint = make_checkpoint(tmp_path / "model", tokenizer, config)
+    exported = export_gguf(checkpoint, tmp_path / "exported.gguf", "f32")
+    metadata = read_gguf(exported).metadata
+    assert (metadata["tokenizer.ggml.model"], metadata["tokenizer.ggml.add_space_prefix"]) == (
+        "llama",
+        space_prefix,
+    )
+    with llama_vocab(exported) as llama:
+        ids = assert_like_llama_cpp(tokenizer, llama)
+    assert set(range(3, 259)) & set(ids)  # byte fallback happened
+    assert Tokenizer.load(import_model(exported, tmp_path / "back")).encode(TEXT) == ids
+
+
+def test_sentencepiece_merges_llama_cpp_would_not_follow_are_refused(tmp_path: Path) -> None:
+    """llama.cpp merges any adjacent pair whose union is a piece: a tokenizer that lists fewer merges would
+    tokenize otherwise there, and its export is refused, naming a text where the two differ."""
+    from edgelm.formats.gguf_tokenizer import tokenizer_metadata
+
+    tokenizer = rebuilt(write_gguf(tmp_path / "spm.gguf", "llama", sentencepiece_vocab()))
+    state = json.loads(tokenizer.backend.to_str())
+    whole = [t for t in state["model"]["vocab"] if t.startswith("▁") and len(tokenizer.encode(t[1:])) == 1]
+    longest = max(whole, key=len)  # a piece the tokenizer makes from its own text
+    state["model"]["merges"] = [m for m in state["model"]["merges"] if "".join(m) != longest]
+    fewer = Tokenizer(HFTokenizer.from_str(json.dumps(state)), tokenizer.bos_id, list(tokenizer.eos_ids))
+    with pytest.raises(EdgelmError, match=r"llama\.cpp would tokenize"):
+        tokenizer_metadata(fewer, tmp_path)

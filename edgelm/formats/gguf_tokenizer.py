@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.gguf import DEFAULT_TOKEN_IDS
-from edgelm.tokenizer import PRE_TOKENIZER_REGEXES, SPACE, Tokenizer, pre_tokenizer
+from edgelm.tokenizer import BYTE_PIECE, PRE_TOKENIZER_REGEXES, SPACE, Tokenizer, pre_tokenizer
 
 # `tokenizer.ggml.pre` values that llama.cpp maps to one of the pre-tokenizers above
 GGUF_PRE_TOKENIZERS: dict[str, str] = {
@@ -245,11 +245,6 @@ def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float]) -> list
 
 def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     """The name llama.cpp gives the tokenizer's pre-tokenizer; anything it would split differently fails."""
-    if not isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
-        raise EdgelmError(
-            "GGUF export writes byte-level BPE tokenizers (tokenizer.ggml.model gpt2); this one is "
-            "SentencePiece-style, which edgelm does not export yet"
-        )
     name = gguf_pre_tokenizer_name(tokenizer.backend)
     if name is None:
         spec = json.loads(tokenizer.backend.to_str())["pre_tokenizer"]
@@ -262,12 +257,12 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
 
 
 def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
-    """Every `tokenizer.ggml.*` value llama.cpp needs to reproduce the tokenizer's ids."""
+    """Every `tokenizer.ggml.*` value llama.cpp needs to reproduce the tokenizer's ids: "model" gpt2
+    (byte-level BPE: tokens, types, merges, the pre-tokenizer's name) or llama (SentencePiece BPE: tokens,
+    types, scores, the unknown token and the space prefix)."""
     model = json.loads(tokenizer.backend.to_str())["model"]
     if model.get("type") != "BPE":
-        raise EdgelmError(
-            f"{checkpoint}: GGUF export supports byte-level BPE tokenizers, not {model.get('type')}"
-        )
+        raise EdgelmError(f"{checkpoint}: GGUF export supports BPE tokenizers, not {model.get('type')}")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokens = [""] * len(tokenizer.token_bytes)
     for token, token_id in vocab.items():
@@ -277,4 +272,57 @@ def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]
     added = {t.content: t.special for t in tokenizer.backend.get_added_tokens_decoder().values()}
     types = [CONTROL if added.get(t) else USER_DEFINED if t in added else NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"pre": pre_tokenizer_name(tokenizer), "tokens": tokens, "types": types, "merges": merges}
+    if not isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
+        return _sentencepiece_metadata(tokenizer, tokens, types, merges, model.get("unk_token"), checkpoint)
+    return {
+        "model": "gpt2",
+        "pre": pre_tokenizer_name(tokenizer),
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+    }
+
+
+def _sentencepiece_metadata(
+    tokenizer: Tokenizer,
+    tokens: list[str],
+    types: list[int],
+    merges: list[str],
+    unk_token: str | None,
+    checkpoint: Path,
+) -> dict[str, Any]:
+    """SentencePiece BPE as llama.cpp's `llama` vocabulary: each piece scored by the rank of the first merge
+    that makes it (llama.cpp merges the adjacent pair whose union scores highest), <0xNN> pieces as bytes.
+    llama.cpp merges any two adjacent pieces whose union is a piece, where the tokenizer merges only the
+    pairs it lists: the export holds the two equal on every piece of the vocabulary and refuses otherwise."""
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), r)
+    scores = [-1.0 - rank[t] if t in rank else 0.0 for t in tokens]
+    types = [
+        UNKNOWN if t == unk_token else BYTE if kind == NORMAL and BYTE_PIECE.fullmatch(t) else kind
+        for t, kind in zip(tokens, types, strict=True)
+    ]
+    rebuilt = _sentencepiece_backend(tokens, scores, unk_token, tokenizer.space_prefix, str(checkpoint))
+    _add_gguf_tokens(rebuilt, tokens, types)  # as the file's reader, and llama.cpp, match them first
+    # each piece's text, less the "▁" the space prefix puts back
+    pieces = [t for t, kind in zip(tokens, types, strict=True) if kind == NORMAL]
+    strip = tokenizer.space_prefix
+    surfaces = [(t[1:] if strip and t.startswith(SPACE) else t).replace(SPACE, " ") for t in pieces]
+    ours = tokenizer.backend.encode_batch(surfaces, add_special_tokens=False)
+    theirs = rebuilt.encode_batch(surfaces, add_special_tokens=False)
+    for text, a, b in zip(surfaces, ours, theirs, strict=True):
+        if a.ids != b.ids:
+            raise EdgelmError(
+                f"{checkpoint}: llama.cpp would tokenize {text!r} as {b.ids}, the tokenizer as {a.ids} (it "
+                "leaves out merges llama.cpp makes); GGUF export needs a SentencePiece tokenizer whose "
+                "merges are every split of each piece"
+            )
+    return {
+        "model": "llama",
+        "tokens": tokens,
+        "types": types,
+        "scores": scores,
+        "unk": tokens.index(unk_token) if unk_token in tokens else None,
+        "space_prefix": tokenizer.space_prefix,
+    }
