@@ -29,6 +29,8 @@ from edgelm.export.onnx import export_onnx
 from edgelm.formats.gguf_reader import read_gguf
 from edgelm.importer import import_model
 from edgelm.model.config import ModelConfig
+from edgelm.model.rope import rope_frequencies
+from edgelm.model.rope_scaling import LongRopeScaling
 from edgelm.quant.calibration import activation_covariance
 from edgelm.tokenizer import Tokenizer
 
@@ -310,7 +312,10 @@ def test_tensor_types_equal_llama_cpp_quantizer(
     assert types[0] == types[1]
 
 
-@pytest.mark.parametrize("name", ["qwen3-gqa-untied", "gemma3-local-global-untied"])
+@pytest.mark.parametrize(
+    "name",
+    ["qwen3-gqa-untied", "gemma2-softcap-window", "gemma3-local-global-untied", "phi3-partial-longrope-tied"],
+)
 def test_compare_and_generation_run_unchanged(
     imported: Callable[[str], Path], tmp_path: Path, name: str
 ) -> None:
@@ -358,3 +363,73 @@ def test_rotary_width_onnx_runtime_cannot_rotate_is_refused(
     ):
         export_onnx(checkpoint, tmp_path / "out", "fp32")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "phi3"])
+def test_missing_keys_take_transformers_defaults(model_type: str) -> None:
+    """A config.json that names only the shape reads as transformers' config class reads it: Gemma's layer
+    pattern, window, soft-caps, attention scalar and RoPE bases, Phi-3's context."""
+    from transformers import AutoConfig
+
+    shape = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8}
+    shape |= {"num_attention_heads": 4}
+    ours = ModelConfig.from_hf_dict({"model_type": model_type, **shape})
+    theirs = AutoConfig.for_model(model_type, **shape)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.head_dim, ours.num_key_value_heads) == (head_dim, theirs.num_key_value_heads)
+    assert (ours.tie_word_embeddings, ours.rms_norm_eps) == (theirs.tie_word_embeddings, theirs.rms_norm_eps)
+    if model_type == "phi3":
+        assert ours.max_position_embeddings == theirs.max_position_embeddings
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+        return
+    assert list(ours.layer_types) == theirs.layer_types and ours.sliding_window == theirs.sliding_window
+    assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+    assert ours.attn_logit_softcapping == theirs.attn_logit_softcapping
+    assert ours.final_logit_softcapping == theirs.final_logit_softcapping
+    rope = theirs.rope_parameters
+    if model_type == "gemma3_text":
+        assert ours.rope_theta == rope["full_attention"]["rope_theta"]
+        assert ours.rope_local_theta == rope["sliding_attention"]["rope_theta"]
+    else:
+        assert ours.rope_theta == rope["rope_theta"]
+
+
+def test_phi4_mini_shaped_config_reads_as_transformers() -> None:
+    """Phi-4-mini's config.json (partial rotary 0.75, LongRoPE from a 4 k original context to 128 k, a
+    window past the context): the context stops at 4 k and the attention factor is transformers' own."""
+    from transformers import Phi3Config
+
+    pairs = 48  # head_dim 128, three quarters rotated
+    data = {
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "vocab_size": 200064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "partial_rotary_factor": 0.75,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0 + i / pairs for i in range(pairs)],
+            "long_factor": [1.0 + 40 * i / pairs for i in range(pairs)],
+        },
+        "sliding_window": 262144,
+        "tie_word_embeddings": True,
+        "bos_token_id": 199999,
+        "eos_token_id": 199999,
+        "pad_token_id": 199999,
+    }
+    ours = ModelConfig.from_hf_dict(data)
+    assert (ours.rotary_dim, ours.max_position_embeddings) == (96, 4096)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["longrope"](Phi3Config(**data), "cpu", seq_len=4096)
+    assert isinstance(ours.rope_scaling, LongRopeScaling)
+    assert ours.rope_scaling.attention_factor == pytest.approx(factor, rel=1e-7)
+    # torch rounds its float32 power once in a while otherwise (one pair here, by 2 units)
+    np.testing.assert_array_max_ulp(rope_frequencies(ours), inv_freq.numpy(), maxulp=2)

@@ -14,16 +14,19 @@ def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     """The rotation frequency of each rotated pair of dimensions, float32 (rotary_dim/2,), the config's
     scaling applied; with `local`, those of Gemma 3's sliding layers (their own base, no scaling).
 
-    Computed in float32 in the order transformers uses, so that the PyTorch model matches it exactly.
+    Computed in float32 in the order transformers uses, so that the PyTorch model matches it; the power is
+    taken in float64 and rounded, which gives torch's float32 power (numpy's float32 one is off by a unit
+    in the last place for a tenth of the pairs).
     """
     d = config.rotary_dim
     theta = config.rope_local_theta if local and config.rope_local_theta is not None else config.rope_theta
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    powers = np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
     scaling = None if local and config.rope_local_theta is not None else config.rope_scaling
     if isinstance(scaling, LongRopeScaling):  # each pair's own divisor
         divisors = np.asarray(scaling.short_factor, np.float32)
-        return (np.float32(1.0) / (divisors * np.power(np.float32(theta), exponents))).astype(np.float32)
-    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents)
+        return (np.float32(1.0) / (divisors * powers)).astype(np.float32)
+    inv_freq = np.float32(1.0) / powers
     if isinstance(scaling, LinearRopeScaling):
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
     if isinstance(scaling, Llama3RopeScaling):
