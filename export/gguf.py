@@ -43,7 +43,6 @@ from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, Long
 from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.quant.calibration import record_quantized, wants_quantized
-from edgelm.quant.gptq import without_feedback
 from edgelm.tokenizer import Tokenizer
 
 try:
@@ -222,8 +221,6 @@ def _encoded(
         w = permute_for_gguf(w, heads)
     tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
     hessian = (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
-    if tied_embedding and hessian is not None:
-        hessian = without_feedback(hessian)  # llama.cpp reads its rows as embeddings too
 
     def record(values: np.ndarray) -> None:
         record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))

@@ -35,7 +35,6 @@ from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
 from edgelm.quant.blocks import QuantizedBlocks
 from edgelm.quant.calibration import record_quantized, wants_quantized
-from edgelm.quant.gptq import without_feedback
 
 try:
     import onnx
@@ -505,8 +504,6 @@ class _Linear:
             else:
                 m = fused_matrix(self.config, self.weights, matrix)
             hessian = self.hessians.get(m.hessian_key)
-            if hessian is not None and matrix == "lm_head" and self.config.tie_word_embeddings:
-                hessian = without_feedback(hessian)  # the embedding lookups read these blocks too
             q = quantized_blocks(
                 matrix, m.w, self.precision, self.options, hessian, self.eight_bit, self.threads
             )

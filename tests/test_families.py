@@ -76,13 +76,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         | {"query_pre_attn_scalar": 32, "tie_word_embeddings": False}
         | {"rope_parameters": GEMMA3_ROPE},
     ),
-    # fused qkv_proj and gate_up_proj, multi-head attention, plain RoPE
-    "phi3-mha": ("phi3", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4} | PHI3_PAD),
-    # Phi-4-mini's kind: partial rotary, LongRoPE (a published context of 4x the original, which llama.cpp
-    # would reach with the long factors: its context, padded to 256, stays within this original), tied
-    "phi3-partial-longrope-tied": (
+    # fused qkv_proj and gate_up_proj, multi-head attention, plain RoPE, tied
+    "phi3-mha-tied": (
         "phi3",
-        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+        {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
+        | PHI3_PAD,
+    ),
+    # Phi-4-mini's kind: partial rotary, LongRoPE (a published context of 4x the original, which llama.cpp
+    # would reach with the long factors: its context, padded to 256, stays within this original)
+    "phi3-partial-longrope": (
+        "phi3",
+        {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
         | {"max_position_embeddings": 1024, "original_max_position_embeddings": 256}
         | {"rope_parameters": PHI3_LONGROPE}
         | PHI3_PAD,
@@ -314,7 +318,7 @@ def test_tensor_types_equal_llama_cpp_quantizer(
 
 @pytest.mark.parametrize(
     "name",
-    ["qwen3-gqa-untied", "gemma2-softcap-window", "gemma3-local-global-untied", "phi3-partial-longrope-tied"],
+    ["qwen3-gqa-untied", "gemma2-softcap-window", "gemma3-local-global-untied", "phi3-partial-longrope"],
 )
 def test_compare_and_generation_run_unchanged(
     imported: Callable[[str], Path], tmp_path: Path, name: str

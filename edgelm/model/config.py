@@ -79,6 +79,13 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_shape()
+        self._check_family()
+        self._check_rope()
+        self._check_gemma_fields()
+
+    def _check_shape(self) -> None:
+        """Sizes positive and divisible as attention needs them; special ids inside the vocabulary."""
         positive = (
             "vocab_size",
             "hidden_size",
@@ -98,6 +105,34 @@ class ModelConfig:
                 f"config: num_key_value_heads={self.num_key_value_heads} does not divide "
                 f"num_attention_heads={self.num_attention_heads} (check the source model's config)"
             )
+        if not self.rms_norm_eps > 0:
+            raise EdgelmError(f"config: rms_norm_eps={self.rms_norm_eps} must be positive")
+        for token_id in (self.bos_token_id, *self.eos_token_ids):
+            if not 0 <= token_id < self.vocab_size:
+                raise EdgelmError(
+                    f"config: token id {token_id} is outside the vocabulary (vocab_size={self.vocab_size})"
+                )
+
+    def _check_family(self) -> None:
+        """A known architecture, with the attention biases it can have."""
+        if self.architecture not in ARCHITECTURES:
+            raise EdgelmError(f"config: architecture {self.architecture!r} is not supported; {SUPPORTED}")
+        all_or_none, none = self.qkv_bias == self.o_bias, not (self.qkv_bias or self.o_bias)
+        biases = {
+            "MistralForCausalLM": none,
+            "Qwen2ForCausalLM": self.qkv_bias and not self.o_bias,
+            "Phi3ForCausalLM": none,
+        }
+        if not biases.get(self.architecture, all_or_none):
+            raise EdgelmError(
+                f"config: {self.architecture} cannot have qkv_bias={self.qkv_bias}, o_bias={self.o_bias} "
+                "(Llama, Qwen3, Gemma: all four attention biases or none, Mistral, Phi-3: none, Qwen2: q/k/v "
+                "only)"
+            )
+
+    def _check_rope(self) -> None:
+        """An even number of rotated dimensions (fewer than head_dim only in Phi-3), a known scaling, and
+        LongRoPE's factors for those dimensions within its original context."""
         if self.head_dim % 2:
             raise EdgelmError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
@@ -107,48 +142,22 @@ class ModelConfig:
             )
         if self.partial_rotary_factor != 1 and self.architecture != "Phi3ForCausalLM":
             raise EdgelmError(f"config: partial_rotary_factor is Phi-3's, not {self.architecture}'s")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise EdgelmError(
-                f"config: rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be positive"
-            )
-        for token_id in (self.bos_token_id, *self.eos_token_ids):
-            if not 0 <= token_id < self.vocab_size:
-                raise EdgelmError(
-                    f"config: token id {token_id} is outside the vocabulary (vocab_size={self.vocab_size})"
-                )
-        if self.architecture not in ARCHITECTURES:
-            raise EdgelmError(f"config: architecture {self.architecture!r} is not supported; {SUPPORTED}")
-        biases = {
-            "LlamaForCausalLM": self.qkv_bias == self.o_bias,
-            "MistralForCausalLM": not (self.qkv_bias or self.o_bias),
-            "Qwen2ForCausalLM": self.qkv_bias and not self.o_bias,
-            "Qwen3ForCausalLM": self.qkv_bias == self.o_bias,
-            "Gemma2ForCausalLM": self.qkv_bias == self.o_bias,
-            "Gemma3ForCausalLM": self.qkv_bias == self.o_bias,
-            "Phi3ForCausalLM": not (self.qkv_bias or self.o_bias),
-        }
-        if not biases[self.architecture]:
-            raise EdgelmError(
-                f"config: {self.architecture} cannot have qkv_bias={self.qkv_bias}, o_bias={self.o_bias} "
-                "(Llama, Qwen3, Gemma: all four attention biases or none, Mistral, Phi-3: none, Qwen2: q/k/v "
-                "only)"
-            )
-        if not isinstance(
-            self.rope_scaling, (Llama3RopeScaling, LinearRopeScaling, LongRopeScaling, type(None))
-        ):
-            raise EdgelmError(f"config: rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
-        if isinstance(self.rope_scaling, LongRopeScaling):
-            if len(self.rope_scaling.short_factor) != self.rotary_dim // 2:
+        if not self.rope_theta > 0:
+            raise EdgelmError(f"config: rope_theta={self.rope_theta} must be positive")
+        scaling = self.rope_scaling
+        if not isinstance(scaling, (Llama3RopeScaling, LinearRopeScaling, LongRopeScaling, type(None))):
+            raise EdgelmError(f"config: rope_scaling={scaling!r} must be a RopeScaling or None")
+        if isinstance(scaling, LongRopeScaling):
+            if len(scaling.short_factor) != self.rotary_dim // 2:
                 raise EdgelmError(
                     f"config: longrope needs a factor for each of the {self.rotary_dim // 2} rotary pairs, "
-                    f"got {len(self.rope_scaling.short_factor)}"
+                    f"got {len(scaling.short_factor)}"
                 )
-            if self.max_position_embeddings > self.rope_scaling.original_max_position_embeddings:
+            if self.max_position_embeddings > scaling.original_max_position_embeddings:
                 raise EdgelmError(
                     "config: with longrope, edgelm's context stops at original_max_position_embeddings="
-                    f"{self.rope_scaling.original_max_position_embeddings}"
+                    f"{scaling.original_max_position_embeddings}"
                 )
-        self._check_gemma_fields()
 
     def _check_gemma_fields(self) -> None:
         """The fields only Gemma reads: unset elsewhere, and consistent."""
@@ -165,12 +174,8 @@ class ModelConfig:
             if given:
                 raise EdgelmError(f"config: {', '.join(given)} apply to Gemma only, not {self.architecture}")
             return
-        scalars = {
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "attn_logit_softcapping": self.attn_logit_softcapping,
-            "final_logit_softcapping": self.final_logit_softcapping,
-        }
-        for name, value in scalars.items():
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
             if value is not None and not value > 0:
                 raise EdgelmError(f"config: {name}={value!r} must be positive or null")
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):

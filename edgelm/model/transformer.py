@@ -120,16 +120,15 @@ def attend(
     scores soft-capped (softcap * tanh(s / softcap)) when `softcap`; (B, nh, T, hd)."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if softcap is None and window is None and (T == 1 or start == 0):
+        # one new token attends to everything cached, or a first chunk to itself causally: no mask to build
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=gqa)
     q_pos = torch.arange(start, start + T, device=q.device)[:, None]
     k_pos = torch.arange(S, device=q.device)[None, :]
     mask = k_pos <= q_pos  # (T, S)
     if window is not None:
         mask &= k_pos > q_pos - window
     if softcap is None:
-        if window is None and T == 1:  # one new token attends to everything cached: no mask needed
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        if window is None and start == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     # soft-capped scores (Gemma 2) are not something scaled_dot_product_attention computes
     if gqa:

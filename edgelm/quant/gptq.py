@@ -91,10 +91,3 @@ def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, 
             "(give E[x xᵀ] of the inputs, e.g. from edgelm.quant.calibration.activation_covariance)"
         ) from None
     return factor, diagonal
-
-
-def without_feedback(hessian: np.ndarray) -> np.ndarray:
-    """The hessian's diagonal as a matrix: it steers the scales as `hessian` does but passes no rounding
-    error from column to column. For a matrix that is also read row by row, a tied embedding table, whose
-    rows GPTQ's compensation (right for the head's products) would make noisier lookups."""
-    return np.diag(np.diag(hessian)).astype(hessian.dtype)
