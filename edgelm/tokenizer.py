@@ -33,6 +33,13 @@ QWEN2_PATTERN = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# GPT-4o's pattern (o200k, Phi-4-mini's): words split before an upper-case run, contractions kept on them,
+# numbers in groups of three, punctuation runs with the newlines and slashes after them
+GPT4O_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # llama.cpp's BPE pre-tokenizers (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_*) as the regexes it applies in
 # turn: each one splits every piece the previous ones left, its matches and the gaps between them becoming
@@ -43,6 +50,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "llama-bpe": (SPLIT_PATTERN,),
     "qwen2": (QWEN2_PATTERN,),
     "smollm": (r"\p{N}", GPT2_PATTERN),
+    "gpt-4o": (GPT4O_PATTERN,),
 }
 SPACE = "▁"  # U+2581, SentencePiece's visible space
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -227,9 +235,14 @@ def pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
+    return split_then_bytes(*PRE_TOKENIZER_REGEXES[name])
+
+
+def split_then_bytes(*regexes: str) -> pre_tokenizers.PreTokenizer:
+    """Split by each regex in turn (matches and gaps both pieces), then byte-encode the pieces."""
     return pre_tokenizers.Sequence(
         [
-            *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[name]),
+            *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

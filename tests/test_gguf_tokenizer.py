@@ -14,7 +14,7 @@ from typing import Any
 import gguf
 import llama_cpp
 import pytest
-from tokenizers import Regex, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
@@ -53,6 +53,18 @@ TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im
 _TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _TAIL
 _QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _TAIL
+_CASED = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O = (
+    _CASED
+    + r"*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    + _CONTRACTIONS
+    + "|"
+    + _CASED
+    + r"+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    + _CONTRACTIONS
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 HF_PRE_TOKENIZERS = {
     "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -64,6 +76,10 @@ HF_PRE_TOKENIZERS = {
     ),
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    ),
+    # Phi-4-mini's tokenizer.json spells it so
+    "gpt-4o": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(_GPT4O), "isolated"), pre_tokenizers.ByteLevel(False, use_regex=False)]
     ),
 }
 
@@ -419,3 +435,23 @@ def test_sentencepiece_merges_llama_cpp_would_not_follow_are_refused(tmp_path: P
     fewer = Tokenizer(HFTokenizer.from_str(json.dumps(state)), tokenizer.bos_id, list(tokenizer.eos_ids))
     with pytest.raises(EdgelmError, match=r"llama\.cpp would tokenize"):
         tokenizer_metadata(fewer, tmp_path)
+
+
+@pytest.mark.parametrize("pre", sorted(HF_PRE_TOKENIZERS))
+def test_models_own_pre_tokenizers_export_under_llama_cpp_names(tmp_path: Path, pre: str) -> None:
+    """A tokenizer.json as the models ship it (Qwen's case-folded contractions, Phi-4-mini's GPT-4o split,
+    ByteLevel with trim_offsets either way) is recognized as llama.cpp's pre-tokenizer, and llama.cpp then
+    tokenizes as the tokenizer does. ("default" and "gpt-2" are one Hugging Face pre-tokenizer: gpt-2.)"""
+    backend = train_byte_level(HF_PRE_TOKENIZERS[pre]())
+    state = json.loads(backend.to_str())
+    for step in state["pre_tokenizer"].get("pretokenizers", [state["pre_tokenizer"]]):
+        if step["type"] == "ByteLevel":
+            step["trim_offsets"] = False
+    backend = HFTokenizer.from_str(json.dumps(state))
+    backend.decoder = decoders.ByteLevel()
+    name = gguf_pre_tokenizer_name(backend)
+    assert name == ("gpt-2" if pre == "default" else pre)
+    vocab = byte_level_vocab(backend)
+    tokenizer = Tokenizer(backend, 0, [1])
+    with llama_vocab(write_gguf(tmp_path / f"{pre}.gguf", "gpt2", vocab, pre=name, bos=0, eos=1)) as llama:
+        assert tokenizer.encode(TEXT) == llama.tokenize(TEXT.encode(), add_bos=False, special=False)

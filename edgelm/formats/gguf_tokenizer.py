@@ -13,7 +13,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.gguf import DEFAULT_TOKEN_IDS
-from edgelm.tokenizer import BYTE_PIECE, PRE_TOKENIZER_REGEXES, SPACE, Tokenizer, pre_tokenizer
+from edgelm.tokenizer import (
+    BYTE_PIECE,
+    PRE_TOKENIZER_REGEXES,
+    SPACE,
+    Tokenizer,
+    pre_tokenizer,
+    split_then_bytes,
+)
 
 # `tokenizer.ggml.pre` values that llama.cpp maps to one of the pre-tokenizers above
 GGUF_PRE_TOKENIZERS: dict[str, str] = {
@@ -34,6 +41,7 @@ GGUF_PRE_TOKENIZERS: dict[str, str] = {
     "starcoder": "smollm",
     "refact": "smollm",
     "codeshell": "smollm",
+    "gpt-4o": "gpt-4o",
 }
 # llama.cpp's `tokenizer.ggml.token_type` values
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -51,15 +59,38 @@ END_OF_GENERATION = (
 )
 
 
+# Qwen 2/2.5/3's own tokenizer.json spelling of llama.cpp's qwen2 pre-tokenizer: its contractions case-fold
+# ("(?i:'s|...)"), which splits otherwise only where Unicode folds a letter to s, t, ... ("'ſ"); llama.cpp's
+# converter takes Qwen's tokenizers as qwen2, and so does the GGUF export
+QWEN_TOKENIZER_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_OWN_SPELLINGS = {"qwen2": (QWEN_TOKENIZER_PATTERN,)}
+
+
 def gguf_pre_tokenizer_name(backend: HFTokenizer) -> str | None:
-    """The `tokenizer.ggml.pre` name of the backend's pre-tokenizer, or None if it is none of edgelm's."""
+    """The `tokenizer.ggml.pre` name of the backend's pre-tokenizer, or None if it is none of edgelm's
+    (nor a model's own spelling of one of them). ByteLevel's trim_offsets, which moves no token boundary,
+    is not compared."""
     if backend.pre_tokenizer is None:
         return None
-    state = json.loads(backend.pre_tokenizer.__getstate__())
+    state = _without_offsets(json.loads(backend.pre_tokenizer.__getstate__()))
     for name in PRE_TOKENIZER_REGEXES:
-        if json.loads(pre_tokenizer(name).__getstate__()) == state:
+        spellings = [pre_tokenizer(name)]
+        spellings += [split_then_bytes(*_OWN_SPELLINGS[name])] if name in _OWN_SPELLINGS else []
+        if any(_without_offsets(json.loads(p.__getstate__())) == state for p in spellings):
             return name
     return None
+
+
+def _without_offsets(state: Any) -> Any:
+    """A pre-tokenizer's state without the trim_offsets settings."""
+    if isinstance(state, dict):
+        return {k: _without_offsets(v) for k, v in state.items() if k != "trim_offsets"}
+    if isinstance(state, list):
+        return [_without_offsets(v) for v in state]
+    return state
 
 
 def tokenizer_from_gguf(metadata: dict, where: str) -> Tokenizer:
