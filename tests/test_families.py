@@ -294,26 +294,50 @@ def test_what_llama_cpp_lacks_is_refused_before_writing(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("quant", ["q4_0", "q4_k_m"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tensor_types_equal_llama_cpp_quantizer(
-    imported: Callable[[str], Path], tmp_path: Path, name: str, quant: str
+def test_every_mixture_takes_llama_cpp_types_and_runs(
+    imported: Callable[[str], Path], tmp_path: Path, name: str
 ) -> None:
-    """llama.cpp's per-tensor rules for the family's architecture: its own quantizer, given only the file
-    type, picks the types edgelm's export picked."""
+    """llama.cpp's per-tensor rules for the family's architecture, for every mixture: its own quantizer,
+    given only the file type, picks the types edgelm's export picked (where edgelm's two own levels differ
+    by design, as test_gguf's llama_cpp_type says), and llama.cpp runs each file close to transformers."""
     import llama_cpp
     from gguf import GGUFReader
+    from test_gguf import llama_cpp_type
 
     from edgelm.export.gguf_types import MIXTURES
 
     checkpoint = imported(name)
-    ours = export_gguf(checkpoint, tmp_path / "ours.gguf", quant)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(MIXTURES[quant].file_type)
-    f32, theirs = export_gguf(checkpoint, tmp_path / "f32.gguf", "f32"), tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
-    types = [{t.name: t.tensor_type.name for t in GGUFReader(path).tensors} for path in (ours, theirs)]
-    assert types[0] == types[1]
+    config = ModelConfig.load(checkpoint)
+    want = hf_logits(checkpoint, IDS[:48])
+    f32 = export_gguf(checkpoint, tmp_path / "f32.gguf", "f32")
+    for quant, mixture in MIXTURES.items():
+        ours = export_gguf(checkpoint, tmp_path / f"{quant}.gguf", quant)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(mixture.file_type)
+        theirs = tmp_path / f"{quant}-llama.cpp.gguf"
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+        types = [{t.name: t.tensor_type.name for t in GGUFReader(path).tensors} for path in (ours, theirs)]
+        layers = config.num_hidden_layers
+        assert types[1] == {t: llama_cpp_type(quant, t, kind, layers) for t, kind in types[0].items()}, quant
+        # 4 bits move many top tokens of a random model; a misplaced tensor moves nearly all (~1/vocab kept)
+        assert top1(stepwise_logits(ours, IDS[:48]), want) >= 0.2, quant
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_onnx_precision_runs(imported: Callable[[str], Path], tmp_path: Path, name: str) -> None:
+    """fp16, int8, int8_dynamic and int4_mixed of the family in ONNX Runtime: fp16 within half precision of
+    transformers, the quantized ones near it (4 bits move many top tokens of a random model, a misplaced
+    weight nearly all: ~1/vocab kept)."""
+    checkpoint = imported(name)
+    want = hf_logits(checkpoint, IDS[:48])
+    for quant in ("fp16", "int8", "int8_dynamic", "int4_mixed"):
+        got = stepwise_logits(export_onnx(checkpoint, tmp_path / quant, quant), IDS[:48])
+        assert np.isfinite(got).all(), quant
+        if quant == "fp16":
+            assert np.abs(got - want).max() <= 0.05 and top1(got, want) >= 0.9
+        else:
+            assert top1(got, want) >= 0.2, quant
 
 
 @pytest.mark.parametrize(

@@ -187,14 +187,14 @@ def tensor_types(path: Path) -> dict[str, str]:
 def llama_cpp_type(quant: str, name: str, ours: str, n_layers: int) -> str:
     """The type llama.cpp's quantizer gives a tensor that edgelm gives `ours`. Where they differ, it is by
     design: edgelm's q4_k is Q4_K in every layer (a pure level, to compare block types by themselves), where
-    llama.cpp's Q4_K_S moves the first four layers' attn_v and the first eighth's ffn_down to Q5_K (Q5_1 on
-    rows that are not a multiple of 256); q8_0_f16emb keeps the embedding and output in F16, which no
+    llama.cpp's Q4_K_S moves the first four layers' attn_v (Phi-3's attn_qkv) and the first eighth's ffn_down
+    to Q5_K (Q5_1 on rows that are not a multiple of 256); q8_0_f16emb keeps the embedding and output in F16, which no
     llama.cpp file type does."""
     if quant == "q8_0_f16emb" and name in ("token_embd.weight", "output.weight"):
         return "Q8_0"
     if quant == "q4_k" and name.startswith("blk."):
         layer = int(name.split(".")[1])
-        if (name.endswith("attn_v.weight") and layer < 4) or (
+        if (name.endswith(("attn_v.weight", "attn_qkv.weight")) and layer < 4) or (
             name.endswith("ffn_down.weight") and layer < n_layers // 8
         ):
             return {"Q4_K": "Q5_K", "Q5_0": "Q5_1"}[ours]
