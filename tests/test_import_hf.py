@@ -98,6 +98,26 @@ CASES: dict[str, tuple[str, dict[str, Any], torch.dtype, str | None]] = {
         torch.bfloat16,
         "40KB",
     ),
+    "gemma2-bf16-sharded": (
+        "gemma2",
+        {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+        | {"query_pre_attn_scalar": 16},
+        torch.bfloat16,
+        "40KB",
+    ),
+    "gemma3-fp16-untied": (
+        "gemma3_text",
+        {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16}
+        | {"query_pre_attn_scalar": 16, "tie_word_embeddings": False},
+        torch.float16,
+        None,
+    ),
+    "phi3-bf16-sharded": (
+        "phi3",
+        {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 1},
+        torch.bfloat16,
+        "40KB",
+    ),
     "qwen2-mqa-headdim-window-fp16-sharded": (
         "qwen2",
         {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}
@@ -215,6 +235,10 @@ def test_context_stops_at_the_sliding_window(hf_folder: Callable[[str], Path]) -
         "mistral-gqa-9-3-bf16-sharded",
         "mistral-window-tied",
         "qwen2-mqa-headdim-window-fp16-sharded",
+        "qwen3-gqa-headdim-bf16-sharded",
+        "gemma2-bf16-sharded",
+        "gemma3-fp16-untied",
+        "phi3-bf16-sharded",
     ],
 )
 def test_resaved_checkpoint_loads_in_transformers(

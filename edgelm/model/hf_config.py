@@ -244,7 +244,8 @@ def hf_gemma3_rope(
     `rope_parameters` by layer type or v4's rope_theta, rope_scaling and rope_local_base_freq."""
     params = data.get("rope_parameters")
     defaults = HF_DEFAULTS["Gemma3ForCausalLM"]
-    if isinstance(params, dict) and set(params) <= {"full_attention", "sliding_attention"} and params:
+    # transformers reads the layer types' own dictionaries, whatever else the dictionary holds
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
         theta, scaling = _rope_parameters(full, data, max_position_embeddings, where, defaults["rope_theta"])
         local_theta, local_scaling = _rope_parameters(
