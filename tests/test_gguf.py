@@ -188,8 +188,8 @@ def llama_cpp_type(quant: str, name: str, ours: str, n_layers: int) -> str:
     """The type llama.cpp's quantizer gives a tensor that edgelm gives `ours`. Where they differ, it is by
     design: edgelm's q4_k is Q4_K in every layer (a pure level, to compare block types by themselves), where
     llama.cpp's Q4_K_S moves the first four layers' attn_v (Phi-3's attn_qkv) and the first eighth's ffn_down
-    to Q5_K (Q5_1 on rows that are not a multiple of 256); q8_0_f16emb keeps the embedding and output in F16, which no
-    llama.cpp file type does."""
+    to Q5_K (Q5_1 on rows that are not a multiple of 256); q8_0_f16emb keeps the embedding and output in
+    F16, which no llama.cpp file type does."""
     if quant == "q8_0_f16emb" and name in ("token_embd.weight", "output.weight"):
         return "Q8_0"
     if quant == "q4_k" and name.startswith("blk."):
