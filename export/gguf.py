@@ -1,5 +1,5 @@
-"""Checkpoint → GGUF file (llama.cpp's architecture for the family: `llama`, `qwen2`, `qwen3`), for llama.cpp
-and everything built on it.
+"""Checkpoint → GGUF file (llama.cpp's architecture for the family: `llama`, `qwen2`, `qwen3`, `gemma2`,
+`gemma3`, `phi3`), for llama.cpp and everything built on it.
 
 The weights are read with numpy (no torch), quantized by `edgelm.quant.blocks`, packed into block bytes by
 `gguf_blocks`, and written with gguf-py's `GGUFWriter` together with every `<architecture>.*`
