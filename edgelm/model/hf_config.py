@@ -153,29 +153,35 @@ def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "confi
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     if isinstance(values.get("eos_token_id"), list):
         values["eos_token_id"] = tuple(values["eos_token_id"])
+    layers, context = values["num_hidden_layers"], values["max_position_embeddings"]
     if architecture in GEMMA:
-        values |= hf_gemma(
-            data, architecture, values["num_hidden_layers"], values["max_position_embeddings"], where
-        )
+        values |= hf_gemma(data, architecture, layers, context, where)
     else:
-        phi3 = architecture == "Phi3ForCausalLM"
-        rope = hf_rope(data, values["max_position_embeddings"], where, partial=phi3)
-        values["rope_theta"], values["rope_scaling"] = rope
-        if phi3:
-            params = data.get("rope_parameters") or {}
-            partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
-            values["partial_rotary_factor"] = 1.0 if partial is None else float(partial)
-        if isinstance(rope[1], LongRopeScaling):  # edgelm computes LongRoPE within the original context
-            values["max_position_embeddings"] = rope[1].original_max_position_embeddings
-        window = hf_sliding_window(data, architecture, values["num_hidden_layers"], where)
-        if window is not None and window < values["max_position_embeddings"]:
-            values["max_position_embeddings"] = window
+        values |= _rope_and_context(data, architecture, layers, context, where)
     attention_bias = bool(data.get("attention_bias", False))
     qkv_bias, o_bias = {
         "MistralForCausalLM": (False, False),  # transformers' Mistral ignores attention_bias
         "Qwen2ForCausalLM": (True, False),
     }.get(architecture, (attention_bias, attention_bias))
     return values | {"architecture": architecture, "qkv_bias": qkv_bias, "o_bias": o_bias}
+
+
+def _rope_and_context(
+    data: dict[str, Any], architecture: str, num_layers: int, context: int, where: str
+) -> dict[str, Any]:
+    """RoPE (Phi-3's partial rotary too) and the context outside Gemma: cut to LongRoPE's original context
+    and to a sliding window shorter than it."""
+    phi3 = architecture == "Phi3ForCausalLM"
+    theta, scaling = hf_rope(data, context, where, partial=phi3)
+    values: dict[str, Any] = {"rope_theta": theta, "rope_scaling": scaling}
+    if phi3:
+        params = data.get("rope_parameters") or {}
+        partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+        values["partial_rotary_factor"] = 1.0 if partial is None else float(partial)
+    if isinstance(scaling, LongRopeScaling):  # edgelm computes LongRoPE within the original context
+        context = min(context, scaling.original_max_position_embeddings)
+    window = hf_sliding_window(data, architecture, num_layers, where)
+    return values | {"max_position_embeddings": min(context, window or context)}
 
 
 def _refuse_unsupported(data: dict[str, Any], architecture: str, where: str) -> None:
