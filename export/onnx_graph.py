@@ -7,6 +7,11 @@ from either reads the same in Netron. Each subgraph builder below draws its node
                         └──────────────── SkipSimplifiedLayerNormalization (residual + norm) ◀──────────┘
                               ─ gate_up MatMul ─ Split ─ SiLU(gate) * up ─ down MatMul ─ Skip…Norm ─ …
                                                                           ─ final Skip…Norm ─ lm_head ─ logits
+
+The families differ in a few places, each drawn where it is built: q/k norms between the qkv MatMul and
+the attention (Qwen3, Gemma 3; `_normed_heads`), Gemma's √hidden Mul after the Gather, its norms after the
+attention and the MLP (`_layer`), GELU for SiLU, GroupQueryAttention's scale, soft-cap and local window, and
+a soft-capped head (`_head`); Phi-3's fused matrices are its checkpoint's own (`fused_parts`).
 """
 
 from __future__ import annotations
@@ -231,6 +236,9 @@ def _layer(
        │       └─ attention (below) ─┐
        └─ /model/layers.0/post_attention_layernorm/SkipSimplifiedLayerNormalization ◀┘ (residual + attn)
                └─ MLP (below) ─ output; the next layer's input_layernorm adds the residual
+
+    Gemma norms each sublayer's output first: attention ─ post_attention_layernorm/RMSNormalization ─
+    pre_feedforward_layernorm/Skip…Norm (residual + it) ─ MLP ─ post_feedforward_layernorm/RMSNormalization.
     """
     p, name = f"model.layers.{i}.", f"/model/layers.{i}"
     eps = float(config.rms_norm_eps)
