@@ -461,3 +461,20 @@ def test_phi4_mini_shaped_config_reads_as_transformers() -> None:
     assert ours.rope_scaling.attention_factor == pytest.approx(factor, rel=1e-7)
     # torch rounds its float32 power once in a while otherwise (one pair here, by 2 units)
     np.testing.assert_array_max_ulp(rope_frequencies(ours), inv_freq.numpy(), maxulp=2)
+
+
+def test_phi3_gguf_with_its_published_context_imports(
+    imported: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """llama.cpp's converter writes a LongRoPE model's published context (128 k for Phi-4-mini), not the
+    original one: the import keeps the original, where edgelm computes it, and computes as before."""
+    from gguf import GGUFReader
+
+    checkpoint = imported("phi3-partial-longrope")
+    path = export_gguf(checkpoint, tmp_path, "f32")
+    field = GGUFReader(path, "r+").get_field("phi3.context_length")
+    assert field is not None
+    field.parts[field.data[0]][0] = 1024  # in place, as gguf-py's gguf_set_metadata does
+    assert read_gguf(path).metadata["phi3.context_length"] == 1024
+    back = import_model(path, tmp_path / "back")
+    assert ModelConfig.load(back) == ModelConfig.load(checkpoint)  # context 256, the original

@@ -16,9 +16,10 @@ from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, Long
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
-    """Read the hyperparameters of a GGUF file of architecture llama, qwen2 or qwen3; its tensor names
-    tell tied embeddings (no output.weight) and attention biases (q/k/v only, as Qwen2 has them, or all
-    four). A llama file with q/k/v biases alone is a Qwen2 model (as edgelm wrote them before qwen2)."""
+    """Read the hyperparameters of a GGUF file of architecture llama, qwen2, qwen3, gemma2, gemma3 or
+    phi3; its tensor names tell tied embeddings (no output.weight) and attention biases (q/k/v only, as
+    Qwen2 has them, or all four). A llama file with q/k/v biases alone is a Qwen2 model (as edgelm wrote
+    them before qwen2). RoPE scalings kept as tensors are the importer's (`rope_freqs`, LongRoPE's)."""
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or arch not in HF_ARCHITECTURES:
         known = ", ".join(HF_ARCHITECTURES)
