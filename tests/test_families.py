@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime_genai as og
 import pytest
 import torch
 from conftest import GEMMA2, PHI3, SAMPLE_TEXT, make_checkpoint, random_hf_model
-from test_onnx import dequantized_checkpoint
+from test_onnx import dequantized_checkpoint, genai_greedy_tokens, greedy_tokens
 
 import edgelm
 from edgelm.errors import EdgelmError
@@ -213,23 +212,9 @@ def test_onnx_in_onnx_runtime_and_genai(imported: Callable[[str], Path], tmp_pat
     assert top1(stepwise_logits(int4, IDS), own) >= 0.9
 
     prompt = IDS[:12].tolist()
-    with edgelm.load(fp32) as model:
-        ours, logits = [], model.runtime.forward(prompt)
-        for _ in range(16):  # greedy, to an end-of-sequence token as genai stops there
-            ours.append(int(logits[-1].argmax()))
-            if ours[-1] in model.config.eos_token_ids:
-                break
-            logits = model.runtime.forward([ours[-1]])
-    genai = og.Model(str(fp32))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(prompt)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
-    assert theirs == ours
+    with edgelm.load(fp32) as model:  # to an end-of-sequence token, as genai stops there
+        ours = greedy_tokens(model.runtime, prompt, 16, stop=model.config.eos_token_ids)
+    assert genai_greedy_tokens(fp32, prompt, 16) == ours
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -33,8 +33,9 @@ from edgelm.checkpoint import (
     weight_shapes,
 )
 from edgelm.errors import EdgelmError
-from edgelm.model.config import Llama3RopeScaling, ModelConfig
+from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
+from edgelm.model.rope_scaling import Llama3RopeScaling
 from edgelm.tokenizer import Tokenizer
 
 LLAMA3_ROPE = {

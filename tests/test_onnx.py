@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from edgelm.export.onnx import export_onnx
 from edgelm.export.onnx_graph import fused_matrix, matrix_names
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import QuantOptions, quantize_matrix
-from edgelm.model.config import Llama3RopeScaling
+from edgelm.model.rope_scaling import Llama3RopeScaling
+from edgelm.runtimes.base import Runtime
 from edgelm.runtimes.torch import TorchRuntime
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import load_tokens, validation_windows
@@ -435,20 +437,33 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(trained_exports: dic
         folder = trained_exports[quant]
         with edgelm.load(folder) as model:
             prompt = model.tokenizer.encode("def read_config(path):\n", add_bos=True)
-            ours, logits = [], model.runtime.forward(prompt)
-            for _ in range(24):
-                ours.append(int(logits[-1].argmax()))
-                logits = model.runtime.forward([ours[-1]])
-        genai = og.Model(str(folder))
-        params = og.GeneratorParams(genai)
-        params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
-        generator = og.Generator(genai, params)
-        generator.append_tokens(prompt)
-        theirs = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            theirs.append(int(generator.get_next_tokens()[0]))
-        assert theirs == ours, quant
+            ours = greedy_tokens(model.runtime, prompt, 24)
+        assert genai_greedy_tokens(folder, prompt, 24) == ours, quant
+
+
+def greedy_tokens(runtime: Runtime, prompt: list[int], n: int, stop: Collection[int] = ()) -> list[int]:
+    """Up to n greedy tokens after the prompt in edgelm's runtime, the last one a `stop` token if any."""
+    tokens, logits = [], runtime.forward(prompt)
+    for _ in range(n):
+        tokens.append(int(logits[-1].argmax()))
+        if tokens[-1] in stop:
+            break
+        logits = runtime.forward([tokens[-1]])
+    return tokens
+
+
+def genai_greedy_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
+    """Up to n greedy tokens after the prompt in onnxruntime-genai (which stops at an end token)."""
+    genai = og.Model(str(folder))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
 
 
 def test_bad_folders_get_clear_errors(checkpoint: Path, tmp_path: Path) -> None:

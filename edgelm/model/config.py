@@ -29,7 +29,7 @@ from edgelm.model.hf_config import (
     SUPPORTED,
     hf_fields,
 )
-from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, RopeScaling
+from edgelm.model.rope_scaling import LongRopeScaling, RopeScaling
 from edgelm.values import is_int
 
 
@@ -145,7 +145,7 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise EdgelmError(f"config: rope_theta={self.rope_theta} must be positive")
         scaling = self.rope_scaling
-        if not isinstance(scaling, (Llama3RopeScaling, LinearRopeScaling, LongRopeScaling, type(None))):
+        if scaling is not None and not isinstance(scaling, RopeScaling):
             raise EdgelmError(f"config: rope_scaling={scaling!r} must be a RopeScaling or None")
         if isinstance(scaling, LongRopeScaling):
             if len(scaling.short_factor) != self.rotary_dim // 2:
@@ -161,16 +161,8 @@ class ModelConfig:
 
     def _check_gemma_fields(self) -> None:
         """The fields only Gemma reads: unset elsewhere, and consistent."""
-        gemma_only = {
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "attn_logit_softcapping": self.attn_logit_softcapping,
-            "final_logit_softcapping": self.final_logit_softcapping,
-            "layer_types": self.layer_types or None,
-            "sliding_window": self.sliding_window,
-            "rope_local_theta": self.rope_local_theta,
-        }
         if self.architecture not in GEMMA:
-            given = [name for name, value in gemma_only.items() if value is not None]
+            given = [name for name in GEMMA_FIELDS if getattr(self, name) not in (None, ())]
             if given:
                 raise EdgelmError(f"config: {', '.join(given)} apply to Gemma only, not {self.architecture}")
             return
