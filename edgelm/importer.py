@@ -146,9 +146,7 @@ def _with_rope_tensors(gguf: GGUFFile, config: ModelConfig, where: str) -> Model
         short, long = (gguf.tensor_array(name) for name in LONGROPE_TENSORS)
         attention = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
         scaling = longrope_scaling(short, long, original or config.max_position_embeddings, attention)
-        # edgelm computes LongRoPE within the original context; llama.cpp writes the published one
-        context = min(config.max_position_embeddings, scaling.original_max_position_embeddings)
-        return dataclasses.replace(config, rope_scaling=scaling, max_position_embeddings=context)
+        return dataclasses.replace(config, rope_scaling=scaling)
     return config
 
 

@@ -150,8 +150,10 @@ def serve(
     runtime: str = "auto",
     device: str = "auto",
     log_level: str = "info",
+    **options: Any,
 ) -> None:
-    """Load the artifact at `path` and serve it on http://host:port/v1 until interrupted (Ctrl-C).
+    """Load the artifact at `path` (with the runtime's `options`, e.g. `context`) and serve it on
+    http://host:port/v1 until interrupted (Ctrl-C).
 
     Only this machine can connect unless `host` says otherwise (0.0.0.0: every interface).
     """
@@ -160,7 +162,7 @@ def serve(
     except ModuleNotFoundError as e:
         raise missing_dependency(e.name or "uvicorn", "serve") from None
     sock = listen(host, port)  # before loading, so that a taken port fails fast
-    with sock, load(path, runtime=runtime, device=device) as model:
+    with sock, load(path, runtime=runtime, device=device, **options) as model:
         app = create_app(model, Path(path).name)
         print(
             f"edgelm: serving {path} ({model.runtime.name} on {model.runtime.device}) "

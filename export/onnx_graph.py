@@ -38,6 +38,7 @@ from edgelm.export.onnx_quant import (
 from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
+from edgelm.model.rope_scaling import LongRopeScaling
 from edgelm.quant.blocks import QuantizedBlocks
 from edgelm.quant.calibration import record_quantized, wants_quantized
 
@@ -211,13 +212,40 @@ def _sequence(g: _Graph, config: ModelConfig) -> _Sequence:
     (mask_shape,) = g.node("Shape", ["attention_mask"], "/model/attn_mask", start=1, end=2)
     (total_1d,) = g.node("Cast", [mask_shape], "/model/attn_mask/total", to=TensorProto.INT32)
     (total,) = g.node("Squeeze", [total_1d], "/model/attn_mask/total")
-    cos, sin = rope_cos_sin(config, config.max_position_embeddings)
-    rope = {False: (g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin))}
+    rope = {False: _rope_caches(g, config, total)}
     rope[True] = rope[False]
     if config.rope_local_theta is not None:
         cos, sin = rope_cos_sin(config, config.max_position_embeddings, local=True)
         rope[True] = (g.float_weight("local_cos_cache", cos), g.float_weight("local_sin_cache", sin))
     return _Sequence(seqlens_k, total, rope)
+
+
+def _rope_caches(g: _Graph, config: ModelConfig, total: str) -> tuple[str, str]:
+    """The global layers' cos and sin caches. With LongRoPE and a context past the original one, both
+    sets, and the long ones chosen once the total length passes the original context (as transformers
+    chooses; onnxruntime-genai's builder draws the same):
+
+        total ─ /model/rotary/Greater (> original) ─ /model/rotary/If ─▶ cos_cache_long, sin_cache_long
+                                                                     or cos_cache, sin_cache (original rows)
+    """
+    scaling, context = config.rope_scaling, config.max_position_embeddings
+    if not isinstance(scaling, LongRopeScaling) or context <= scaling.original_max_position_embeddings:
+        cos, sin = rope_cos_sin(config, context)
+        return g.float_weight("cos_cache", cos), g.float_weight("sin_cache", sin)
+    original = scaling.original_max_position_embeddings
+    branches = {}
+    for branch, rows, suffix in (("then_branch", context, "_long"), ("else_branch", original, "")):
+        cos, sin = rope_cos_sin(config, rows)
+        caches = [g.float_weight(f"cos_cache{suffix}", cos), g.float_weight(f"sin_cache{suffix}", sin)]
+        outputs = [f"/model/rotary/If/{branch}/{name}" for name in ("cos", "sin")]
+        nodes = [helper.make_node("Identity", [c], [o]) for c, o in zip(caches, outputs, strict=True)]
+        ftype = _ONNX_TYPES[g.dtype]
+        values = [helper.make_tensor_value_info(o, ftype, None) for o in outputs]
+        branches[branch] = helper.make_graph(nodes, branch, [], values)
+    limit = g.constant("/model/rotary/original", np.array(original, np.int32))
+    (longer,) = g.node("Greater", [total, limit], "/model/rotary")
+    cos_cache, sin_cache = g.node("If", [longer], "/model/rotary", outputs=2, **branches)
+    return cos_cache, sin_cache
 
 
 def _layer(

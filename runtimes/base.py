@@ -18,6 +18,7 @@ import numpy as np
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
+from edgelm.model.rope import changes_earlier_rotation
 from edgelm.tokenizer import Tokenizer
 
 
@@ -111,6 +112,10 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
         raise EdgelmError(
             f"{path}: the {runtime} runtime opens {', '.join(cls.artifacts)} artifacts, not {kind}"
         )
+    unknown = sorted(set(options) - cls.options)
+    if unknown:
+        takes = ", ".join(sorted(cls.options)) or "none"
+        raise EdgelmError(f"the {runtime} runtime takes no option {', '.join(unknown)} (its options: {takes})")
     loaded: object = cls(Path(path), device=device, **options)  # a plugin's class may break its promise
     if not isinstance(loaded, Runtime):
         raise EdgelmError(
@@ -119,6 +124,28 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
             "forward and close"
         )
     return loaded
+
+
+# tokens of context a runtime that reserves its KV cache up front takes when none is asked for, as
+# llama.cpp's own tools default to
+DEFAULT_CONTEXT = 4096
+
+
+def reserved_context(context: int | None, config: ModelConfig) -> int:
+    """The context such a runtime reserves: `context` (a positive integer) or DEFAULT_CONTEXT, at most the
+    model's own."""
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+        raise EdgelmError(f"context={context!r} must be a positive number of tokens")
+    return min(context or DEFAULT_CONTEXT, config.max_position_embeddings)
+
+
+def ids_to_run(config: ModelConfig, held: list[int], array: np.ndarray) -> tuple[int, np.ndarray]:
+    """The position a forward starts at and the ids it runs, to append `array` to the `held` sequence: the
+    new ids after the held ones, or, where they take LongRoPE past its original context, the whole
+    sequence from position 0 again (`changes_earlier_rotation`)."""
+    if changes_earlier_rotation(config, len(held), array.size):
+        return 0, np.concatenate([np.asarray(held, np.int64), array])
+    return len(held), array
 
 
 def check_ids(ids: Sequence[int], vocab_size: int, position: int, context: int) -> np.ndarray:

@@ -25,10 +25,9 @@ from edgelm.errors import EdgelmError
 from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
-from edgelm.runtimes.base import check_ids
+from edgelm.runtimes.base import check_ids, reserved_context
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
-DEFAULT_CONTEXT = 4096  # tokens of context when none is asked for, as llama.cpp's own tools default to
 
 
 def resolve_device(device: str) -> str:
@@ -72,8 +71,8 @@ class LlamaCppRuntime:
         self.config = config_from_gguf(gguf.metadata, gguf.tensors, str(path))
         self.tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         self.device = resolve_device(device)
-        # llama.cpp reserves the KV cache for the whole context up front: by default at most DEFAULT_CONTEXT
-        self.context = min(context or DEFAULT_CONTEXT, self.config.max_position_embeddings)
+        # llama.cpp reserves the KV cache for the whole context up front, and chooses LongRoPE's factors by it
+        self.context = reserved_context(context, self.config)
         self.config = dataclasses.replace(self.config, max_position_embeddings=self.context)
         self.threads = threads or max(1, os.cpu_count() or 1)
         self._lock = threading.Lock()

@@ -9,6 +9,7 @@ tensors back as the next step's past, without copying them.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ import onnxruntime as ort
 from edgelm.errors import EdgelmError
 from edgelm.formats.onnx import MODEL_FILE
 from edgelm.model.config import ModelConfig
-from edgelm.runtimes.base import check_ids
+from edgelm.runtimes.base import check_ids, ids_to_run, reserved_context
 from edgelm.tokenizer import Tokenizer
 
 # device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
@@ -93,9 +94,12 @@ class OnnxRuntime:
 
     name: ClassVar[str] = "onnxruntime"
     artifacts: ClassVar[tuple[str, ...]] = ("onnx",)
-    options: ClassVar[frozenset[str]] = frozenset({"threads"})
+    options: ClassVar[frozenset[str]] = frozenset({"threads", "context"})
 
-    def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int | None = None, context: int | None = None
+    ) -> None:
+        """`context`: the tokens the KV buffers hold (default DEFAULT_CONTEXT, at most the model's)."""
         folder = Path(path)
         file = folder / MODEL_FILE
         try:
@@ -103,7 +107,9 @@ class OnnxRuntime:
         except Exception as e:  # protobuf raises DecodeError and others for a damaged file
             raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         check_external_data(folder, graph)
-        self.config = ModelConfig.load(folder)
+        config = ModelConfig.load(folder)
+        # the KV buffers are allocated for the whole context up front
+        self.config = dataclasses.replace(config, max_position_embeddings=reserved_context(context, config))
         self.tokenizer = Tokenizer.load(folder)
         self.device = resolve_device(device)
         self._shared_kv = any(node.op_type == "GroupQueryAttention" for node in graph.graph.node)
@@ -134,7 +140,7 @@ class OnnxRuntime:
         self.threads = threads
         self._lock = threading.Lock()
         self._setup_io()
-        self.position = 0
+        self._held: list[int] = []  # the sequence's ids, whose keys and values the KV buffers hold
 
     def _setup_io(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -173,9 +179,14 @@ class OnnxRuntime:
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
         self._decode_bound = False
 
+    @property
+    def position(self) -> int:
+        """The number of tokens in the sequence."""
+        return len(self._held)
+
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
-        self.position = 0
+        self._held = []
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
@@ -183,12 +194,12 @@ class OnnxRuntime:
             if self.session is None:
                 raise EdgelmError("this runtime has been closed; load the model again")
             array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
-            logits = self._run(array)
-            self.position += array.size
+            logits = self._run(*ids_to_run(self.config, self._held, array))[-array.size :]
+            self._held.extend(array.tolist())
         return logits if all_logits else logits[-1:]
 
-    def _run(self, array: np.ndarray) -> np.ndarray:
-        n, start = array.size, self.position
+    def _run(self, start: int, array: np.ndarray) -> np.ndarray:
+        n = array.size
         binding = self._binding
         if n == 1:  # decode: the one-token input and the logits buffer stay bound from step to step
             self._token[0, 0] = array[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -13,7 +14,7 @@ from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.model.device import resolve_device
 from edgelm.model.transformer import Transformer, load_weights
-from edgelm.runtimes.base import check_ids
+from edgelm.runtimes.base import check_ids, ids_to_run, reserved_context
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,40 +24,55 @@ class TorchRuntime:
 
     name: ClassVar[str] = "torch"
     artifacts: ClassVar[tuple[str, ...]] = ("checkpoint",)
-    options: ClassVar[frozenset[str]] = frozenset({"dtype", "threads"})
+    options: ClassVar[frozenset[str]] = frozenset({"dtype", "threads", "context"})
     provider: str | None = None
 
     def __init__(
-        self, path: Path, device: str = "auto", dtype: str = "float32", threads: int | None = None
+        self,
+        path: Path,
+        device: str = "auto",
+        dtype: str = "float32",
+        threads: int | None = None,
+        context: int | None = None,
     ) -> None:
+        """`context`: the most tokens the sequence may hold (default the model's own: the cache grows as
+        it needs, reserving nothing up front)."""
         if dtype not in DTYPES:
             raise EdgelmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if threads is not None:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()  # torch's intra-op threads: a process-wide setting
-        self.config, tensors, self.tokenizer = load_checkpoint(path)
+        config, tensors, self.tokenizer = load_checkpoint(path)
+        bounded = config.max_position_embeddings if context is None else reserved_context(context, config)
+        self.config = dataclasses.replace(config, max_position_embeddings=bounded)
         self.device = resolve_device(device)
         with torch.device("meta"):  # no random initialisation: the parameters become the loaded arrays
             model = Transformer(self.config)
         load_weights(model, tensors, assign=True)
         self.model: Transformer | None = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.model.setup_cache(batch=1)
-        self.position = 0
+        self._held: list[int] = []  # the sequence's ids, whose keys and values the cache holds
+
+    @property
+    def position(self) -> int:
+        """The number of tokens in the sequence."""
+        return len(self._held)
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
-        self.position = 0
+        self._held = []
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
         if self.model is None:
             raise EdgelmError("this runtime has been closed; load the model again")
         array = check_ids(ids, self.config.vocab_size, self.position, self.config.max_position_embeddings)
-        tokens = torch.from_numpy(array).to(self.device)[None]  # (1, T)
+        start, run = ids_to_run(self.config, self._held, array)
+        tokens = torch.from_numpy(run).to(self.device)[None]  # (1, T)
         with torch.inference_mode():
-            logits = self.model(tokens, start=self.position, last_only=not all_logits)  # (1, T or 1, vocab)
-        self.position += array.size
-        return logits[0].float().cpu().numpy()
+            logits = self.model(tokens, start=start, last_only=not all_logits)  # (1, T or 1, vocab)
+        self._held.extend(array.tolist())
+        return logits[0, -array.size :].float().cpu().numpy()
 
     def close(self) -> None:
         """Drop the model's weights and cache."""

@@ -49,6 +49,8 @@ def test_generate_and_info(checkpoint: Path) -> None:
         ["generate", "CHECKPOINT", "--prompt", "x", "--top-p", "7"],
         ["generate", "CHECKPOINT", "--prompt", "x", "--runtime", "nosuch"],
         ["generate", "CHECKPOINT", "--prompt", "x", "--device", "cuda:9"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--context", "0"],
+        ["generate", "CHECKPOINT", "--prompt", "def main(): pass", "--context", "3"],
         ["info", "/nonexistent"],
         ["train", "--corpus", "/nonexistent/*.txt", "--out", "OUT"],
         ["train", "--preset", "huge", "--out", "OUT"],

@@ -81,13 +81,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
         | PHI3_PAD,
     ),
-    # Phi-4-mini's kind: partial rotary, LongRoPE (a published context of 4x the original, which llama.cpp
-    # would reach with the long factors: its context, padded to 256, stays within this original)
+    # Phi-4-mini's kind: partial rotary and LongRoPE, within its original context (where llama.cpp, whose
+    # context is padded to 256, takes the short factors too); past it: test_longrope_past_the_original_context
     "phi3-partial-longrope": (
         "phi3",
         {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
-        | {"max_position_embeddings": 1024, "original_max_position_embeddings": 256}
-        | {"rope_parameters": PHI3_LONGROPE}
+        | {"max_position_embeddings": 256, "original_max_position_embeddings": 256}
+        | {"rope_parameters": PHI3_LONGROPE | {"attention_factor": 1.19}}
         | PHI3_PAD,
     ),
 }
@@ -409,7 +409,7 @@ def test_missing_keys_take_transformers_defaults(model_type: str) -> None:
 
 def test_phi4_mini_shaped_config_reads_as_transformers() -> None:
     """Phi-4-mini's config.json (partial rotary 0.75, LongRoPE from a 4 k original context to 128 k, a
-    window past the context): the context stops at 4 k and the attention factor is transformers' own."""
+    window past the context): the published context, and transformers' own attention factor."""
     from transformers import Phi3Config
 
     pairs = 48  # head_dim 128, three quarters rotated
@@ -438,7 +438,7 @@ def test_phi4_mini_shaped_config_reads_as_transformers() -> None:
         "pad_token_id": 199999,
     }
     ours = ModelConfig.from_hf_dict(data)
-    assert (ours.rotary_dim, ours.max_position_embeddings) == (96, 4096)
+    assert (ours.rotary_dim, ours.max_position_embeddings) == (96, 131072)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv_freq, factor = ROPE_INIT_FUNCTIONS["longrope"](Phi3Config(**data), "cpu", seq_len=4096)
@@ -448,18 +448,38 @@ def test_phi4_mini_shaped_config_reads_as_transformers() -> None:
     np.testing.assert_array_max_ulp(rope_frequencies(ours), inv_freq.numpy(), maxulp=2)
 
 
-def test_phi3_gguf_with_its_published_context_imports(
-    imported: Callable[[str], Path], tmp_path: Path
-) -> None:
-    """llama.cpp's converter writes a LongRoPE model's published context (128 k for Phi-4-mini), not the
-    original one: the import keeps the original, where edgelm computes it, and computes as before."""
-    from gguf import GGUFReader
+def test_longrope_past_the_original_context(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Across LongRoPE's original context (32 positions here, of a published 128) every runtime computes
+    what transformers' generation computes: the short factors within it, and from the step that passes it
+    on, the whole sequence with the long ones (transformers drops its cache there; edgelm's torch and ONNX
+    Runtime runtimes compute the sequence again). llama.cpp chooses the factors by its context: past the
+    original one, the long ones throughout, which is a single forward over the whole sequence."""
+    settings = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    settings |= {"max_position_embeddings": 128, "original_max_position_embeddings": 32}
+    settings |= {"rope_parameters": PHI3_LONGROPE | {"original_max_position_embeddings": 32}} | PHI3_PAD
+    model = random_hf_model("phi3", settings, small_tokenizer.vocab_size, seed=0)
+    model.save_pretrained(tmp_path / "hf")
+    small_tokenizer.save(tmp_path / "hf")
+    checkpoint = import_model(tmp_path / "hf", tmp_path / "checkpoint")
+    assert ModelConfig.load(checkpoint).max_position_embeddings == 128
 
-    checkpoint = imported("phi3-partial-longrope")
-    path = export_gguf(checkpoint, tmp_path, "f32")
-    field = GGUFReader(path, "r+").get_field("phi3.context_length")
-    assert field is not None
-    field.parts[field.data[0]][0] = 1024  # in place, as gguf-py's gguf_set_metadata does
-    assert read_gguf(path).metadata["phi3.context_length"] == 1024
-    back = import_model(path, tmp_path / "back")
-    assert ModelConfig.load(back) == ModelConfig.load(checkpoint)  # context 256, the original
+    ids = IDS[:48]
+    within, past = transformers_logits(tmp_path / "hf", ids[:32]), transformers_logits(tmp_path / "hf", ids)
+    assert np.abs(within - past[:32]).max() > 0.5  # the two sets of factors differ clearly
+    want = np.concatenate([within, past[32:]])
+    with edgelm.load(checkpoint, runtime="torch", device="cpu") as ours:
+        assert np.abs(ours.runtime.forward(ids.tolist(), all_logits=True) - past).max() <= 1e-4
+    assert np.abs(stepwise_logits(checkpoint, ids, runtime="torch", device="cpu") - want).max() <= 1e-4
+    onnx = export_onnx(checkpoint, tmp_path / "onnx", "fp32")
+    assert np.abs(stepwise_logits(onnx, ids, context=128) - want).max() <= 1e-4
+    gguf = export_gguf(checkpoint, tmp_path, "f32")
+    assert np.abs(stepwise_logits(gguf, ids, context=128, kv_cache="f32") - past).max() <= 1e-3
+
+    prompt = ids[:20].tolist()
+    with torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompt]), max_new_tokens=28, min_new_tokens=28, do_sample=False
+        )
+    for artifact in (checkpoint, onnx):
+        with edgelm.load(artifact, device="cpu", context=128) as ours:
+            assert greedy_tokens(ours.runtime, prompt, 28) == generated[0, 20:].tolist(), artifact

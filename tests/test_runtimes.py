@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import ClassVar, cast
 
 import numpy as np
 import pytest
+from conftest import SMALL, make_checkpoint
 
 import edgelm
 from edgelm.checkpoint import load_checkpoint
@@ -16,6 +18,7 @@ from edgelm.errors import EdgelmError
 from edgelm.formats.artifact import artifact_kind
 from edgelm.runtimes import base
 from edgelm.runtimes.base import Runtime, open_runtime
+from edgelm.tokenizer import Tokenizer
 
 
 class ReplayRuntime:
@@ -78,6 +81,38 @@ def test_auto_choice_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
         edgelm.load(checkpoint, device="tpu")
     with pytest.raises(EdgelmError, match="dtype"):
         edgelm.load(checkpoint, dtype="int3")
+
+
+@pytest.mark.slow
+def test_every_runtime_takes_a_context_and_refuses_what_it_does_not_take(
+    tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    """`context` bounds the sequence in all three runtimes; llama.cpp and ONNX Runtime, which reserve their
+    KV cache for it up front, take DEFAULT_CONTEXT of a longer model's context unless asked. An option a
+    runtime does not take, and a context that is not a positive count, are refused by name."""
+    from edgelm.export.gguf import export_gguf
+    from edgelm.export.onnx import export_onnx
+
+    config = dataclasses.replace(SMALL, max_position_embeddings=2 * base.DEFAULT_CONTEXT)
+    checkpoint = make_checkpoint(tmp_path / "long", small_tokenizer, config)
+    onnx = export_onnx(checkpoint, tmp_path / "onnx", "fp32")
+    gguf = export_gguf(checkpoint, tmp_path / "model.gguf", "q8_0")
+    for artifact, default in ((checkpoint, config), (onnx, None), (gguf, None)):
+        with edgelm.load(artifact) as model:
+            reserved = model.config.max_position_embeddings
+            assert reserved == (default.max_position_embeddings if default else base.DEFAULT_CONTEXT)
+        with edgelm.load(artifact, context=16) as model:
+            assert model.config.max_position_embeddings == 16
+            model.runtime.forward(list(range(16)))
+            with pytest.raises(EdgelmError, match="context of 16"):
+                model.runtime.forward([1])
+    with edgelm.load(onnx) as model:  # the KV buffers hold the reserved context, not the model's
+        assert model.runtime._kv[0].shape()[2] == base.DEFAULT_CONTEXT  # type: ignore[attr-defined]
+    with pytest.raises(EdgelmError, match=r"the torch runtime takes no option kv_cache \(its options: "):
+        edgelm.load(checkpoint, kv_cache="f32")
+    for artifact in (checkpoint, onnx, gguf):
+        with pytest.raises(EdgelmError, match="context=0 must be a positive number of tokens"):
+            edgelm.load(artifact, context=0)
 
 
 def test_builtin_runtimes_declare_the_options_their_constructors_take() -> None:

@@ -4,6 +4,7 @@ the sampling flags (their defaults are `SamplingParams`'), and the evaluation fl
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from edgelm.generation.generate import MAX_NEW_TOKENS
 from edgelm.generation.sampling import SamplingParams
@@ -14,9 +15,21 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps (torch), coreml or dml (onnxruntime)
 
 
 def add_runtime_and_device(parser: argparse.ArgumentParser) -> None:
-    """--runtime and --device, as generate and serve take them."""
+    """--runtime, --device and --context, as generate and serve take them."""
     parser.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens of context (default: 4096 for llama.cpp and ONNX Runtime, which reserve their KV cache "
+        "up front, at most the model's; torch: the model's)",
+    )
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime options the flags of `add_runtime_and_device` ask for (none when left at the default)."""
+    return {} if args.context is None else {"context": args.context}
 
 
 def add_sampling(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.cli.flags import MODEL_HELP, add_runtime_and_device, add_sampling
+from edgelm.cli.flags import MODEL_HELP, add_runtime_and_device, add_sampling, runtime_options
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
     """Write the prompt, then each generated piece as it comes, then a newline."""
     from edgelm.generation.api import load
 
-    with load(args.model, runtime=args.runtime, device=args.device) as model:
+    with load(args.model, runtime=args.runtime, device=args.device, **runtime_options(args)) as model:
         pieces = model.stream(
             args.prompt,
             max_new_tokens=args.max_new_tokens,

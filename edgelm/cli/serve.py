@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgelm.cli.flags import MODEL_HELP, add_runtime_and_device
+from edgelm.cli.flags import MODEL_HELP, add_runtime_and_device, runtime_options
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -32,4 +32,5 @@ def run(args: argparse.Namespace) -> None:
     """Serve the model until interrupted."""
     from edgelm.serve import serve
 
-    serve(Path(args.model), host=args.host, port=args.port, runtime=args.runtime, device=args.device)
+    where = {"host": args.host, "port": args.port, "runtime": args.runtime, "device": args.device}
+    serve(Path(args.model), **where, **runtime_options(args))

@@ -398,7 +398,7 @@ def check(
     }
 
     def load() -> Runtime:
-        return open_checked(path, runtime, device, threads, options or {})
+        return open_checked(path, runtime, device, threads, options or {}, reference.windows.shape[1])
 
     measured = measure_target(load, reference, repetitions, progress)
     return CheckResult(

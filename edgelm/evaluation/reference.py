@@ -20,7 +20,7 @@ from edgelm.evaluation.metrics import log_probs
 from edgelm.files import read_json, read_text
 from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
-from edgelm.runtimes.base import DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
+from edgelm.runtimes.base import DEFAULT_CONTEXT, DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import spread_windows
 
@@ -355,12 +355,20 @@ def _save_cache(entry: Path, windows: np.ndarray, logp: np.ndarray, meta: dict) 
 
 
 def open_checked(
-    path: Path, runtime: str, device: str, threads: int | None, options: dict[str, Any]
+    path: Path,
+    runtime: str,
+    device: str,
+    threads: int | None,
+    options: dict[str, Any],
+    window: int | None = None,
 ) -> Runtime:
     """Open an artifact with the check's options for its runtime; `threads` where the runtime declares it
-    takes them."""
+    takes them, and a context of at least the evaluation `window` where it reserves one."""
     name = DEFAULT_RUNTIME.get(artifact_kind(path), runtime) if runtime == "auto" else runtime
     merged = {**CHECK_OPTIONS.get(name, {}), **options}
-    if threads is not None and "threads" in runtime_class(name).options:
+    declared = runtime_class(name).options
+    if threads is not None and "threads" in declared:
         merged["threads"] = threads
+    if window is not None and "context" in declared:
+        merged.setdefault("context", max(window, DEFAULT_CONTEXT))
     return open_runtime(path, runtime=name, device=device, **merged)

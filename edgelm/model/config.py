@@ -132,7 +132,7 @@ class ModelConfig:
 
     def _check_rope(self) -> None:
         """An even number of rotated dimensions (fewer than head_dim only in Phi-3), a known scaling, and
-        LongRoPE's factors for those dimensions within its original context."""
+        LongRoPE's factors for those dimensions."""
         if self.head_dim % 2:
             raise EdgelmError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
@@ -147,17 +147,11 @@ class ModelConfig:
         scaling = self.rope_scaling
         if scaling is not None and not isinstance(scaling, RopeScaling):
             raise EdgelmError(f"config: rope_scaling={scaling!r} must be a RopeScaling or None")
-        if isinstance(scaling, LongRopeScaling):
-            if len(scaling.short_factor) != self.rotary_dim // 2:
-                raise EdgelmError(
-                    f"config: longrope needs a factor for each of the {self.rotary_dim // 2} rotary pairs, "
-                    f"got {len(scaling.short_factor)}"
-                )
-            if self.max_position_embeddings > scaling.original_max_position_embeddings:
-                raise EdgelmError(
-                    "config: with longrope, edgelm's context stops at original_max_position_embeddings="
-                    f"{scaling.original_max_position_embeddings}"
-                )
+        if isinstance(scaling, LongRopeScaling) and len(scaling.short_factor) != self.rotary_dim // 2:
+            raise EdgelmError(
+                f"config: longrope needs a factor for each of the {self.rotary_dim // 2} rotary pairs, "
+                f"got {len(scaling.short_factor)}"
+            )
 
     def _check_gemma_fields(self) -> None:
         """The fields only Gemma reads: unset elsewhere, and consistent."""

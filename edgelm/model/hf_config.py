@@ -169,8 +169,8 @@ def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "confi
 def _rope_and_context(
     data: dict[str, Any], architecture: str, num_layers: int, context: int, where: str
 ) -> dict[str, Any]:
-    """RoPE (Phi-3's partial rotary too) and the context outside Gemma: cut to LongRoPE's original context
-    and to a sliding window shorter than it."""
+    """RoPE (Phi-3's partial rotary too) and the context outside Gemma, cut to a sliding window shorter
+    than it."""
     phi3 = architecture == "Phi3ForCausalLM"
     theta, scaling = hf_rope(data, context, where, partial=phi3)
     values: dict[str, Any] = {"rope_theta": theta, "rope_scaling": scaling}
@@ -178,8 +178,6 @@ def _rope_and_context(
         params = data.get("rope_parameters") or {}
         partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
         values["partial_rotary_factor"] = 1.0 if partial is None else float(partial)
-    if isinstance(scaling, LongRopeScaling):  # edgelm computes LongRoPE within the original context
-        context = min(context, scaling.original_max_position_embeddings)
     window = hf_sliding_window(data, architecture, num_layers, where)
     return values | {"max_position_embeddings": min(context, window or context)}
 

@@ -10,9 +10,28 @@ from edgelm.model.config import ModelConfig
 from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 
 
-def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+def uses_long_factors(config: ModelConfig, length: int) -> bool:
+    """Whether a sequence of `length` tokens (the ones before it included) rotates with LongRoPE's long
+    factors: once it passes the original context, as transformers decides at each forward (for the keys
+    already cached too: see `changes_earlier_rotation`)."""
+    scaling = config.rope_scaling
+    return isinstance(scaling, LongRopeScaling) and length > scaling.original_max_position_embeddings
+
+
+def changes_earlier_rotation(config: ModelConfig, position: int, n: int) -> bool:
+    """Whether n tokens appended after `position` others take the sequence past LongRoPE's original
+    context, so that the keys already cached were rotated with the short factors and all of them now take
+    the long ones. A runtime then computes the whole sequence again, as transformers' generation does
+    (Phi-3's `prepare_inputs_for_generation` drops the cache there), and as a single forward over it
+    computes."""
+    crossing = uses_long_factors(config, position + n) and not uses_long_factors(config, position)
+    return position > 0 and crossing
+
+
+def rope_frequencies(config: ModelConfig, local: bool = False, length: int = 0) -> np.ndarray:
     """The rotation frequency of each rotated pair of dimensions, float32 (rotary_dim/2,), the config's
-    scaling applied; with `local`, those of Gemma 3's sliding layers (their own base, no scaling).
+    scaling applied for a sequence of `length` tokens (LongRoPE's factors depend on it); with `local`,
+    those of Gemma 3's sliding layers (their own base, no scaling).
 
     Computed in float32 in the order transformers uses, so that the PyTorch model matches it; the power is
     taken in float64 and rounded, which gives torch's float32 power (numpy's float32 one is off by a unit
@@ -24,7 +43,8 @@ def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     powers = np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
     scaling = None if local and config.rope_local_theta is not None else config.rope_scaling
     if isinstance(scaling, LongRopeScaling):  # each pair's own divisor
-        divisors = np.asarray(scaling.short_factor, np.float32)
+        factors = scaling.long_factor if uses_long_factors(config, length) else scaling.short_factor
+        divisors = np.asarray(factors, np.float32)
         return (np.float32(1.0) / (divisors * powers)).astype(np.float32)
     inv_freq = np.float32(1.0) / powers
     if isinstance(scaling, LinearRopeScaling):
@@ -59,8 +79,10 @@ def rope_attention_factor(config: ModelConfig) -> float:
 
 
 def rope_cos_sin(config: ModelConfig, positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every position's angles, float32 (positions, rotary_dim/2) each: one column per pair
-    (`local`: of Gemma 3's sliding layers), times the attention factor."""
-    angles = np.arange(positions, dtype=np.float32)[:, None] * rope_frequencies(config, local)[None, :]
+    """cos and sin of the angles of positions 0..positions-1 in a sequence of that length, float32
+    (positions, rotary_dim/2) each: one column per pair (`local`: of Gemma 3's sliding layers), times the
+    attention factor."""
+    frequencies = rope_frequencies(config, local, length=positions)
+    angles = np.arange(positions, dtype=np.float32)[:, None] * frequencies[None, :]
     factor = np.float32(rope_attention_factor(config))
     return np.cos(angles) * factor, np.sin(angles) * factor

@@ -60,10 +60,9 @@ class LinearRopeScaling:
 
 @dataclass(frozen=True)
 class LongRopeScaling:
-    """Phi-3's LongRoPE (`"rope_type": "longrope"`) within its original context: each pair's frequency
-    divided by its `short_factor`, and cos and sin multiplied by `attention_factor`. (`long_factor` is
-    what transformers switches to past `original_max_position_embeddings`; edgelm's context stops there, so
-    it is kept only to be written back.)"""
+    """Phi-3's LongRoPE (`"rope_type": "longrope"`): each pair's frequency divided by its `short_factor`
+    while the sequence is within `original_max_position_embeddings`, by its `long_factor` past it
+    (`rope.uses_long_factors`), and cos and sin multiplied by `attention_factor`."""
 
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]

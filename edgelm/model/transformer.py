@@ -47,14 +47,16 @@ def rms_norm(config: ModelConfig, dim: int) -> RMSNorm:
 RopeTables = dict[bool, tuple[torch.Tensor, torch.Tensor]]
 
 
-def rope_tables(config: ModelConfig, positions: torch.Tensor) -> RopeTables:
-    """cos and sin for the given positions in the rotate-half layout, for the global layers and for the
-    local ones (the same unless Gemma 3 gives them their own base)."""
+def rope_tables(config: ModelConfig, start: int, length: int, device: torch.device) -> RopeTables:
+    """cos and sin of positions start..start+length-1 in the rotate-half layout, for the global layers and
+    for the local ones (the same unless Gemma 3 gives them their own base)."""
 
     factor = rope_attention_factor(config)
+    positions = torch.arange(start, start + length, device=device)
 
     def table(local: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = torch.from_numpy(rope_frequencies(config, local)).to(positions.device)  # (d/2,)
+        frequencies = rope_frequencies(config, local, length=start + length)
+        inv_freq = torch.from_numpy(frequencies).to(device)  # (d/2,)
         freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2), d = rotary_dim
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, d)
         return angles.cos() * factor, angles.sin() * factor
@@ -287,7 +289,7 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for ids (B, T) at positions start..start+T-1 (only the last if last_only)."""
         T = ids.shape[1]
-        rope = rope_tables(self.config, torch.arange(start, start + T, device=ids.device))
+        rope = rope_tables(self.config, start, T, ids.device)
         x = self.model.embed_tokens(ids)  # (B, T, h)
         if self.config.gemma_layout:
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)

@@ -319,7 +319,7 @@ def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[
     from edgelm.model.transformer import rope_tables
 
     with torch.inference_mode():
-        return [block(x, rope_tables(config, torch.arange(x.shape[1])), 0) for x in xs]
+        return [block(x, rope_tables(config, 0, x.shape[1], x.device), 0) for x in xs]
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
