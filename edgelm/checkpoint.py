@@ -221,6 +221,7 @@ def _write_file(
                 name, w = next(tensors, ("(none)", np.empty(0)))
                 if name != expected or tuple(w.shape) != tuple(shapes[name]):
                     raise EdgelmError(f"{path.parent}: tensor {name} {w.shape} came where {expected} was due")
+                check_finite(w, name, str(path.parent))
                 flat = w.reshape(-1)
                 for start in range(0, flat.size, WRITE_CHUNK):  # converted in pieces: small temporaries
                     f.write(stored_bytes(flat[start : start + WRITE_CHUNK], dtypes[name]))
@@ -471,9 +472,16 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     view = memoryview(stored.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
     if f.readinto(view) != entry.end - entry.start:  # type: ignore[attr-defined]  # every binary file has it
         raise unreadable(entry.path, f"the file ended inside {entry.name}")
-    if entry.dtype == "BF16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    return stored.astype(np.float32, copy=False)
+    w = (stored.astype(np.uint32) << 16).view(np.float32) if entry.dtype == "BF16" else stored
+    check_finite(w, entry.name, str(entry.path))
+    return w.astype(np.float32, copy=False)
+
+
+def check_finite(w: np.ndarray, name: str, where: str) -> None:
+    """Refuse a tensor that holds NaN or an infinity (damaged weights, which would give NaN logits):
+    checked through its float64 sum, one pass without a temporary the size of the tensor."""
+    if not math.isfinite(float(w.sum(dtype=np.float64))):
+        raise EdgelmError(f"{where}: tensor {name} holds NaN or infinite values; the weights are damaged")
 
 
 def is_count(value: object) -> bool:

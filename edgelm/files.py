@@ -3,7 +3,9 @@ file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,10 @@ def read_text(path: Path, label: str | None = None, hint: str = UTF8_HINT, drop_
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file, turning every failure into an EdgelmError that names the file."""
+    """Parse a JSON file, turning every failure into an EdgelmError that names the file (a FIFO or a
+    device is not read: it could block forever)."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise EdgelmError(f"{path}: not a regular file")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -58,10 +63,33 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def new_folders(folder: Path) -> Iterator[None]:
+    """Create `folder` and its missing parents for the block; when the block fails, remove those it
+    created that are still empty, so that a failed write leaves no empty folder behind."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for created in missing:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                created.rmdir()
+        raise
+
+
 def temporary_sibling(path: Path) -> Path:
-    """A hidden name beside `path` to write to before renaming into place."""
+    """A hidden name beside `path` to write to before renaming into place (`is_temporary`)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is named as edgelm names what it writes before renaming it (`temporary_sibling`, or
+    one with a suffix added after it): what an interrupted run left, never to be read as an artifact."""
+    name = Path(path).name
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name)
 
 
 def human_size(n: float | None) -> str:

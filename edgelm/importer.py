@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.checkpoint import (
+    check_shapes,
     model_order,
     read_entries,
     weight_entries,
@@ -43,6 +44,7 @@ from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
 from edgelm.model.config import ModelConfig
 from edgelm.progress import progress_bar
 from edgelm.tokenizer import Tokenizer
+from edgelm.values import is_int, is_number
 
 # RoPE scalings a GGUF file keeps as tensors (`_with_rope_tensors`): not checkpoint tensors
 ROPE_TENSORS = ("rope_freqs.weight", *LONGROPE_TENSORS)
@@ -102,12 +104,8 @@ def import_hf(source: Path, out: Path, show_progress: bool = False) -> None:
 def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     """A GGUF file (llama, qwen2, qwen3, gemma2, gemma3, phi3) → checkpoint: tensors dequantized to HF
     layout, tokenizer rebuilt."""
-    gguf = read_gguf(source)
-    config = config_from_gguf(gguf.metadata, gguf.tensors, str(source))
+    gguf, config, tokenizer, names = read_gguf_model(source)
     arch = gguf.metadata["general.architecture"]
-    config = _with_rope_tensors(gguf, config, str(source))
-    tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
-    names = {hf_name(name, arch): name for name in gguf.tensors if name not in ROPE_TENSORS}
     shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
     types = {name: ggml_type_name(gguf.tensors[stored].type) for name, stored in names.items()}
     # F16 and BF16 tensors keep their dtype (ggml and safetensors name them alike); the rest become F32
@@ -134,18 +132,36 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     write_generation_config(out, config)
 
 
+def read_gguf_model(source: Path) -> tuple[GGUFFile, ModelConfig, Tokenizer, dict[str, str]]:
+    """A GGUF file read and checked as a model, from its header and its small RoPE tensors: its config,
+    its tokenizer, and each checkpoint tensor's GGUF name by HF name, their shapes checked against the
+    config."""
+    gguf = read_gguf(source)
+    config = config_from_gguf(gguf.metadata, gguf.tensors, str(source))
+    arch = gguf.metadata["general.architecture"]
+    config = _with_rope_tensors(gguf, config, str(source))
+    tokenizer = tokenizer_from_gguf(gguf.metadata, str(source))
+    names = {hf_name(name, arch): name for name in gguf.tensors if name not in ROPE_TENSORS}
+    shapes = {name: tuple(reversed(gguf.tensors[stored].shape)) for name, stored in names.items()}
+    check_shapes(config, shapes, str(source))
+    return gguf, config, tokenizer, names
+
+
 def _with_rope_tensors(gguf: GGUFFile, config: ModelConfig, where: str) -> ModelConfig:
     """The config with the RoPE scaling a file keeps as tensors rather than metadata: Llama 3.1's
     `rope_freqs`, Phi-3's LongRoPE factors."""
     arch = gguf.metadata["general.architecture"]
-    original = gguf.metadata.get(f"{arch}.rope.scaling.original_context_length")
+    given = gguf.metadata.get(f"{arch}.rope.scaling.original_context_length")
+    attention = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+    if not (given is None or is_int(given)) or not is_number(attention):
+        raise EdgelmError(f"{where}: rope.scaling.original_context_length or attn_factor is not a number")
+    original = None if given is None else int(given)
     if "rope_freqs.weight" in gguf.tensors:
         factors = gguf.tensor_array("rope_freqs.weight")
         return dataclasses.replace(config, rope_scaling=llama3_scaling(factors, config, original, where))
     if all(name in gguf.tensors for name in LONGROPE_TENSORS):
         short, long = (gguf.tensor_array(name) for name in LONGROPE_TENSORS)
-        attention = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
-        scaling = longrope_scaling(short, long, original or config.max_position_embeddings, attention)
+        scaling = longrope_scaling(short, long, original or config.max_position_embeddings, float(attention))
         return dataclasses.replace(config, rope_scaling=scaling)
     return config
 

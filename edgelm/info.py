@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgelm.checkpoint import WEIGHTS, tensor_shapes
+from edgelm.checkpoint import WEIGHTS, checked_entries, tensor_shapes
 from edgelm.evaluation.memory import resident_memory
 from edgelm.files import human_size, read_json
-from edgelm.formats.gguf_reader import ggml_type_name, read_gguf
-from edgelm.formats.onnx import MODEL_FILE, PROVENANCE
+from edgelm.formats.gguf_reader import GGUFFile, ggml_type_name
+from edgelm.formats.onnx import PROVENANCE, read_onnx_folder
+from edgelm.importer import read_gguf_model
 from edgelm.model.config import ModelConfig
+from edgelm.tokenizer import Tokenizer
 
 # bytes per weight of a 2-D matrix in each export type: a block of 32 weights carries one fp16 scale
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": (32 + 2) / 32, "int4": (16 + 2) / 32}
@@ -32,8 +34,10 @@ def export_sizes(config: ModelConfig) -> dict[str, int]:
 
 
 def describe_checkpoint(directory: Path) -> dict[str, Any]:
-    """A summary of a checkpoint directory, read from config.json without loading the weights."""
-    config = ModelConfig.load(directory)
+    """A summary of a checkpoint directory, from config.json, once the weights' headers are checked
+    against it and the tokenizer loads (the weights themselves are not read)."""
+    config, _ = checked_entries(directory)
+    Tokenizer.load(directory)
     weights = Path(directory) / WEIGHTS
     return {
         "path": str(directory),
@@ -55,19 +59,15 @@ def describe_checkpoint(directory: Path) -> dict[str, Any]:
 
 def describe_onnx(folder: Path) -> dict[str, Any]:
     """A summary of an ONNX folder: its model's shape, how it was exported (edgelm.json, if edgelm made it),
-    the operators of its graph and its size on disk. Reads model.onnx without its weights."""
+    the operators of its graph and its size on disk. Reads model.onnx without its weights, once the
+    folder is checked (`read_onnx_folder`) and its tokenizer loads."""
     from collections import Counter
 
-    try:
-        import onnx
-    except ModuleNotFoundError as e:
-        from edgelm.errors import missing_dependency
-
-        raise missing_dependency("onnx", "onnx") from e
     folder = Path(folder)
-    config = ModelConfig.load(folder)
+    config, model = read_onnx_folder(folder)
+    Tokenizer.load(folder)
     provenance = read_json(folder / PROVENANCE) if (folder / PROVENANCE).is_file() else {}
-    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    graph = model.graph
     ops = Counter(node.op_type for node in graph.node)
     quantization = provenance.get("quantization", {})
     return {
@@ -150,8 +150,13 @@ def _difference(after: int | None, before: int | None) -> int | None:
 
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
-    """A summary of a GGUF file, read from its header without touching the tensor data."""
-    gguf = read_gguf(path)
+    """A summary of a GGUF file, read from its header without touching the tensor data, once its
+    hyperparameters, tokenizer and tensor shapes are checked as a model (`read_gguf_model`)."""
+    return gguf_summary(read_gguf_model(Path(path))[0])
+
+
+def gguf_summary(gguf: GGUFFile) -> dict[str, Any]:
+    """What a GGUF file's header says: format, architecture, hyperparameters, tensor types, tokenizer."""
     meta = gguf.metadata
     arch = meta.get("general.architecture")
 

@@ -12,6 +12,7 @@ so that `--quant q4_k_m` here and `llama-quantize ... Q4_K_M` give files with th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -21,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import checked_entries, checkpoint_sha256, read_entries
+from edgelm.checkpoint import TensorEntry, checked_entries, checkpoint_sha256, read_entries
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
-from edgelm.files import temporary_sibling
+from edgelm.files import new_folders, temporary_sibling
 from edgelm.formats.gguf import (
     GGUF_ARCHITECTURES,
     LONGROPE_TENSORS,
@@ -161,7 +162,23 @@ def export_gguf(
         raise EdgelmError(f"{checkpoint}: {refusal}; export it to ONNX, or run the checkpoint itself")
     tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with new_folders(path.parent):  # a failed export leaves no empty folder
+        _write_gguf(path, checkpoint, (config, entries, tokenizer), quant, hessians, threads, show_progress)
+    return path
+
+
+def _write_gguf(
+    path: Path,
+    checkpoint: Path,
+    model: tuple[ModelConfig, list[TensorEntry], Tokenizer],
+    quant: str,
+    hessians: Mapping[str, np.ndarray] | None,
+    threads: int | None,
+    show_progress: bool,
+) -> None:
+    """The header from the shapes and types first, then each tensor read, quantized, written and dropped;
+    to a temporary name, renamed into place when complete."""
+    config, entries, tokenizer = model
     mixture = MIXTURES[quant]
 
     writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
@@ -186,7 +203,6 @@ def export_gguf(
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def _plan_tensor(
@@ -237,7 +253,7 @@ def _write_metadata(
     quant: str,
     calibrated: bool,
 ) -> None:
-    vocab = tokenizer_metadata(tokenizer, checkpoint)
+    vocab = tokenizer_metadata(tokenizer, checkpoint, config.vocab_size)
     writer.add_name(checkpoint.name)
     writer.add_file_type(mixture.file_type)
     if mixture.base not in (T.F32, T.F16):
@@ -298,13 +314,22 @@ def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: 
     so that both quantizers can be compared on the same model."""
     if quant not in MIXTURES:
         raise EdgelmError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(MIXTURES)}")
-    try:
-        import llama_cpp
-    except ModuleNotFoundError:
-        raise missing_dependency("llama_cpp", "llamacpp") from None
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise missing_dependency("llama_cpp", "llamacpp")
     checkpoint = Path(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
-    f32 = export_gguf(checkpoint, temporary_sibling(path).with_suffix(".f32.gguf"), "f32")
+    with new_folders(path.parent):
+        _quantize_with_llama_cpp(checkpoint, path, quant)
+    return path
+
+
+def _quantize_with_llama_cpp(checkpoint: Path, path: Path, quant: str) -> None:
+    """edgelm's F32 file beside `path` (hidden; one a killed run left is replaced), then llama.cpp's
+    quantizer from it to `path`; the F32 file is removed either way."""
+    import llama_cpp
+
+    # hidden and marked temporary (`is_temporary`), and ending in .gguf as export_gguf's files do
+    f32 = export_gguf(checkpoint, path.with_name(f".{path.stem}.f32.tmp.gguf"), "f32")
     tmp = temporary_sibling(path)
     try:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -329,4 +354,3 @@ def export_gguf_via_llama_cpp(checkpoint: Path, out: Path | None = None, quant: 
     finally:
         f32.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-    return path

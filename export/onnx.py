@@ -90,9 +90,11 @@ def export_onnx(
         with open(tmp / DATA_FILE, "wb") as data, progress_bar(folder.name, steps, show_progress) as advance:
             weights = tensor_reader(entries)
             model = build_model(config, weights, precision, options, hessians or {}, data, threads, advance)
-        onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in model.onnx.data already
+        # the graph takes its name last, so that a folder cut short by a kill never loads
+        graph = tmp / f"{MODEL_FILE}.partial"
+        onnx.save_model(model, str(graph))  # the weights are in model.onnx.data already
         try:
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+            onnx.checker.check_model(str(graph), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
             raise EdgelmError(message) from None
@@ -102,6 +104,7 @@ def export_onnx(
         write_json_atomic(tmp / GENAI_CONFIG, genai_config(config))
         record = provenance(checkpoint, quant, precision, options, hessians, model)
         write_json_atomic(tmp / PROVENANCE, record)
+        graph.replace(tmp / MODEL_FILE)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.replace(folder)

@@ -115,7 +115,9 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
     unknown = sorted(set(options) - cls.options)
     if unknown:
         takes = ", ".join(sorted(cls.options)) or "none"
-        raise EdgelmError(f"the {runtime} runtime takes no option {', '.join(unknown)} (its options: {takes})")
+        raise EdgelmError(
+            f"the {runtime} runtime takes no option {', '.join(unknown)} (its options: {takes})"
+        )
     loaded: object = cls(Path(path), device=device, **options)  # a plugin's class may break its promise
     if not isinstance(loaded, Runtime):
         raise EdgelmError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,8 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from edgelm.errors import EdgelmError
-from edgelm.formats.onnx import MODEL_FILE
-from edgelm.model.config import ModelConfig
+from edgelm.formats.onnx import MODEL_FILE, read_onnx_folder
 from edgelm.runtimes.base import check_ids, ids_to_run, reserved_context
 from edgelm.tokenizer import Tokenizer
 
@@ -55,40 +54,6 @@ def resolve_device(device: str) -> str:
     return device if kind == "cuda" else kind
 
 
-def check_external_data(folder: Path, model: onnx.ModelProto) -> None:
-    """Refuse weights stored outside the folder and missing or truncated data files, before ORT reads any."""
-    root = folder.resolve()
-    for tensor in _all_initializers(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        path = (root / location).resolve()
-        if not location or Path(location).is_absolute() or not path.is_relative_to(root):
-            raise EdgelmError(
-                f"{folder / MODEL_FILE}: tensor {tensor.name!r} points to data outside the folder "
-                f"({location!r}); refusing to read it"
-            )
-        if not path.is_file():
-            raise EdgelmError(
-                f"{folder}: external data file {location!r} (tensor {tensor.name!r}) is missing"
-            )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > path.stat().st_size:
-            raise EdgelmError(
-                f"{path}: is {path.stat().st_size} bytes, but tensor {tensor.name!r} needs {end}; "
-                "the file is truncated (export the model again)"
-            )
-
-
-def _all_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
-
-
 class OnnxRuntime:
     """An ONNX decoder in an ONNX Runtime session, with its KV cache holding one sequence."""
 
@@ -102,12 +67,7 @@ class OnnxRuntime:
         """`context`: the tokens the KV buffers hold (default DEFAULT_CONTEXT, at most the model's)."""
         folder = Path(path)
         file = folder / MODEL_FILE
-        try:
-            graph = onnx.load(str(file), load_external_data=False)
-        except Exception as e:  # protobuf raises DecodeError and others for a damaged file
-            raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-        check_external_data(folder, graph)
-        config = ModelConfig.load(folder)
+        config, graph = read_onnx_folder(folder)
         # the KV buffers are allocated for the whole context up front
         self.config = dataclasses.replace(config, max_position_embeddings=reserved_context(context, config))
         self.tokenizer = Tokenizer.load(folder)
@@ -134,7 +94,8 @@ class OnnxRuntime:
         try:
             self.session = ort.InferenceSession(str(file), options, providers=providers)
         except Exception as e:  # onnxruntime's own exception types are not exported consistently
-            raise EdgelmError(f"{file}: ONNX Runtime cannot load it ({e})") from None
+            reason = " ".join(str(e).split())  # ORT's messages run over several lines
+            raise EdgelmError(f"{file}: ONNX Runtime cannot load it ({reason[:400]})") from None
         self.providers = self.session.get_providers()  # those that actually hold nodes, preferred first
         self.provider: str | None = self.providers[0] if self.providers else None
         self.threads = threads

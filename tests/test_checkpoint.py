@@ -93,9 +93,8 @@ def test_weight_files_of_a_sharded_checkpoint_feed_its_size_and_hash(checkpoint:
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16"])
 def test_weights_stored_in_half_precision_round_as_torch_does(checkpoint: Path, dtype: str) -> None:
-    """Any float32 value becomes the half-precision value torch's own conversion gives (BF16: nearest,
-    ties to even), specials included."""
-    import numpy as np
+    """Any finite float32 value becomes the half-precision value torch's own conversion gives (BF16:
+    nearest, ties to even; F16 overflowing to infinity); infinities and NaN are refused (test_validation)."""
     import torch
     from safetensors.torch import load_file
 
@@ -104,7 +103,7 @@ def test_weights_stored_in_half_precision_round_as_torch_does(checkpoint: Path, 
     config, tensors, _ = load_checkpoint(checkpoint)
     name = "model.layers.0.mlp.up_proj.weight"
     w = tensors[name].copy()
-    w.flat[:6] = [np.inf, -np.inf, 1 + 2**-8, 1 + 3 * 2**-8, -(2**-140), 3e38]  # ties, subnormal, overflow
+    w.flat[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(2**-140), 3e38]  # ties, a subnormal, F16's overflow
     tensors[name] = w
     write_weights(
         checkpoint,

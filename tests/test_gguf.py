@@ -314,3 +314,28 @@ def test_calibration_lowers_the_kl_divergence(trained_run: Path, tmp_path: Path)
         kld[name] = float(kl_divergence(log_probs(expected), log_probs(got)).mean())
     assert kld["calibrated"] < 0.8 * kld["plain"], kld
     assert GGUFReader(files["calibrated"]).fields["edgelm.quantization"].contents() == "q4_0 (calibrated)"
+
+
+def test_embedding_rows_past_the_tokenizer_get_padding_tokens(
+    tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    """Hub models often have more embedding rows than tokens (padded to a multiple of 64 or 128): the export
+    gives the rows past the tokenizer unused `[PAD<id>]` tokens, as llama.cpp's converter does, so that
+    llama.cpp loads the file and computes what torch does; a tokenizer larger than the model is refused."""
+    from edgelm.training.random_checkpoint import random_checkpoint
+
+    config = dataclasses.replace(SMALL, vocab_size=small_tokenizer.vocab_size + 13)
+    checkpoint = random_checkpoint(tmp_path / "padded", config, small_tokenizer)
+    path = export_gguf(checkpoint, tmp_path / "padded.gguf", "f32")
+    tokens = GGUFReader(path).get_field("tokenizer.ggml.tokens")
+    assert tokens is not None and len(tokens.data) == config.vocab_size
+    ids = small_tokenizer.encode(VARIED[0], add_bos=True)[:40]
+    with edgelm.load(checkpoint) as reference, edgelm.load(path, kv_cache="f32") as model:
+        assert model.tokenizer.encode(VARIED[0], add_bos=True)[:40] == ids
+        got = model.runtime.forward(ids, all_logits=True)
+        assert np.abs(got - reference.runtime.forward(ids, all_logits=True)).max() <= 1e-4
+    smaller = dataclasses.replace(SMALL, vocab_size=small_tokenizer.vocab_size - 1)
+    with pytest.raises(EdgelmError, match=r"tokens, more than the model's vocab_size"):
+        export_gguf(
+            random_checkpoint(tmp_path / "small", smaller, small_tokenizer), tmp_path / "x.gguf", "f32"
+        )

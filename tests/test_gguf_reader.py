@@ -21,7 +21,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.gguf_reader import GGML_TYPES, read_gguf
-from edgelm.info import describe_gguf
+from edgelm.info import describe_gguf, gguf_summary
 
 # ------------------------------------------------------------------------------ files written by GGUFWriter
 
@@ -162,7 +162,9 @@ def test_describe(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    info = describe_gguf(path)
+    with pytest.raises(EdgelmError, match=r"metadata key llama\.feed_forward_length is missing"):
+        describe_gguf(path)  # `info` checks a file as a model: this one is no whole model
+    info = gguf_summary(read_gguf(path))
     assert info["architecture"] == "llama" and info["name"] == "tiny" and info["format"] == "gguf v3"
     assert info["parameters"] == 300 * 64 + 64 + 64 * 64 + 32 * 64 and info["tensors"] == 4
     assert (info["context_length"], info["layers"], info["embedding_length"]) == (96, 1, 64)

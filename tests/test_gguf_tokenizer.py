@@ -434,7 +434,7 @@ def test_sentencepiece_merges_llama_cpp_would_not_follow_are_refused(tmp_path: P
     state["model"]["merges"] = [m for m in state["model"]["merges"] if "".join(m) != longest]
     fewer = Tokenizer(HFTokenizer.from_str(json.dumps(state)), tokenizer.bos_id, list(tokenizer.eos_ids))
     with pytest.raises(EdgelmError, match=r"llama\.cpp would tokenize"):
-        tokenizer_metadata(fewer, tmp_path)
+        tokenizer_metadata(fewer, tmp_path, fewer.vocab_size)
 
 
 @pytest.mark.parametrize("pre", sorted(HF_PRE_TOKENIZERS))

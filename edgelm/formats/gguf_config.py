@@ -13,6 +13,7 @@ from edgelm.formats.gguf import DEFAULT_TOKEN_IDS, GEMMA_SLIDING_EVERY, HF_ARCHI
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
 from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
+from edgelm.values import is_number
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], where: str) -> ModelConfig:
@@ -29,6 +30,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
         value = metadata.get(f"{arch}.{name}", default)
         if value is None:
             raise EdgelmError(f"{where}: metadata key {arch}.{name} is missing")
+        if not is_number(value):  # every hyperparameter read here is one number
+            raise EdgelmError(f"{where}: metadata key {arch}.{name}={value!r:.60} is not a number")
         return value
 
     heads, hidden = key("attention.head_count"), key("embedding_length")
@@ -63,7 +66,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: Collection[str], wh
         rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_shortest(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        partial_rotary_factor=rotary / head_dim,
+        partial_rotary_factor=rotary / head_dim if head_dim else 1.0,  # head_dim 0 is refused by name
         tie_word_embeddings="output.weight" not in tensor_names,
         architecture=architecture,
         qkv_bias=qkv_bias,
@@ -90,9 +93,7 @@ def _gemma_fields(metadata: dict[str, Any], arch: str, key: Callable[..., Any]) 
         "final_logit_softcapping": metadata.get(f"{arch}.final_logit_softcapping"),
         "layer_types": tuple("sliding_attention" if s and window else "full_attention" for s in pattern),
         "sliding_window": window,
-        "rope_local_theta": _shortest(metadata.get(f"{arch}.rope.freq_base_swa", 10000.0))
-        if arch == "gemma3"
-        else None,
+        "rope_local_theta": _shortest(key("rope.freq_base_swa", 10000.0)) if arch == "gemma3" else None,
     }
 
 

@@ -287,10 +287,29 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     return name
 
 
-def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
+def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path, vocab_size: int) -> dict[str, Any]:
     """Every `tokenizer.ggml.*` value llama.cpp needs to reproduce the tokenizer's ids: "model" gpt2
     (byte-level BPE: tokens, types, merges, the pre-tokenizer's name) or llama (SentencePiece BPE: tokens,
-    types, scores, the unknown token and the space prefix)."""
+    types, scores, the unknown token and the space prefix). llama.cpp wants a token for each of the
+    model's `vocab_size` embedding rows: the rows past the tokenizer's last id get unused `[PAD<id>]`
+    tokens, as its converter writes them."""
+    metadata = _vocabulary(tokenizer, checkpoint)
+    missing = vocab_size - len(metadata["tokens"])
+    if missing < 0:
+        raise EdgelmError(
+            f"{checkpoint}: the tokenizer has {len(metadata['tokens'])} tokens, more than the model's "
+            f"vocab_size of {vocab_size}"
+        )
+    start = len(metadata["tokens"])
+    metadata["tokens"] = metadata["tokens"] + [f"[PAD{i}]" for i in range(start, vocab_size)]
+    metadata["types"] = metadata["types"] + [UNUSED] * missing
+    if "scores" in metadata:
+        metadata["scores"] = metadata["scores"] + [0.0] * missing
+    return metadata
+
+
+def _vocabulary(tokenizer: Tokenizer, checkpoint: Path) -> dict[str, Any]:
+    """The tokenizer's own `tokenizer.ggml.*` values, one token per id it has."""
     model = json.loads(tokenizer.backend.to_str())["model"]
     if model.get("type") != "BPE":
         raise EdgelmError(f"{checkpoint}: GGUF export supports BPE tokenizers, not {model.get('type')}")

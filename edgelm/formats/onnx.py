@@ -1,6 +1,119 @@
-"""The files of an ONNX folder, named once for the exporters, the runtime, `info` and the evaluation."""
+"""The files of an ONNX folder, named once for the exporters, the runtime, `info` and the evaluation, and
+the checks that a folder is what its config.json says before ONNX Runtime reads any of it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    import onnx
 
 MODEL_FILE = "model.onnx"  # the graph
 DATA_FILE = "model.onnx.data"  # every weight, as external data (no 2 GiB protobuf limit)
 GENAI_CONFIG = "genai_config.json"  # what onnxruntime-genai reads to run the folder
 PROVENANCE = "edgelm.json"  # the source checkpoint's hash, the quantization, opsets, tool versions
+
+
+def read_onnx_folder(folder: Path) -> tuple[ModelConfig, onnx.ModelProto]:
+    """An ONNX folder's config and its graph without the weights, checked: model.onnx parses, its external
+    data lie inside the folder, within their files and apart, and the graph's cache inputs and attention
+    agree with config.json."""
+    try:
+        import onnx
+    except ModuleNotFoundError as e:
+        raise missing_dependency("onnx", "onnx") from e
+    folder = Path(folder)
+    file = folder / MODEL_FILE
+    if not file.is_file():
+        raise EdgelmError(f"{folder}: no {MODEL_FILE} (not an ONNX folder, or an incomplete one)")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others for a damaged file
+        raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    check_external_data(folder, model)
+    config = ModelConfig.load(folder)
+    check_graph_config(model, config, str(file))
+    return config, model
+
+
+def check_external_data(folder: Path, model: onnx.ModelProto) -> None:
+    """Refuse weights stored outside the folder, missing or truncated data files, offsets that are not
+    counts and ranges that overlap, before ORT reads any."""
+    root = folder.resolve()
+    ranges: dict[Path, list[tuple[int, int, str]]] = {}
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        path = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not path.is_relative_to(root):
+            raise EdgelmError(
+                f"{folder / MODEL_FILE}: tensor {tensor.name!r} points to data outside the folder "
+                f"({location!r}); refusing to read it"
+            )
+        if not path.is_file():
+            raise EdgelmError(f"{folder}: external data file {location!r} (of {tensor.name!r}) is missing")
+        offset, length = (info.get(key, "0") for key in ("offset", "length"))
+        if not (offset.isdigit() and length.isdigit()):
+            raise EdgelmError(
+                f"{folder / MODEL_FILE}: tensor {tensor.name!r} has external data offset {offset!r} and "
+                f"length {length!r}; both must be byte counts"
+            )
+        start, end = int(offset), int(offset) + int(length)
+        if end > path.stat().st_size:
+            raise EdgelmError(
+                f"{path}: is {path.stat().st_size} bytes, but tensor {tensor.name!r} needs {end}; "
+                "the file is truncated (export the model again)"
+            )
+        ranges.setdefault(path, []).append((start, end, tensor.name))
+    for path, spans in ranges.items():
+        for (_, end, first), (start, _, second) in itertools.pairwise(sorted(spans)):
+            if start < end:
+                raise EdgelmError(f"{path}: tensors {first!r} and {second!r} share bytes; it is damaged")
+
+
+def check_graph_config(model: onnx.ModelProto, config: ModelConfig, where: str) -> None:
+    """Refuse a graph whose KV-cache inputs or attention do not have config.json's layers, heads and
+    head size (a config.json from another model would make ONNX Runtime fail mid-generation)."""
+    inputs = {i.name: i for i in model.graph.input}
+    past = [name for name in inputs if name.startswith("past_key_values.")]
+    if past and len(past) != 2 * config.num_hidden_layers:
+        raise EdgelmError(
+            f"{where}: the graph has {len(past) // 2} layers' KV inputs, config.json says "
+            f"{config.num_hidden_layers} layers"
+        )
+    kv, head = config.num_key_value_heads, config.head_dim
+    for name in past:
+        shape = inputs[name].type.tensor_type.shape.dim
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in shape]
+        if len(dims) != 4 or dims[1] not in (None, kv) or dims[3] not in (None, head):
+            raise EdgelmError(
+                f"{where}: {name} has shape {dims}, config.json implies (batch, {kv}, sequence, {head})"
+            )
+    want = {"num_heads": config.num_attention_heads, "kv_num_heads": kv}
+    rows = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        heads = {a.name: a.i for a in node.attribute if a.name in want}
+        if any(heads.get(k, v) != v for k, v in want.items()):
+            raise EdgelmError(f"{where}: {node.name} attends with {heads}, config.json implies {want}")
+        cos = rows.get(node.input[7]) if len(node.input) > 7 else None  # None: computed (LongRoPE's If)
+        if cos is not None and cos < config.max_position_embeddings:
+            raise EdgelmError(
+                f"{where}: the rotary tables hold {cos} positions, config.json's context is "
+                f"{config.max_position_embeddings}"
+            )
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    import onnx
+
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)

@@ -12,6 +12,7 @@ with their own RoPE base between global ones).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ from edgelm.model.hf_config import (
     hf_fields,
 )
 from edgelm.model.rope_scaling import LongRopeScaling, RopeScaling
-from edgelm.values import is_int
+from edgelm.values import describe, is_int, matches
+
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: a GGUF file with more does not load
+MAX_SIZE = 2**31 - 1  # sizes and the context: int32 in ONNX Runtime's attention, uint32 in GGUF
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,22 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check_shape()
         self._check_family()
         self._check_rope()
         self._check_gemma_fields()
 
+    def _check_types(self) -> None:
+        """Every field of the type its annotation names (a config.json or a GGUF file may hold anything)."""
+        for name, hint in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not matches(value, hint):
+                raise EdgelmError(f"config: {name}={value!r} must be {describe(hint)}")
+
     def _check_shape(self) -> None:
-        """Sizes positive and divisible as attention needs them; special ids inside the vocabulary."""
+        """Sizes positive, within what the formats and llama.cpp hold, and divisible as attention needs
+        them; special ids inside the vocabulary."""
         positive = (
             "vocab_size",
             "hidden_size",
@@ -98,8 +111,13 @@ class ModelConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise EdgelmError(f"config: {name}={value!r} must be a positive integer")
+            if not 0 < value <= MAX_SIZE:
+                raise EdgelmError(f"config: {name}={value!r} must be a positive integer below 2^31")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise EdgelmError(
+                f"config: num_hidden_layers={self.num_hidden_layers} is more than the {MAX_LAYERS} layers "
+                "llama.cpp builds"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise EdgelmError(
                 f"config: num_key_value_heads={self.num_key_value_heads} does not divide "
@@ -145,8 +163,6 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise EdgelmError(f"config: rope_theta={self.rope_theta} must be positive")
         scaling = self.rope_scaling
-        if scaling is not None and not isinstance(scaling, RopeScaling):
-            raise EdgelmError(f"config: rope_scaling={scaling!r} must be a RopeScaling or None")
         if isinstance(scaling, LongRopeScaling) and len(scaling.short_factor) != self.rotary_dim // 2:
             raise EdgelmError(
                 f"config: longrope needs a factor for each of the {self.rotary_dim // 2} rotary pairs, "
@@ -295,7 +311,7 @@ class ModelConfig:
         (`hf_config.hf_fields` says how each family is read)."""
         if not isinstance(data, dict):
             raise EdgelmError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        return cls(**hf_fields(data, [f.name for f in dataclasses.fields(cls)], where))
+        return cls(**hf_fields(data, FIELD_TYPES, where))
 
     def save(self, directory: Path, dtype: str = "float32") -> None:
         """Write `config.json` into `directory` (atomically), naming `dtype` as the weights' dtype."""
@@ -307,6 +323,9 @@ class ModelConfig:
         path = Path(directory) / "config.json"
         return cls.from_hf_dict(read_json(path), where=str(path))
 
+
+# each field's type, as its annotation names it: what `_check_types` and `hf_fields` hold values to
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(ModelConfig)
 
 PRESETS: dict[str, ModelConfig] = {
     # about 1.3 M parameters: a useful code model after a few minutes on two CPU cores

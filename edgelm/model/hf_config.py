@@ -6,14 +6,14 @@ and v5), its sliding windows, and what edgelm refuses. Writing config.json is `M
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from edgelm.errors import EdgelmError
 from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, RopeScaling
-from edgelm.values import is_int
+from edgelm.values import describe, is_int, matches, number
 
 # architecture (config.json "architectures") → transformers model_type
 ARCHITECTURES = {
@@ -119,9 +119,9 @@ _DERIVED = {
 }
 
 
-def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "config.json") -> dict[str, Any]:
-    """The values of ModelConfig's `fields` that a config.json dictionary gives; what edgelm does not
-    compute is refused with an EdgelmError that names it.
+def hf_fields(data: dict[str, Any], fields: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The values of ModelConfig's `fields` (name → type) that a config.json dictionary gives, each of its
+    type; what edgelm does not compute is refused with an EdgelmError that names it.
 
     Keys that the dictionary leaves out take transformers' defaults for its architecture. RoPE settings
     are read in both spellings, `rope_theta` + `rope_scaling` (transformers v4) and `rope_parameters` (v5).
@@ -153,12 +153,17 @@ def hf_fields(data: dict[str, Any], fields: Collection[str], where: str = "confi
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     if isinstance(values.get("eos_token_id"), list):
         values["eos_token_id"] = tuple(values["eos_token_id"])
+    for name, value in values.items():  # before any arithmetic on them
+        if not matches(value, fields[name]):
+            raise EdgelmError(f"{where}: {name}={value!r} must be {describe(fields[name])}")
     layers, context = values["num_hidden_layers"], values["max_position_embeddings"]
     if architecture in GEMMA:
         values |= hf_gemma(data, architecture, layers, context, where)
     else:
         values |= _rope_and_context(data, architecture, layers, context, where)
-    attention_bias = bool(data.get("attention_bias", False))
+    attention_bias = data.get("attention_bias", False)
+    if not isinstance(attention_bias, bool):
+        raise EdgelmError(f"{where}: attention_bias={attention_bias!r} must be true or false")
     qkv_bias, o_bias = {
         "MistralForCausalLM": (False, False),  # transformers' Mistral ignores attention_bias
         "Qwen2ForCausalLM": (True, False),
@@ -177,7 +182,9 @@ def _rope_and_context(
     if phi3:
         params = data.get("rope_parameters") or {}
         partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
-        values["partial_rotary_factor"] = 1.0 if partial is None else float(partial)
+        values["partial_rotary_factor"] = (
+            1.0 if partial is None else number(partial, "partial_rotary_factor", where)
+        )
     window = hf_sliding_window(data, architecture, num_layers, where)
     return values | {"max_position_embeddings": min(context, window or context)}
 
@@ -259,7 +266,8 @@ def hf_gemma3_rope(
             raise EdgelmError(f"{where}: RoPE scaling of Gemma 3's sliding layers is not supported")
         return theta, scaling, local_theta
     theta, scaling = hf_rope(data, max_position_embeddings, where, defaults["rope_theta"])
-    return theta, scaling, float(data.get("rope_local_base_freq") or defaults["rope_local_base_freq"])
+    local = data.get("rope_local_base_freq") or defaults["rope_local_base_freq"]
+    return theta, scaling, number(local, "rope_local_base_freq", where)
 
 
 def hf_architecture(data: dict[str, Any], where: str = "config.json") -> str:
@@ -268,6 +276,8 @@ def hf_architecture(data: dict[str, Any], where: str = "config.json") -> str:
     names = data.get("architectures") or []
     names = names if isinstance(names, list) else [names]
     model_type = data.get("model_type")
+    if not all(isinstance(v, str) for v in (*names, model_type or "")):
+        raise EdgelmError(f"{where}: model_type and architectures must be strings")
     by_model_type = {v: k for k, v in ARCHITECTURES.items()}
     if model_type is not None and model_type not in by_model_type:
         listed = f" (architectures: {', '.join(map(str, names))})" if names else ""
@@ -311,19 +321,20 @@ def _rope_parameters(
 ) -> tuple[float, RopeScaling | None]:
     """The base and scaling of one RoPE dictionary (`data` gives the top-level keys v4 keeps outside it,
     `theta` the default base)."""
-    theta = next((v for v in (params.get("rope_theta"), data.get("rope_theta")) if v is not None), theta)
+    given = next((v for v in (params.get("rope_theta"), data.get("rope_theta")) if v is not None), theta)
+    theta = number(given, "rope_theta", where)
     factor = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
     if factor not in (None, 1, 1.0) and not partial:
         raise EdgelmError(f"{where}: partial_rotary_factor={factor} is not supported (rotary on all dims)")
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if rope_type == "longrope":
-        return float(theta), _longrope(params, data, max_position_embeddings, where)
+        return theta, _longrope(params, data, max_position_embeddings, where)
     if rope_type == "linear":
         if params.get("factor") is None:
             raise EdgelmError(f"{where}: linear rope scaling lacks its factor")
-        return float(theta), LinearRopeScaling(float(params["factor"]))
+        return theta, LinearRopeScaling(number(params["factor"], "rope factor", where))
     if rope_type != "llama3":
         raise EdgelmError(
             f"{where}: rope_type {rope_type!r} is not supported; edgelm computes plain RoPE, "
@@ -342,10 +353,10 @@ def _rope_parameters(
         )
         if v is not None
     )
-    scaling = Llama3RopeScaling(
-        float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]), original
+    factor, low, high = (
+        number(params[k], k, where) for k in ("factor", "low_freq_factor", "high_freq_factor")
     )
-    return float(theta), scaling
+    return theta, Llama3RopeScaling(factor, low, high, original)
 
 
 def _longrope(
@@ -353,20 +364,31 @@ def _longrope(
 ) -> LongRopeScaling:
     """Phi-3's LongRoPE, its attention factor computed as transformers does where the file gives none:
     √(1 + ln(factor) / ln(original)), factor = the published context / the original one."""
-    original = int(
-        params.get("original_max_position_embeddings") or data.get("original_max_position_embeddings") or 0
-    )
+    original = params.get("original_max_position_embeddings") or data.get("original_max_position_embeddings")
+    if original is not None and not (is_int(original) and original > 0):
+        raise EdgelmError(
+            f"{where}: original_max_position_embeddings={original!r} must be a positive integer"
+        )
     needed = {"short_factor": params.get("short_factor"), "long_factor": params.get("long_factor")}
     missing = [k for k, v in {**needed, "original_max_position_embeddings": original}.items() if not v]
     if missing:
         raise EdgelmError(f"{where}: longrope lacks {', '.join(missing)}")
-    factor = params.get("factor") or max_position_embeddings / original
+    assert is_int(original)  # refused above as missing or not one
+    factor = number(params.get("factor") or max_position_embeddings / original, "rope factor", where)
     attention = params.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    short, long = (tuple(float(f) for f in params[k]) for k in ("short_factor", "long_factor"))
+    attention = number(attention, "attention_factor", where)
+    short, long = (_factors(params[k], k, where) for k in ("short_factor", "long_factor"))
     # cos and sin are float32: the factor's float32 value (its shortest decimal) is the one that counts
-    return LongRopeScaling(short, long, original, float(str(np.float32(attention))))
+    return LongRopeScaling(short, long, int(original), float(str(np.float32(attention))))
+
+
+def _factors(values: Any, name: str, where: str) -> tuple[float, ...]:
+    """A list of numbers (LongRoPE's factors) as floats."""
+    if not isinstance(values, list):
+        raise EdgelmError(f"{where}: {name}={values!r} must be a list of numbers")
+    return tuple(number(v, name, where) for v in values)
 
 
 def hf_sliding_window(
@@ -385,6 +407,8 @@ def hf_sliding_window(
             return None
         first = data.get("max_window_layers")
         first = HF_DEFAULTS[architecture]["max_window_layers"] if first is None else first
+        if not is_int(first):
+            raise EdgelmError(f"{where}: max_window_layers={first!r} must be an integer")
         layer_types = data.get("layer_types") or [
             "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
         ]
