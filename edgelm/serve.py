@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +36,15 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+
+    from edgelm.serve_guard import (
+        ANY,
+        BODY_BYTES_BASE,
+        BODY_BYTES_PER_TOKEN,
+        LOOPBACK_NAMES,
+        Guard,
+        guarded,
+    )
 except ModuleNotFoundError as e:
     raise missing_dependency(e.name or "fastapi", "serve") from None
 
@@ -54,13 +63,23 @@ class RequestError(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
+def create_app(
+    model: Model,
+    model_name: str = "edgelm",
+    hosts: Collection[str] = LOOPBACK_NAMES,
+    origins: Collection[str] = (),
+    docs: bool = False,
+) -> FastAPI:
     """The OpenAI-compatible application serving `model` under the id `model_name` (see the module doc).
 
     Sampling defaults are `SamplingParams`' (llama.cpp's); `top_k` is an extension. `max_tokens` defaults
     to 16 for completions and to the rest of the context for chat. Generations run one at a time in a
-    worker thread, shut down with the application.
+    worker thread, shut down with the application. Requests pass `serve_guard.Guard` first: Host one of
+    `hosts`, Origin (if any) one of `origins`, JSON bodies within a size that the context bounds. `docs`
+    serves FastAPI's /docs pages.
     """
+    context = model.config.max_position_embeddings
+    guard = Guard(hosts, origins, BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * context)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-generate")
 
     @asynccontextmanager
@@ -68,7 +87,22 @@ def create_app(model: Model, model_name: str = "edgelm") -> FastAPI:
         yield
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="edgelm", lifespan=lifespan)
+    app = FastAPI(
+        title="edgelm",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+
+    def refused(status: int, message: str) -> Response:
+        return _error(status, message, "invalid_request_error")
+
+    @app.middleware("http")
+    async def checked(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        return await guarded(guard, request, call_next, refused)
+
+    app.state.guard = guard
     _add_error_handlers(app)
     _add_model_list(app, model, model_name)
     _add_completions(app, model, model_name, executor)
@@ -114,7 +148,10 @@ def _add_completions(app: FastAPI, model: Model, model_name: str, executor: Thre
         if not isinstance(prompt, str):
             raise RequestError("'prompt' must be a string", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream, options = _open(model, body, COMPLETION_MAX_TOKENS, lambda **kw: model.stream(prompt, **kw))
+        # tokenizing a long prompt takes a while: in a thread, so that other requests are answered meanwhile
+        stream, options = await asyncio.to_thread(
+            _open, model, body, COMPLETION_MAX_TOKENS, lambda **kw: model.stream(prompt, **kw)
+        )
         head = _head(rid, "text_completion", body, model_name)
         if options["stream"]:
             return _sse(_completion_events(head, stream, _pieces(stream, executor, rid)))
@@ -132,7 +169,9 @@ def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor:
         messages = _messages(body.get("messages"))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         context = model.config.max_position_embeddings
-        stream, options = _open(model, body, context, lambda **kw: model.chat_stream(messages, **kw))
+        stream, options = await asyncio.to_thread(
+            _open, model, body, context, lambda **kw: model.chat_stream(messages, **kw)
+        )
         if options["stream"]:
             head = _head(rid, "chat.completion.chunk", body, model_name)
             return _sse(_chat_events(head, stream, _pieces(stream, executor, rid)))
@@ -150,12 +189,15 @@ def serve(
     runtime: str = "auto",
     device: str = "auto",
     log_level: str = "info",
+    origins: Collection[str] = (),
+    docs: bool = False,
     **options: Any,
 ) -> None:
     """Load the artifact at `path` (with the runtime's `options`, e.g. `context`) and serve it on
     http://host:port/v1 until interrupted (Ctrl-C).
 
-    Only this machine can connect unless `host` says otherwise (0.0.0.0: every interface).
+    Only this machine can connect unless `host` says otherwise (0.0.0.0: every interface, when any Host
+    name is answered); browser pages only from `origins` ("*": any); `docs` serves /docs.
     """
     try:
         import uvicorn
@@ -163,7 +205,8 @@ def serve(
         raise missing_dependency(e.name or "uvicorn", "serve") from None
     sock = listen(host, port)  # before loading, so that a taken port fails fast
     with sock, load(path, runtime=runtime, device=device, **options) as model:
-        app = create_app(model, Path(path).name)
+        hosts = (ANY,) if host in ("0.0.0.0", "::") else (*LOOPBACK_NAMES, host)
+        app = create_app(model, Path(path).name, hosts, origins, docs)
         print(
             f"edgelm: serving {path} ({model.runtime.name} on {model.runtime.device}) "
             f"at http://{host}:{sock.getsockname()[1]}/v1",
@@ -193,11 +236,19 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """The request's JSON object, read up to the guard's limit (a body without a Content-Length too)."""
+    limit = request.app.state.guard.max_body_bytes
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise RequestError(f"the body is more than the {limit} bytes this server takes", status=413)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body nests too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body

@@ -25,7 +25,7 @@ LAYERS = [
     ("edgelm.runtimes",),
     ("edgelm.generation",),
     ("edgelm.evaluation",),
-    ("edgelm.serve", "edgelm.info", "edgelm.cli", "edgelm.__main__"),
+    ("edgelm.serve", "edgelm.serve_guard", "edgelm.info", "edgelm.cli", "edgelm.__main__"),
 ]
 SOURCES = {"edgelm": ROOT / "edgelm", "edgelm.export": ROOT / "export", "edgelm.runtimes": ROOT / "runtimes"}
 

@@ -31,6 +31,7 @@ from edgelm.errors import EdgelmError
 from edgelm.generation.api import Model
 from edgelm.runtimes.base import Runtime
 from edgelm.serve import create_app, listen
+from edgelm.serve_guard import BODY_BYTES_BASE, BODY_BYTES_PER_TOKEN
 from edgelm.tokenizer import Tokenizer
 
 TEMPLATE = (
@@ -130,12 +131,14 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer)
 
 
 def request(
-    port: int, method: str, path: str, body: Any = None
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
-    """Send a request to the server on this machine's port; its status, JSON answer and response."""
+    """Send a request to the server on this machine's port (JSON, unless `headers` say otherwise); its
+    status, JSON answer and response."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    raw = isinstance(body, (bytes, type(None), Iterator))  # bytes as they are, an iterator in chunks
+    data = body if raw else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
     payload = json.loads(response.read())
     conn.close()
@@ -145,7 +148,9 @@ def request(
 def events(served: Served, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The JSON events of a streamed response, checking the SSE framing and the final [DONE]."""
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
-    conn.request("POST", path, body=json.dumps({**body, "stream": True}))
+    conn.request(
+        "POST", path, body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"}
+    )
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
     raw = response.read().decode("utf-8")
@@ -287,6 +292,64 @@ def test_bad_requests_get_openai_errors(served: Served, path: str, body: Any, pa
     assert served.runtime.calls == calls  # refused before generating
 
 
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "message"),
+    [
+        ({"Host": "evil.example:8080"}, {"prompt": "x"}, 403, "Host 'evil.example' is not served here"),
+        ({"Origin": "http://evil.example"}, {"prompt": "x"}, 403, "--allow-origin http://evil.example"),
+        ({"Content-Type": "text/plain"}, {"prompt": "x"}, 415, "Content-Type: application/json"),
+        ({}, b"[" * 100_000, 400, "nests too deeply"),
+        ({}, "OVERSIZED", 413, "more than the"),
+        ({}, "OVERSIZED-CHUNKED", 413, "more than the"),  # no Content-Length: counted as it is read
+    ],
+    ids=["rebound-host", "foreign-origin", "text-plain", "deep-json", "oversized", "oversized-chunked"],
+)
+def test_what_browsers_and_floods_send_is_refused_before_generating(
+    served: Served, headers: dict[str, str], body: Any, status: int, message: str
+) -> None:
+    calls = served.runtime.calls
+    limit = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * served.model.config.max_position_embeddings
+    if body == "OVERSIZED":  # one byte too many
+        body = b" " * (limit + 1)
+    elif body == "OVERSIZED-CHUNKED":  # http.client sends an iterator in chunks, without a length
+        body = iter([b" " * limit, b" "])
+    got, out, _ = request(served.port, "POST", "/v1/completions", body, headers)
+    assert got == status and message in out["error"]["message"], out
+    assert served.runtime.calls == calls
+    assert request(served.port, "GET", "/docs")[0] == 404  # FastAPI's pages only with --docs
+
+
+def test_an_allowed_origin_gets_cors_headers() -> None:
+    """A page from an Origin the server was told to allow gets its preflight answered and CORS headers."""
+    import asyncio
+
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from edgelm.serve_guard import Guard, guarded
+
+    guard = Guard(origins=("http://localhost:3000",))
+
+    def scope(method: str, origin: str) -> Request:
+        headers = [(b"host", b"127.0.0.1:8080"), (b"origin", origin.encode())]
+        headers += [(b"content-type", b"application/json")]
+        return Request({"type": "http", "method": method, "path": "/v1/models", "headers": headers})
+
+    async def call_next(request: Request) -> Response:
+        return Response("ok")
+
+    def refused(status: int, message: str) -> Response:
+        return Response(message, status_code=status)
+
+    allowed = "http://localhost:3000"
+    preflight = asyncio.run(guarded(guard, scope("OPTIONS", allowed), call_next, refused))
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == allowed
+    answered = asyncio.run(guarded(guard, scope("POST", allowed), call_next, refused))
+    assert answered.body == b"ok" and answered.headers["access-control-allow-origin"] == allowed
+    other = asyncio.run(guarded(guard, scope("OPTIONS", "http://evil.example"), call_next, refused))
+    assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+
+
 def test_errors_outside_generation(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     status, out, _ = request(served.port, "GET", "/v1/nothing")
     assert status == 404 and out["error"]["type"] == "invalid_request_error"
@@ -327,7 +390,8 @@ def test_concurrent_requests_queue(served: Served) -> None:
 def open_stream(served: Served, body: dict[str, Any]) -> http.client.HTTPConnection:
     """Start a streamed completion and return once its response headers have arrived."""
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+    data = json.dumps({**body, "stream": True})
+    conn.request("POST", "/v1/completions", body=data, headers={"Content-Type": "application/json"})
     assert conn.getresponse().status == 200
     return conn
 

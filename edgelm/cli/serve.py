@@ -24,6 +24,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, the network too)"
     )
     server.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    server.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the server, with CORS "
+        "headers (repeatable; default: none, as requests from browsers are refused)",
+    )
+    server.add_argument("--docs", action="store_true", help="serve FastAPI's /docs pages")
     add_runtime_and_device(server)
     server.set_defaults(run=run)
 
@@ -33,4 +42,5 @@ def run(args: argparse.Namespace) -> None:
     from edgelm.serve import serve
 
     where = {"host": args.host, "port": args.port, "runtime": args.runtime, "device": args.device}
-    serve(Path(args.model), **where, **runtime_options(args))
+    guard = {"origins": args.allow_origin, "docs": args.docs}
+    serve(Path(args.model), **where, **guard, **runtime_options(args))
