@@ -54,6 +54,8 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
 }
 SPACE = "▁"  # U+2581, SentencePiece's visible space
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+MAX_TRAINING_RUN = 256  # characters of one kind in a row tokenizer training sees (the stdlib has none longer)
+_LONG_RUN = re.compile(rf"(.)\1{{{MAX_TRAINING_RUN},}}", re.DOTALL)
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -264,13 +266,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator((_bounded_runs(text) for text in texts), trainer)
     bos, eos = _special_id(backend, BOS, "trained tokenizer"), _special_id(backend, EOS, "trained tokenizer")
     # transformers' PreTrainedTokenizerFast adds BOS through the post-processor, as for Llama
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
     )
     return Tokenizer(backend, bos, [eos])
+
+
+def _bounded_runs(text: str) -> str:
+    """The text with each run of one character cut to MAX_TRAINING_RUN: the BPE trainer's time grows about
+    4x per doubling of such a run (a megabyte of NUL bytes would take minutes), and no merge it learns
+    needs a longer one."""
+    return _LONG_RUN.sub(lambda run: run.group(0)[:MAX_TRAINING_RUN], text)
 
 
 def _post_processor_adds_bos(backend: HFTokenizer, bos: int | None) -> bool:

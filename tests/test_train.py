@@ -163,6 +163,53 @@ def test_resume_refuses_an_interrupted_save(tmp_path: Path, corpus: Path) -> Non
         resume(tmp_path / "new")
 
 
+@pytest.mark.parametrize("cut", ["while-writing", "among-the-renames"])
+def test_a_save_cut_short_keeps_the_last_good_one(tmp_path: Path, corpus: Path, cut: str) -> None:
+    """A save is written whole into a staging folder, then renamed into place: a kill while writing leaves
+    the last good save (the staged one is dropped on resume), a kill among the renames is finished on
+    resume. Either way the resumed run is the one that never stopped."""
+    import shutil
+
+    from edgelm.files import temporary_sibling
+
+    straight = tmp_path / "straight"
+    train(micro(straight, corpus))
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):  # the last save is step 3's
+        train(micro(split, corpus), on_step=interrupt_at(4))
+    staging = temporary_sibling(split / "save")
+    if cut == "while-writing":  # the next save had begun: a weights file, no trainer_state.json yet
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half a file")
+    else:  # step 3's save staged whole, and its weights already renamed into place when the kill came
+        left = ("data", "log.jsonl", staging.name)
+        shutil.copytree(split, staging, ignore=lambda folder, names: [n for n in names if n in left])
+        (staging / "model.safetensors").unlink()
+    resume(split)
+    assert not staging.exists()
+    assert losses(split) == losses(straight)
+    a, b = saved_weights(straight), saved_weights(split)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reads_what_a_kill_or_a_hand_left(tmp_path: Path, corpus: Path) -> None:
+    """A log whose last line was cut short is resumed (the line dropped); a trainer_state.json without its
+    train_config is refused by name, not with a traceback."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(micro(run, corpus), on_step=interrupt_at(4))
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')
+    resume(run)
+    assert [step for step, _, _ in losses(run)] == list(range(1, 7))
+    state = json.loads((run / "trainer_state.json").read_text())
+    (run / "trainer_state.json").write_text(
+        json.dumps({k: v for k, v in state.items() if k != "train_config"})
+    )
+    with pytest.raises(EdgelmError, match="not a trainer state edgelm wrote"):
+        resume(run)
+
+
 def torchrun_train(*args: str) -> subprocess.CompletedProcess[str]:
     """`edgelm train` in two CPU processes under torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -221,6 +268,10 @@ def test_nothing_is_written_for_bad_input(tmp_path: Path) -> None:
     with pytest.raises(EdgelmError, match="no text"):
         train(micro(tmp_path / "out", empty))
     assert not (tmp_path / "out").exists()
+    (empty / "blank.txt").write_text("def f(x):\n    return x\n" * 20)  # tokens, too few for the windows
+    with pytest.raises(EdgelmError):
+        train(micro(tmp_path / "out", empty, context=4096))
+    assert not (tmp_path / "out").exists()  # nor the token cache it had written
     with pytest.raises(EdgelmError, match="unknown preset"):
         TrainConfig.for_preset("huge", out="x")
     with pytest.raises(EdgelmError, match="steps"):

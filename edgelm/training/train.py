@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from edgelm.checkpoint import WEIGHTS, read_metadata, save_checkpoint
+from edgelm.checkpoint import WEIGHTS, WEIGHTS_INDEX, read_metadata, save_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.files import read_json, temporary_sibling, write_json_atomic
 from edgelm.model.config import ModelConfig, preset
@@ -33,6 +34,7 @@ from edgelm.model.transformer import Transformer, load_weights, weights_of
 from edgelm.training.data import TokenData, batch_windows, load_tokens, prepare_tokens, validation_windows
 
 STATE = "trainer_state.json"
+SAVING = "save"  # the staging folder of a save in progress: temporary_sibling(out / SAVING)
 OPTIMIZER = "optimizer.safetensors"
 LOG = "log.jsonl"
 
@@ -145,13 +147,21 @@ def _start_distributed(device: str) -> tuple[_Distributed, str]:
 def train(
     cfg: TrainConfig, overwrite: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None
 ) -> TrainResult:
-    """Train the model of `cfg` from scratch and save it as a checkpoint in `cfg.out`."""
+    """Train the model of `cfg` from scratch and save it as a checkpoint in `cfg.out`. A run that fails
+    before its first save removes the folder it created (a token cache alone is no run; Ctrl-C keeps it,
+    to be reused)."""
     out = Path(cfg.out)
     if (out / STATE).exists() and not overwrite:
         raise EdgelmError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite to start again"
         )
-    return _run(cfg, out, False, on_step)
+    created = not out.exists()
+    try:
+        return _run(cfg, out, False, on_step)
+    except Exception:
+        if created and not (out / STATE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def resume(
@@ -163,9 +173,14 @@ def resume(
     """Continue the run saved in `out` from its last checkpoint, with its own settings: the same batches and
     schedule as if it had never stopped. A new `steps` stretches or shortens the cosine schedule."""
     out = Path(out)
+    _commit_save(out)  # a kill among the last save's renames: finish them
     if not (out / STATE).is_file():
         raise EdgelmError(f"{out}: nothing to resume (no {STATE}); start a run without --resume")
-    saved = read_json(out / STATE)["train_config"]
+    state = read_json(out / STATE)
+    saved = state.get("train_config") if isinstance(state, dict) else None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or not isinstance(saved.get("corpus"), list) or set(saved) - fields:
+        raise EdgelmError(f"{out / STATE}: not a trainer state edgelm wrote (no usable train_config)")
     saved |= {"corpus": tuple(saved["corpus"]), "out": str(out), "device": device}
     if steps is not None:
         saved["steps"] = steps
@@ -365,21 +380,44 @@ def _save(
     data: TokenData,
     step: int,
 ) -> None:
-    """Write the checkpoint, the optimizer, and trainer_state.json last: its step marks a complete save."""
-    save_checkpoint(out, model.config, weights_of(model), data.tokenizer, metadata={"step": str(step)})
+    """Write the checkpoint, the optimizer and trainer_state.json into a staging folder, trainer_state.json
+    last (it marks the staged save complete), then move them into `out` (`_commit_save`): the previous save
+    stays whole until the new one is."""
+    staging = temporary_sibling(out / SAVING)
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(staging, model.config, weights_of(model), data.tokenizer, metadata={"step": str(step)})
     state = optimizer.state_dict()
     tensors = {
         f"{index}.{key}": value.contiguous()
         for index, slots in state["state"].items()
         for key, value in slots.items()
     }
-    tmp = temporary_sibling(out / OPTIMIZER)
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    tmp.replace(out / OPTIMIZER)
+    save_file(tensors, str(staging / OPTIMIZER), metadata={"step": str(step)})
     write_json_atomic(
-        out / STATE,
+        staging / STATE,
         {"step": step, "train_config": dataclasses.asdict(cfg), "param_groups": state["param_groups"]},
     )
+    _commit_save(out)
+
+
+def _commit_save(out: Path) -> None:
+    """Move a complete staged save into `out`, trainer_state.json last, or drop one a kill cut short
+    (it has no trainer_state.json): renames only, which `resume` finishes if a kill falls among them."""
+    staging = temporary_sibling(out / SAVING)
+    if not staging.is_dir():
+        return
+    if not (staging / STATE).is_file():
+        shutil.rmtree(staging)
+        return
+    staged = sorted(staging.iterdir(), key=lambda p: p.name == STATE)
+    names = {p.name for p in staged}
+    # the last save may have been sharded where this one is not, or the other way round
+    for kept, stale in ((WEIGHTS, WEIGHTS_INDEX), (WEIGHTS_INDEX, WEIGHTS)):
+        if kept in names:
+            (out / stale).unlink(missing_ok=True)
+    for path in staged:
+        path.replace(out / path.name)
+    staging.rmdir()
 
 
 def _load_training_state(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, device: str) -> int:
@@ -403,11 +441,22 @@ def _load_training_state(out: Path, model: Transformer, optimizer: torch.optim.O
 
 
 def _open_log(path: Path, step: int) -> TextIO:
-    """Open the JSONL log for appending, first dropping records past `step` (left by an interrupted run)."""
+    """Open the JSONL log for appending, first dropping records past `step` and a last line cut short (left
+    by an interrupted run)."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
         path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a", encoding="utf-8")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinity for a line that is no whole record (dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf
 
 
 def plot_loss_curve(log_path: Path, png_path: Path) -> None:
