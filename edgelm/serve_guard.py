@@ -30,7 +30,7 @@ class Guard:
 
     def refusal(self, request: Request) -> tuple[int, str] | None:
         """Why the request is refused (its status and message), or None."""
-        host = host_name(request.headers.get("host", ""))
+        host = host_name(request.headers.get("host", "")).lower()
         if ANY not in self.hosts and host not in self.hosts:
             return 403, (
                 f"Host {host!r} is not served here (the server answers {', '.join(sorted(self.hosts))}); "

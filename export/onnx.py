@@ -33,7 +33,7 @@ from edgelm.export.onnx_graph import MS_DOMAIN, OPSET, build_model
 from edgelm.export.onnx_quant import DYNAMIC_BITS, PRECISIONS, Precision, QuantOptions
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
-from edgelm.model.config import ARCHITECTURES, ModelConfig
+from edgelm.model.config import ARCHITECTURES, DEFAULT_CONTEXT, ModelConfig
 from edgelm.progress import progress_bar
 
 try:
@@ -151,7 +151,8 @@ def genai_config(config: ModelConfig) -> dict[str, Any]:
         },
         "search": {
             "do_sample": False,
-            "max_length": config.max_position_embeddings,
+            # genai reserves its KV buffers for max_length: a 128 k context would take tens of GB
+            "max_length": min(config.max_position_embeddings, DEFAULT_CONTEXT),
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.formats.artifact import artifact_kind
-from edgelm.model.config import ModelConfig
+from edgelm.model.config import DEFAULT_CONTEXT, ModelConfig
 from edgelm.model.rope import changes_earlier_rotation
 from edgelm.tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
         raise EdgelmError(
             f"{path}: the {runtime} runtime opens {', '.join(cls.artifacts)} artifacts, not {kind}"
         )
-    unknown = sorted(set(options) - cls.options)
+    unknown = sorted(set(options).difference(cls.options))
     if unknown:
         takes = ", ".join(sorted(cls.options)) or "none"
         raise EdgelmError(
@@ -126,11 +126,6 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
             "forward and close"
         )
     return loaded
-
-
-# tokens of context a runtime that reserves its KV cache up front takes when none is asked for, as
-# llama.cpp's own tools default to
-DEFAULT_CONTEXT = 4096
 
 
 def reserved_context(context: int | None, config: ModelConfig) -> int:

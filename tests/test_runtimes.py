@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -108,6 +109,8 @@ def test_every_runtime_takes_a_context_and_refuses_what_it_does_not_take(
                 model.runtime.forward([1])
     with edgelm.load(onnx) as model:  # the KV buffers hold the reserved context, not the model's
         assert model.runtime._kv[0].shape()[2] == base.DEFAULT_CONTEXT  # type: ignore[attr-defined]
+    genai = json.loads((onnx / "genai_config.json").read_text())  # and genai's default, as genai reserves it
+    assert genai["search"]["max_length"] == base.DEFAULT_CONTEXT < genai["model"]["context_length"]
     with pytest.raises(EdgelmError, match=r"the torch runtime takes no option kv_cache \(its options: "):
         edgelm.load(checkpoint, kv_cache="f32")
     for artifact in (checkpoint, onnx, gguf):

@@ -38,6 +38,8 @@ CONFIG_DAMAGE: dict[str, dict[str, Any]] = {
     "model-type-list": {"model_type": ["llama"]},
     "architectures-object": {"architectures": [{"a": 1}]},
     "window-layers-string": {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": "2"},
+    "no-heads": {"num_attention_heads": 0, "head_dim": None},  # head_dim derived: no division by zero
+    "hidden-string": {"hidden_size": "64", "head_dim": None},
 }
 # GGUF metadata keys set to another type or past what llama.cpp builds: (value, gguf-py value type name)
 GGUF_DAMAGE: dict[str, dict[str, tuple[Any, str]]] = {
@@ -249,3 +251,33 @@ def test_a_config_json_that_is_a_fifo_is_not_waited_on(
     timer.daemon = True
     timer.start()
     assert "not a regular file" in run(COMMANDS[command], checkpoint, tmp_path / "out", capsys)
+
+
+def test_what_transformers_reads_as_absent_is_accepted(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """The checks refuse wrong types, not the nulls transformers' own configs hold."""
+    from edgelm.model.config import ModelConfig
+
+    checkpoint = make_checkpoint(tmp_path / "model", small_tokenizer)
+    data = json.loads((checkpoint / "config.json").read_text())
+    config = ModelConfig.from_hf_dict(data | {"attention_bias": None, "sliding_window": None})
+    assert config == ModelConfig.load(checkpoint)
+
+
+def test_external_data_inside_a_subgraph_is_checked_too(onnx_folder: Path, tmp_path: Path) -> None:
+    """An If's branch may hold initializers (edgelm's LongRoPE graph has one): a tensor there pointing
+    outside the folder is refused like one at the top."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgelm.errors import EdgelmError
+    from edgelm.formats.onnx import check_external_data
+
+    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
+    hidden = helper.make_tensor("stolen", TensorProto.FLOAT, [4], bytes(16), raw=True)
+    onnx.external_data_helper.set_external_data(hidden, "../../etc/passwd", 0, 16)
+    hidden.ClearField("raw_data")
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    branch = helper.make_graph([helper.make_node("Identity", ["stolen"], ["y"])], "b", [], [out], [hidden])
+    model.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch))
+    with pytest.raises(EdgelmError, match="points to data outside the folder"):
+        check_external_data(onnx_folder, model)

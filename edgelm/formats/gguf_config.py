@@ -82,7 +82,7 @@ def _gemma_fields(metadata: dict[str, Any], arch: str, key: Callable[..., Any]) 
     pattern, the window, the soft-caps, the local RoPE base (Gemma 3) and the attention scale llama.cpp
     computes."""
     layers, hidden, heads = key("block_count"), key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length", hidden // heads)
+    head_dim = key("attention.key_length", hidden // heads if heads else None)
     pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", GEMMA_SLIDING_EVERY[arch])
     if isinstance(pattern, int):
         pattern = [i % pattern < pattern - 1 for i in range(layers)]

@@ -304,7 +304,7 @@ def tokenizer_metadata(tokenizer: Tokenizer, checkpoint: Path, vocab_size: int) 
     metadata["tokens"] = metadata["tokens"] + [f"[PAD{i}]" for i in range(start, vocab_size)]
     metadata["types"] = metadata["types"] + [UNUSED] * missing
     if "scores" in metadata:
-        metadata["scores"] = metadata["scores"] + [0.0] * missing
+        metadata["scores"] = metadata["scores"] + [-1000.0] * missing  # never preferred, as llama.cpp's
     return metadata
 
 

@@ -112,8 +112,15 @@ def check_graph_config(model: onnx.ModelProto, config: ModelConfig, where: str) 
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored as external data, in subgraphs (an If's branches) too."""
     import onnx
 
-    tensors = [*model.graph.initializer]
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = [*graph.initializer]
+        for node in graph.node:
+            for a in node.attribute:
+                tensors += [a.t] if a.type == onnx.AttributeProto.TENSOR else list(a.tensors)
+                graphs += [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)

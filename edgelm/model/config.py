@@ -35,6 +35,9 @@ from edgelm.values import describe, is_int, matches
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: a GGUF file with more does not load
 MAX_SIZE = 2**31 - 1  # sizes and the context: int32 in ONNX Runtime's attention, uint32 in GGUF
+# tokens of context a runtime that reserves its KV cache up front takes when none is asked for, as
+# llama.cpp's own tools default to (and onnxruntime-genai's default max_length in edgelm's folders)
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)

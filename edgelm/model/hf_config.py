@@ -145,23 +145,24 @@ def hf_fields(data: dict[str, Any], fields: Mapping[str, Any], where: str = "con
         if required not in values:
             raise EdgelmError(f"{where}: required key {required!r} is missing")
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
-    if "head_dim" not in values:
-        if values["hidden_size"] % values["num_attention_heads"]:
-            raise EdgelmError(
-                f"{where}: hidden_size does not divide by num_attention_heads and no head_dim is given"
-            )
-        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     if isinstance(values.get("eos_token_id"), list):
         values["eos_token_id"] = tuple(values["eos_token_id"])
     for name, value in values.items():  # before any arithmetic on them
         if not matches(value, fields[name]):
             raise EdgelmError(f"{where}: {name}={value!r} must be {describe(fields[name])}")
+    if "head_dim" not in values:
+        heads = values["num_attention_heads"]
+        if heads <= 0 or values["hidden_size"] % heads:
+            raise EdgelmError(
+                f"{where}: hidden_size does not divide by num_attention_heads={heads}, and no head_dim given"
+            )
+        values["head_dim"] = values["hidden_size"] // heads
     layers, context = values["num_hidden_layers"], values["max_position_embeddings"]
     if architecture in GEMMA:
         values |= hf_gemma(data, architecture, layers, context, where)
     else:
         values |= _rope_and_context(data, architecture, layers, context, where)
-    attention_bias = data.get("attention_bias", False)
+    attention_bias = data.get("attention_bias") or False  # null: none, as transformers reads it
     if not isinstance(attention_bias, bool):
         raise EdgelmError(f"{where}: attention_bias={attention_bias!r} must be true or false")
     qkv_bias, o_bias = {

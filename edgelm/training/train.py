@@ -159,7 +159,7 @@ def train(
     try:
         return _run(cfg, out, False, on_step)
     except Exception:
-        if created and not (out / STATE).exists():
+        if created and _main_process() and not _holds_anything(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -173,7 +173,8 @@ def resume(
     """Continue the run saved in `out` from its last checkpoint, with its own settings: the same batches and
     schedule as if it had never stopped. A new `steps` stretches or shortens the cosine schedule."""
     out = Path(out)
-    _commit_save(out)  # a kill among the last save's renames: finish them
+    if _main_process():
+        _commit_save(out)  # a kill among the last save's renames: finish them
     if not (out / STATE).is_file():
         raise EdgelmError(f"{out}: nothing to resume (no {STATE}); start a run without --resume")
     state = read_json(out / STATE)
@@ -316,6 +317,11 @@ def _evaluate_and_save(loop: _Loop, step: int, record: dict[str, Any]) -> float:
     """Add the validation loss and perplexity to `record`; save the run (on the main process). The loss."""
     val_loss = evaluate(loop.model, loop.val, loop.device, loop.autocast)
     record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if not math.isfinite(val_loss):  # saving would be refused as damaged weights: say why
+        raise EdgelmError(
+            f"training diverged by step {step} (validation loss {val_loss}); the last save is kept: "
+            "start again with a lower --lr"
+        )
     if loop.ddp.main:
         _save(loop.out, loop.cfg, loop.model, loop.optimizer, loop.data, step)
     return val_loss
@@ -398,6 +404,18 @@ def _save(
         {"step": step, "train_config": dataclasses.asdict(cfg), "param_groups": state["param_groups"]},
     )
     _commit_save(out)
+
+
+def _main_process() -> bool:
+    """Whether this is the process that writes the run folder (rank 0 under torchrun, or the only one)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _holds_anything(out: Path) -> bool:
+    """Whether a run folder holds more than a token cache: a save (staged or in place) or a logged step."""
+    staged = temporary_sibling(out / SAVING) / STATE
+    log = out / LOG
+    return (out / STATE).exists() or staged.exists() or (log.is_file() and log.stat().st_size > 0)
 
 
 def _commit_save(out: Path) -> None:
