@@ -148,7 +148,7 @@ def train(
     cfg: TrainConfig, overwrite: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None
 ) -> TrainResult:
     """Train the model of `cfg` from scratch and save it as a checkpoint in `cfg.out`. A run that fails
-    before its first save removes the folder it created (a token cache alone is no run; Ctrl-C keeps it,
+    before it logs a step removes the folder it created (a token cache alone is no run; Ctrl-C keeps it,
     to be reused)."""
     out = Path(cfg.out)
     if (out / STATE).exists() and not overwrite:
