@@ -221,7 +221,6 @@ def _write_file(
                 name, w = next(tensors, ("(none)", np.empty(0)))
                 if name != expected or tuple(w.shape) != tuple(shapes[name]):
                     raise EdgelmError(f"{path.parent}: tensor {name} {w.shape} came where {expected} was due")
-                check_finite(w, name, str(path.parent))
                 flat = w.reshape(-1)
                 for start in range(0, flat.size, WRITE_CHUNK):  # converted in pieces: small temporaries
                     f.write(stored_bytes(flat[start : start + WRITE_CHUNK], dtypes[name]))

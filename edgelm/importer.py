@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.checkpoint import (
+    check_finite,
     check_shapes,
     model_order,
     read_entries,
@@ -118,6 +119,7 @@ def import_gguf(source: Path, out: Path, show_progress: bool = False) -> None:
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name, stored in names.items():
             w = gguf.tensor_array(stored)
+            check_finite(w, stored, str(source))  # a safetensors source is checked as it is read
             projection = name.split(".")[-2]
             if paired and projection in heads:
                 w = unpermute_from_gguf(w, heads[projection])

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import TensorEntry, checked_entries, checkpoint_sha256, read_entries
+from edgelm.checkpoint import checked_entries, checkpoint_sha256, read_entries
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
@@ -162,23 +162,6 @@ def export_gguf(
         raise EdgelmError(f"{checkpoint}: {refusal}; export it to ONNX, or run the checkpoint itself")
     tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
-    with new_folders(path.parent):  # a failed export leaves no empty folder
-        _write_gguf(path, checkpoint, (config, entries, tokenizer), quant, hessians, threads, show_progress)
-    return path
-
-
-def _write_gguf(
-    path: Path,
-    checkpoint: Path,
-    model: tuple[ModelConfig, list[TensorEntry], Tokenizer],
-    quant: str,
-    hessians: Mapping[str, np.ndarray] | None,
-    threads: int | None,
-    show_progress: bool,
-) -> None:
-    """The header from the shapes and types first, then each tensor read, quantized, written and dropped;
-    to a temporary name, renamed into place when complete."""
-    config, entries, tokenizer = model
     mixture = MIXTURES[quant]
 
     writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
@@ -188,21 +171,23 @@ def _write_gguf(
         writer.add_tensor_info(name, factors.shape, factors.dtype, factors.nbytes)
     types = {e.name: _plan_tensor(writer, e.name, e.shape, config, mixture) for e in entries}
     tmp = temporary_sibling(path)
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for factors in rope.values():
-            writer.write_tensor_data(factors)
-        with progress_bar(f"{path.name}", len(entries), show_progress) as advance:
-            for hf_name, w in read_entries(entries):  # one tensor in memory at a time
-                writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
-                advance(hf_name)
-        writer.close()
-        tmp.replace(path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with new_folders(path.parent):  # a failed export leaves no empty folder
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for factors in rope.values():
+                writer.write_tensor_data(factors)
+            with progress_bar(f"{path.name}", len(entries), show_progress) as advance:
+                for hf_name, w in read_entries(entries):  # one tensor in memory at a time
+                    writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
+                    advance(hf_name)
+            writer.close()
+            tmp.replace(path)
+        finally:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 def _plan_tensor(
