@@ -10,9 +10,9 @@ from typing import Any
 
 from edgelm.checkpoint import WEIGHTS, checked_entries, tensor_shapes
 from edgelm.evaluation.memory import resident_memory
-from edgelm.files import human_size, read_json
+from edgelm.files import human_size
 from edgelm.formats.gguf_reader import GGUFFile, ggml_type_name
-from edgelm.formats.onnx import PROVENANCE, read_onnx_folder
+from edgelm.formats.onnx import check_genai_config, read_onnx_folder, read_provenance
 from edgelm.importer import read_gguf_model
 from edgelm.model.config import ModelConfig
 from edgelm.tokenizer import Tokenizer
@@ -60,13 +60,14 @@ def describe_checkpoint(directory: Path) -> dict[str, Any]:
 def describe_onnx(folder: Path) -> dict[str, Any]:
     """A summary of an ONNX folder: its model's shape, how it was exported (edgelm.json, if edgelm made it),
     the operators of its graph and its size on disk. Reads model.onnx without its weights, once the
-    folder is checked (`read_onnx_folder`) and its tokenizer loads."""
+    folder is checked (`read_onnx_folder`, `check_genai_config`) and its tokenizer loads."""
     from collections import Counter
 
     folder = Path(folder)
     config, model = read_onnx_folder(folder)
+    check_genai_config(folder, config, model)
     Tokenizer.load(folder)
-    provenance = read_json(folder / PROVENANCE) if (folder / PROVENANCE).is_file() else {}
+    provenance = read_provenance(folder)
     graph = model.graph
     ops = Counter(node.op_type for node in graph.node)
     quantization = provenance.get("quantization", {})
@@ -85,7 +86,7 @@ def describe_onnx(folder: Path) -> dict[str, Any]:
         )
         or "none",
         "operators": ", ".join(f"{op} ×{n}" for op, n in ops.most_common(8)),
-        "source": provenance.get("source", {}).get("sha256", "unknown")[:16],
+        "source": str(provenance.get("source", {}).get("sha256") or "unknown")[:16],
         "file_size": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
     }
 

@@ -281,3 +281,35 @@ def test_external_data_inside_a_subgraph_is_checked_too(onnx_folder: Path, tmp_p
     model.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch))
     with pytest.raises(EdgelmError, match="points to data outside the folder"):
         check_external_data(onnx_folder, model)
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("genai_config.json", {"num_hidden_layers": 3}, "disagree with model.onnx"),
+        ("genai_config.json", {"filename": "other.onnx"}, "disagree with model.onnx"),
+        ("genai_config.json", {"outputs": {"logits": "logit"}}, "which the graph does not have"),
+        ("genai_config.json", {"inputs": {"past_key_names": "past.%d.key"}}, "which the graph does not have"),
+        ("edgelm.json", {"quantization": [4]}, "not edgelm's record"),
+    ],
+)
+def test_info_checks_what_genai_and_edgelm_json_say(
+    onnx_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    file: str,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    """onnxruntime-genai runs the folder by genai_config.json: a decoder of another shape, or names the
+    graph does not have, fail there; `info` says so first."""
+    import shutil
+
+    folder = shutil.copytree(onnx_folder, tmp_path / "onnx")
+    data = json.loads((folder / file).read_text())
+    if file == "genai_config.json":
+        data["model"]["decoder"] |= change
+    else:
+        data |= change
+    (folder / file).write_text(json.dumps(data))
+    assert message in run(COMMANDS["info"], folder, tmp_path / "out", capsys)

@@ -67,9 +67,8 @@ from edgelm.evaluation.reference import (
     open_checked,
     scored_log_probs,
 )
-from edgelm.files import read_json
 from edgelm.formats.artifact import artifact_kind
-from edgelm.formats.onnx import PROVENANCE
+from edgelm.formats.onnx import read_provenance
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
 
@@ -513,11 +512,8 @@ def artifact_quant(path: Path, kind: str | None = None) -> str | None:
             return metadata["edgelm.quantization"]
         file_type = metadata.get("general.file_type")
         return file_type_name(file_type) if isinstance(file_type, int) else None
-    info_path = Path(path) / PROVENANCE
-    if not info_path.is_file():
-        return None
-    info = read_json(info_path)
-    value = info.get("quant", info.get("quantization")) if isinstance(info, dict) else None
+    info = read_provenance(Path(path))
+    value = info.get("quant", info.get("quantization"))
     if isinstance(value, dict):
         value = next((value[k] for k in ("quant", "level", "method", "type", "name") if k in value), None)
     return str(value) if value is not None else None

@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.files import read_json
 from edgelm.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -21,9 +22,9 @@ PROVENANCE = "edgelm.json"  # the source checkpoint's hash, the quantization, op
 
 
 def read_onnx_folder(folder: Path) -> tuple[ModelConfig, onnx.ModelProto]:
-    """An ONNX folder's config and its graph without the weights, checked: model.onnx parses, its external
-    data lie inside the folder, within their files and apart, and the graph's cache inputs and attention
-    agree with config.json."""
+    """An ONNX folder's config and its graph without the weights, checked: model.onnx parses and passes
+    ONNX's checker, its external data lie inside the folder, within their files and apart, and the graph's
+    cache inputs and attention agree with config.json."""
     try:
         import onnx
     except ModuleNotFoundError as e:
@@ -37,6 +38,10 @@ def read_onnx_folder(folder: Path) -> tuple[ModelConfig, onnx.ModelProto]:
     except Exception as e:  # protobuf raises DecodeError and others for a damaged file
         raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     check_external_data(folder, model)
+    try:  # given the path, the checker reads the graph alone: external data is only checked to exist
+        onnx.checker.check_model(str(file))
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # the latter: a name that is not UTF-8
+        raise EdgelmError(f"{file}: not a valid ONNX graph ({' '.join(str(e).split())})") from None
     config = ModelConfig.load(folder)
     check_graph_config(model, config, str(file))
     return config, model
@@ -109,6 +114,52 @@ def check_graph_config(model: onnx.ModelProto, config: ModelConfig, where: str) 
                 f"{where}: the rotary tables hold {cos} positions, config.json's context is "
                 f"{config.max_position_embeddings}"
             )
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    """edgelm.json, checked to hold what `info` and `check` read from it ({} in a folder edgelm did not
+    make): the quant level's name, and the quantization and source as objects."""
+    path = Path(folder) / PROVENANCE
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    kinds = {"quant": str, "quantization": dict, "source": dict}
+    if not isinstance(data, dict) or any(k in data and not isinstance(data[k], t) for k, t in kinds.items()):
+        raise EdgelmError(f"{path}: not edgelm's record (quant a name; quantization, source objects)")
+    return data
+
+
+def check_genai_config(folder: Path, config: ModelConfig, model: onnx.ModelProto) -> None:
+    """Refuse a genai_config.json (what onnxruntime-genai reads to run the folder) that does not parse,
+    names another graph, gives the decoder another shape than config.json, or names inputs and outputs the
+    graph does not have. A folder without one is not checked: edgelm's own runtime does not need it."""
+    path = Path(folder) / GENAI_CONFIG
+    if not path.exists():
+        return
+    data = read_json(path)
+    model_entry = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model_entry, dict) or not isinstance(model_entry.get("decoder"), dict):
+        raise EdgelmError(f"{path}: has no model.decoder object")
+    decoder = model_entry["decoder"]
+    shape = {
+        "head_size": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+    }
+    wrong = {k: decoder.get(k) for k, v in shape.items() if decoder.get(k) != v}
+    if decoder.get("filename") != MODEL_FILE or model_entry.get("vocab_size") != config.vocab_size:
+        wrong |= {"filename": decoder.get("filename"), "vocab_size": model_entry.get("vocab_size")}
+    if wrong:
+        raise EdgelmError(f"{path}: {wrong} disagree with {MODEL_FILE} and config.json (export it again)")
+    names = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    for group in ("inputs", "outputs"):
+        entries = decoder.get(group)
+        for key, name in entries.items() if isinstance(entries, dict) else [(group, entries)]:
+            bound = name % 0 if isinstance(name, str) and "%d" in name else name
+            if bound not in names:
+                raise EdgelmError(f"{path}: decoder {group}.{key} is {name!r}, which the graph does not have")
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
