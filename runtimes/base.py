@@ -136,6 +136,13 @@ def reserved_context(context: int | None, config: ModelConfig) -> int:
     return min(context or DEFAULT_CONTEXT, config.max_position_embeddings)
 
 
+def checked_threads(threads: int | None) -> int | None:
+    """`threads` as a runtime takes it: None (the runtime's own choice) or a positive integer."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise EdgelmError(f"threads={threads!r} must be a positive number of threads")
+    return threads
+
+
 def ids_to_run(config: ModelConfig, held: list[int], array: np.ndarray) -> tuple[int, np.ndarray]:
     """The position a forward starts at and the ids it runs, to append `array` to the `held` sequence: the
     new ids after the held ones, or, where they take LongRoPE past its original context, the whole

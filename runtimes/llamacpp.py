@@ -25,7 +25,8 @@ from edgelm.errors import EdgelmError
 from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
-from edgelm.runtimes.base import check_ids, reserved_context
+from edgelm.runtimes.base import check_ids, checked_threads, reserved_context
+from edgelm.runtimes.free_cores import FreeCores
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
 
@@ -64,7 +65,9 @@ class LlamaCppRuntime:
         context: int | None = None,
         kv_cache: str = "f16",
     ) -> None:
-        """`kv_cache`: "f16", llama.cpp's default, or "f32", exact keys and values for accuracy checks."""
+        """`threads`: a fixed count, or None: every core that other processes leave free, measured as it
+        runs (`FreeCores`). `kv_cache`: "f16", llama.cpp's default, or "f32", exact keys and values for
+        accuracy checks."""
         if kv_cache not in KV_CACHE_TYPES:
             raise EdgelmError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         gguf = read_gguf(path)
@@ -74,7 +77,9 @@ class LlamaCppRuntime:
         # llama.cpp reserves the KV cache for the whole context up front, and chooses LongRoPE's factors by it
         self.context = reserved_context(context, self.config)
         self.config = dataclasses.replace(self.config, max_position_embeddings=self.context)
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = checked_threads(threads) or max(1, os.cpu_count() or 1)
+        self._free_cores = FreeCores(self.threads) if threads is None else None
+        self._running_threads = self.threads
         self._lock = threading.Lock()
         try:
             llama = llama_cpp.Llama(
@@ -117,8 +122,18 @@ class LlamaCppRuntime:
             for start in range(0, array.size, self._n_batch):
                 chunk = array[start : start + self._n_batch]
                 last_chunk = start + chunk.size == array.size
+                self._fit_threads(llama)
                 rows.append(self._decode(llama, chunk, all_logits, last_chunk))
             return np.concatenate(rows) if all_logits else rows[-1]
+
+    def _fit_threads(self, llama: llama_cpp.Llama) -> None:
+        """With threads=None, run on the cores other processes leave free now."""
+        if self._free_cores is None:
+            return
+        count = self._free_cores.measure()
+        if count != self._running_threads:
+            llama_cpp.llama_set_n_threads(llama.ctx, count, count)
+            self._running_threads = count
 
     def _decode(
         self, llama: llama_cpp.Llama, chunk: np.ndarray, all_logits: bool, last_chunk: bool

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.onnx import MODEL_FILE, read_onnx_folder
-from edgelm.runtimes.base import check_ids, ids_to_run, reserved_context
+from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, reserved_context
 from edgelm.tokenizer import Tokenizer
 
 # device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
@@ -82,10 +82,8 @@ class OnnxRuntime:
         del graph
 
         options = ort.SessionOptions()
-        if threads is not None:
-            if threads < 1:
-                raise EdgelmError(f"threads={threads} must be >= 1")
-            options.intra_op_num_threads = threads
+        if (count := checked_threads(threads)) is not None:
+            options.intra_op_num_threads = count
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings about nodes ORT places on CPU are not errors
         providers: list = list(PROVIDERS[kind])

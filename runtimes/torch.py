@@ -14,7 +14,7 @@ from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.model.device import resolve_device
 from edgelm.model.transformer import Transformer, load_weights
-from edgelm.runtimes.base import check_ids, ids_to_run, reserved_context
+from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, reserved_context
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,8 +39,8 @@ class TorchRuntime:
         it needs, reserving nothing up front)."""
         if dtype not in DTYPES:
             raise EdgelmError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if threads is not None:
-            torch.set_num_threads(threads)
+        if (count := checked_threads(threads)) is not None:
+            torch.set_num_threads(count)
         self.threads = torch.get_num_threads()  # torch's intra-op threads: a process-wide setting
         config, tensors, self.tokenizer = load_checkpoint(path)
         bounded = config.max_position_embeddings if context is None else reserved_context(context, config)

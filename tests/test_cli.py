@@ -51,6 +51,7 @@ def test_generate_and_info(checkpoint: Path) -> None:
         ["generate", "CHECKPOINT", "--prompt", "x", "--device", "cuda:9"],
         ["generate", "CHECKPOINT", "--prompt", "x", "--context", "0"],
         ["generate", "CHECKPOINT", "--prompt", "def main(): pass", "--context", "3"],
+        ["generate", "CHECKPOINT", "--prompt", "x", "--threads", "0"],
         ["info", "/nonexistent"],
         ["train", "--corpus", "/nonexistent/*.txt", "--out", "OUT"],
         ["train", "--preset", "huge", "--out", "OUT"],

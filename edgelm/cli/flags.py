@@ -15,7 +15,7 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps (torch), coreml or dml (onnxruntime)
 
 
 def add_runtime_and_device(parser: argparse.ArgumentParser) -> None:
-    """--runtime, --device and --context, as generate and serve take them."""
+    """--runtime, --device, --context and --threads, as generate and serve take them."""
     parser.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument(
@@ -25,11 +25,19 @@ def add_runtime_and_device(parser: argparse.ArgumentParser) -> None:
         help="tokens of context (default: 4096 for llama.cpp and ONNX Runtime, which reserve their KV cache "
         "up front, at most the model's; torch: the model's)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: llama.cpp runs on the cores other processes leave free, measured as it "
+        "runs; ONNX Runtime and torch take their own default)",
+    )
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     """The runtime options the flags of `add_runtime_and_device` ask for (none when left at the default)."""
-    return {} if args.context is None else {"context": args.context}
+    given = {"context": args.context, "threads": args.threads}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_sampling(parser: argparse.ArgumentParser) -> None:
