@@ -313,3 +313,35 @@ def test_info_checks_what_genai_and_edgelm_json_say(
         data |= change
     (folder / file).write_text(json.dumps(data))
     assert message in run(COMMANDS["info"], folder, tmp_path / "out", capsys)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("gguf", ".model.f32.tmp.gguf"),  # export gguf --via llama.cpp's F32 file, complete
+        ("gguf", ".model.gguf.tmp"),  # export gguf's own file, complete but not yet renamed
+        ("onnx", ".onnx.tmp"),  # export onnx's folder, complete but not yet renamed
+    ],
+)
+@pytest.mark.parametrize("command", ["info", "generate", "import"])
+def test_what_a_killed_export_left_is_never_an_artifact(
+    f32_gguf: Path,
+    onnx_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    name: str,
+    command: str,
+) -> None:
+    """kill -9 can stop an export after its temporary output is complete and before the rename: what it
+    left loads as nothing, whichever command is given it."""
+    import shutil
+
+    left = tmp_path / name
+    if kind == "gguf":
+        shutil.copy(f32_gguf, left)
+    else:
+        shutil.copytree(onnx_folder, left)
+    stderr = run(COMMANDS[command], left, tmp_path / "out", capsys)
+    assert "interrupted edgelm run" in stderr
+    assert not (tmp_path / "out").exists()
