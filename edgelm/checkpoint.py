@@ -333,8 +333,8 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
 
     Layout: an 8-byte little-endian header length, the JSON header
     ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the data,
-    offsets counted from its start. Every range must lie inside the file, match its shape and dtype, and
-    overlap no other.
+    offsets counted from its start. Every range must lie inside the file and match its shape and dtype, and
+    the ranges must follow each other without gaps or overlaps to the file's end, as safetensors requires.
     """
     path = Path(path)
     try:
@@ -364,9 +364,15 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
         (header_entry(path, name, info, 8 + length, size) for name, info in header.items()),
         key=lambda e: (e.start, e.end),
     )
-    for a, b in itertools.pairwise(entries):
-        if b.start < a.end:
-            raise unreadable(path, f"the data of {a.name} and {b.name} overlap")
+    place, previous = 8 + length, "the header"  # as safetensors reads: data end to end, to the file's end
+    for entry in entries:
+        if entry.start < place:
+            raise unreadable(path, f"the data of {previous} and {entry.name} overlap")
+        if entry.start > place:
+            raise unreadable(path, f"{entry.start - place} bytes lie between {previous} and {entry.name}")
+        place, previous = entry.end, entry.name
+    if place != size:
+        raise unreadable(path, f"{size - place} bytes follow the last tensor's data")
     return entries, metadata
 
 

@@ -151,6 +151,43 @@ def test_info_checks_the_checkpoint_it_describes(
     run(COMMANDS["info"], checkpoint, tmp_path / "out", capsys)
 
 
+def reshaped_safetensors(weights: Path, how: str) -> None:
+    """The file with 64 bytes between its header and its data ("gap", every offset moved past them) or
+    after its data ("trailing")."""
+    import struct
+
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header, tensors = json.loads(data[8 : 8 + length]), data[8 + length :]
+    if how == "trailing":
+        weights.write_bytes(data + bytes(64))
+        return
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["data_offsets"] = [offset + 64 for offset in entry["data_offsets"]]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64) + tensors)
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "export-gguf", "export-onnx"])
+@pytest.mark.parametrize("how", ["gap", "trailing"])
+def test_safetensors_that_safetensors_refuses_are_refused(
+    tmp_path: Path, small_tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str], how: str, command: str
+) -> None:
+    """safetensors packs the tensors end to end from the header to the file's end; its own reader refuses
+    a file with bytes between or after them, and so does every command."""
+    from safetensors.numpy import load_file
+
+    checkpoint = make_checkpoint(tmp_path / "model", small_tokenizer)
+    reshaped_safetensors(checkpoint / "model.safetensors", how)
+    with pytest.raises(Exception, match=r"(?i)offset|incomplete"):
+        load_file(checkpoint / "model.safetensors")
+    stderr = run(COMMANDS[command], checkpoint, tmp_path / "out", capsys)
+    assert "64 bytes" in stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def onnx_folder(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer) -> Path:
     from edgelm.export.onnx import export_onnx
@@ -170,6 +207,13 @@ def damage_onnx(folder: Path, how: str) -> None:
         graph.write_bytes(np.random.default_rng(0).bytes(graph.stat().st_size))
     elif how == "truncated":
         graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    elif how in ("opset-999", "ir-99"):
+        model = onnx.load(str(graph), load_external_data=False)
+        if how == "opset-999":
+            model.opset_import[0].version = 999
+        else:
+            model.ir_version = 99
+        onnx.save(model, str(graph))
     elif how in ("offset-not-a-count", "overlapping"):
         model = onnx.load(str(graph), load_external_data=False)
         first, second = model.graph.initializer[:2]
@@ -188,7 +232,18 @@ def damage_onnx(folder: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how", ["no-model-onnx", "garbage", "truncated", "offset-not-a-count", "overlapping", "heads", "context"]
+    "how",
+    [
+        "no-model-onnx",
+        "garbage",
+        "truncated",
+        "opset-999",
+        "ir-99",
+        "offset-not-a-count",
+        "overlapping",
+        "heads",
+        "context",
+    ],
 )
 @pytest.mark.parametrize("command", ["info", "generate"])
 def test_a_damaged_onnx_folder_is_refused(

@@ -22,9 +22,9 @@ PROVENANCE = "edgelm.json"  # the source checkpoint's hash, the quantization, op
 
 
 def read_onnx_folder(folder: Path) -> tuple[ModelConfig, onnx.ModelProto]:
-    """An ONNX folder's config and its graph without the weights, checked: model.onnx parses and passes
-    ONNX's checker, its external data lie inside the folder, within their files and apart, and the graph's
-    cache inputs and attention agree with config.json."""
+    """An ONNX folder's config and its graph without the weights, checked: model.onnx parses, is of an
+    opset this onnx knows and passes ONNX's checker, its external data lie inside the folder, within their
+    files and apart, and the graph's cache inputs and attention agree with config.json."""
     try:
         import onnx
     except ModuleNotFoundError as e:
@@ -38,6 +38,11 @@ def read_onnx_folder(folder: Path) -> tuple[ModelConfig, onnx.ModelProto]:
     except Exception as e:  # protobuf raises DecodeError and others for a damaged file
         raise EdgelmError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     check_external_data(folder, model)
+    newest = onnx.defs.onnx_opset_version()
+    if stamped := [
+        o.version for o in model.opset_import if o.domain in ("", "ai.onnx") and o.version > newest
+    ]:
+        raise EdgelmError(f"{file}: opset {stamped[0]} is newer than the {newest} this onnx knows")
     try:  # given the path, the checker reads the graph alone: external data is only checked to exist
         onnx.checker.check_model(str(file))
     except (onnx.checker.ValidationError, UnicodeDecodeError) as e:  # the latter: a name that is not UTF-8
