@@ -36,6 +36,7 @@ SHARD_BYTES = 5 * 10**9  # above this the weights go into shards, as transformer
 IGNORED_BUFFERS = ("rotary_emb.inv_freq",)
 # the float dtypes read as weights → how their bytes are stored (BF16 as raw 16-bit patterns)
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+READ_VALUES = 1 << 22  # 16-bit values read and widened to float32 at a time (`read_tensor`)
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # as config.json names them
 # bytes per element of every safetensors dtype, to validate the byte ranges of any file
 DTYPE_SIZES = {
@@ -234,11 +235,16 @@ def stored_bytes(w: np.ndarray, dtype: str) -> bytes:
     little-endian; exact for values of that dtype."""
     if dtype == "F16":
         return np.ascontiguousarray(w, dtype="<f2").tobytes()
-    values = np.ascontiguousarray(w, dtype="<f4")
     if dtype == "F32":
-        return values.tobytes()
-    bits = values.view("<u4")
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+        return np.ascontiguousarray(w, dtype="<f4").tobytes()
+    return bfloat16_bits(w).tobytes()
+
+
+def bfloat16_bits(w: np.ndarray) -> np.ndarray:
+    """Finite float values as bfloat16 bit patterns (little-endian uint16), rounded to nearest even as torch
+    rounds them."""
+    bits = np.ascontiguousarray(w, dtype="<f4").view("<u4")
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
 
 
 def write_generation_config(directory: Path, config: ModelConfig, max_length: int | None = None) -> None:
@@ -471,15 +477,33 @@ def tensor_reader(entries: Iterable[TensorEntry]) -> Callable[[str], np.ndarray]
 
 
 def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
-    """One tensor from its open file as float32; BF16 is widened by putting its 16 bits on top of 32."""
-    stored = np.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+    """One tensor from its open file as float32. A 16-bit tensor is read and widened READ_VALUES values at a
+    time, so that it costs its float32 size in memory, not both sizes (BF16: its 16 bits put on top of 32)."""
+    out = np.empty(entry.shape, np.float32)
+    flat = out.reshape(-1)
     f.seek(entry.start)
-    view = memoryview(stored.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-    if f.readinto(view) != entry.end - entry.start:  # type: ignore[attr-defined]  # every binary file has it
+    if entry.dtype == "F32":
+        _read_into(f, flat, entry)
+    else:
+        piece = np.empty(min(READ_VALUES, flat.size), FLOAT_DTYPES[entry.dtype])
+        for start in range(0, flat.size, READ_VALUES):
+            stored, target = piece[: flat.size - start], flat[start : start + READ_VALUES]
+            _read_into(f, stored, entry)
+            if entry.dtype == "BF16":
+                bits = target.view(np.uint32)
+                bits[:] = stored
+                bits <<= 16
+            else:
+                target[:] = stored
+    check_finite(out, entry.name, str(entry.path))
+    return out
+
+
+def _read_into(f: BinaryIO, array: np.ndarray, entry: TensorEntry) -> None:
+    """Fill a contiguous array from the file's next bytes, or refuse a file that ends first."""
+    view = memoryview(array).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
+    if f.readinto(view) != array.nbytes:  # type: ignore[attr-defined]  # every binary file has it
         raise unreadable(entry.path, f"the file ended inside {entry.name}")
-    w = (stored.astype(np.uint32) << 16).view(np.float32) if entry.dtype == "BF16" else stored
-    check_finite(w, entry.name, str(entry.path))
-    return w.astype(np.float32, copy=False)
 
 
 def check_finite(w: np.ndarray, name: str, where: str) -> None:

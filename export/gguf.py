@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import checked_entries, checkpoint_sha256, read_entries
+from edgelm.checkpoint import bfloat16_bits, checked_entries, checkpoint_sha256, read_entries
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
@@ -101,12 +101,15 @@ def encode_tensor(
     threads: int | None = None,
     quantized: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """A float32 matrix as the array GGUFWriter stores: float32/float16 values, or uint8 block bytes
-    (quantized on `threads` threads, None: every core; `quantized`, if given, gets the dequantized values)."""
+    """A float32 matrix as the array GGUFWriter stores: float32/float16 values, bfloat16 bits, or uint8
+    block bytes (quantized on `threads` threads, None: every core; `quantized`, if given, gets the
+    dequantized values)."""
     if qtype == T.F32:
-        return w.astype(np.float32)
+        return w.astype(np.float32, copy=False)
     if qtype == T.F16:
         return w.astype(np.float16)
+    if qtype == T.BF16:
+        return bfloat16_bits(w)
     quantize, pack = QUANTIZERS[qtype]
     blocks = quantize(w, hessian, threads)
     if quantized is not None:
@@ -241,7 +244,7 @@ def _write_metadata(
     vocab = tokenizer_metadata(tokenizer, checkpoint, config.vocab_size)
     writer.add_name(checkpoint.name)
     writer.add_file_type(mixture.file_type)
-    if mixture.base not in (T.F32, T.F16):
+    if mixture.base not in (T.F32, T.F16, T.BF16):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_quantized_by(f"edgelm {__version__}")
     writer.add_string("edgelm.quantization", quant + (" (calibrated)" if calibrated else ""))

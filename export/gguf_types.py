@@ -30,6 +30,7 @@ class Mixture:
 MIXTURES: dict[str, Mixture] = {
     "f32": Mixture(T.F32, F.ALL_F32, head=T.F32),
     "f16": Mixture(T.F16, F.MOSTLY_F16, head=T.F16),
+    "bf16": Mixture(T.BF16, F.MOSTLY_BF16, head=T.BF16),
     "q8_0": Mixture(T.Q8_0, F.MOSTLY_Q8_0, head=T.Q8_0),
     "q8_0_f16emb": Mixture(T.Q8_0, F.MOSTLY_Q8_0, head=T.F16, embedding=T.F16),
     "q4_0": Mixture(T.Q4_0, F.MOSTLY_Q4_0),

@@ -18,7 +18,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from test_tokenizer import VARIED
 
 import edgelm
-from edgelm.checkpoint import load_checkpoint, weight_shapes
+from edgelm.checkpoint import bfloat16_bits, load_checkpoint, weight_shapes
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
 from edgelm.export.gguf import QUANTIZERS, export_gguf
@@ -127,8 +127,45 @@ def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
 
     if qtype in (T.F32, T.F16):
         return w.astype(np.float16 if qtype == T.F16 else np.float32).astype(np.float32)
+    if qtype == T.BF16:
+        return (bfloat16_bits(w).astype(np.uint32) << 16).view(np.float32)
     quantize, _ = QUANTIZERS[qtype]
     return quantize(w, None).dequantize()
+
+
+def test_a_bf16_checkpoint_exports_to_bf16_exactly(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """export gguf --quant bf16 of a bf16 model: every matrix holds the source's bits (safetensors' torch
+    reader as the oracle), and llama.cpp runs it as torch runs the checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgelm.checkpoint import write_weights
+
+    source = make_checkpoint(tmp_path / "f32", small_tokenizer, WIDE)
+    config, tensors, _ = load_checkpoint(source)
+    bf16 = tmp_path / "bf16"
+    (tmp_path / "f32" / "model.safetensors").unlink()
+    (tmp_path / "f32").rename(bf16)
+    shapes = {name: w.shape for name, w in tensors.items()}
+    write_weights(bf16, config, shapes, iter(tensors.items()), dtypes=dict.fromkeys(shapes, "BF16"))
+    stored = {
+        name: t.view(torch.int16).numpy().view(np.uint16)
+        for name, t in load_file(bf16 / "model.safetensors").items()
+    }
+    reader = GGUFReader(export_gguf(bf16, tmp_path / "m.gguf", "bf16"))
+    matrices = {t.name: t for t in reader.tensors if len(t.shape) > 1}
+    assert {t.tensor_type.name for t in matrices.values()} == {"BF16"}
+    for hf_name, bits in stored.items():
+        if bits.ndim == 2:
+            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+                bits = permute_for_gguf(bits, heads)
+            assert np.array_equal(matrices[gguf_name(hf_name, "llama")].data.view(np.uint16), bits), hf_name
+    ids = np.arange(3, 40)[None] % config.vocab_size
+    with edgelm.load(bf16) as reference, edgelm.load(tmp_path / "m.gguf", kv_cache="f32") as model:
+        expected, got = (logits_on_windows(m.runtime, ids) for m in (reference, model))
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95  # ggml rounds activations to bf16
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
 
 
 @pytest.fixture(scope="module")

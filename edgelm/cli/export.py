@@ -32,8 +32,9 @@ def _add_gguf(formats: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Write a GGUF file (llama.cpp's architecture for the family: llama, qwen2, "
         "qwen3, gemma2, gemma3, phi3; the full tokenizer) that llama.cpp and everything built on "
-        "it loads. Types: f32, f16, q8_0, q8_0_f16emb (Q8_0 with F16 embeddings and output), "
-        "q4_0, q4_1, q4_k (Q4_K in every layer), q6_k, q4_k_m (llama.cpp's Q4_K_M mixture). Rows "
+        "it loads. Types: f32, f16, bf16 (a bf16 model exactly), q8_0, q8_0_f16emb (Q8_0 with F16 "
+        "embeddings and output), q4_0, q4_1, q4_k (Q4_K in every layer), q6_k, q4_k_m (llama.cpp's "
+        "Q4_K_M mixture). Rows "
         "whose length is not a multiple of 256 fall back from Q4_K to Q5_0 and from Q6_K to Q8_0, "
         "as in llama.cpp.",
     )

@@ -588,8 +588,8 @@ def _as_matrix(w: np.ndarray, multiple: int, what: str) -> np.ndarray:
             f"quantize: a row of {x.shape[1]} values is not a whole number of blocks of the {what} "
             f"(pad the rows to a multiple of {multiple}, or leave this tensor unquantized)"
         )
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x.sum(dtype=np.float64)):  # one pass, without a temporary the size of w
         raise EdgelmError("quantize: the weights contain NaN or infinity (check the checkpoint)")
     return x
 
