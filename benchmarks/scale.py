@@ -2,7 +2,7 @@
 a fresh `edgelm` process, with llama.cpp's own quantizer on the same weights as the anchor.
 
     python benchmarks/scale.py [--shape smollm2-135m|smollm2-1.7b|llama3.1-8b] [--threads N] [--cache DIR]
-                               [--calibration-tokens N] [--steps STEP,...]
+                               [--calibration-tokens N] [--steps STEP,...] [--keep]
 
 The source is a Hugging Face folder of random bf16 weights of the shape (SmolLM2-135M: 30 layers, hidden
 576, MLP 1536, 9/3 heads; SmolLM2-1.7B: 24 layers, hidden
@@ -11,11 +11,16 @@ heads, vocabulary 128256, untied), written once under --cache (the system's temp
 tensor by tensor. The steps:
 
     import          edgelm import SOURCE                     (bf16 kept: disk against the source)
-    gguf f32        edgelm export gguf --quant f32           (llama.cpp's quantizer reads this file)
+    gguf bf16       edgelm export gguf --quant bf16          (llama.cpp's quantizer reads this file)
     gguf TYPE       edgelm export gguf --quant TYPE          for q8_0, q4_0, q4_k_m; beside it llama.cpp's
-                    llama_model_quantize on the F32 file, same type and thread count: the ratio is ours/theirs
+                    llama_model_quantize on the BF16 file, same type and threads: the ratio is ours/theirs
     gguf q4_k_m+cal edgelm export gguf --quant q4_k_m --calibration (--calibration-tokens of stdlib text)
     onnx int4       edgelm export onnx --quant int4
+    gguf f32        edgelm export gguf --quant f32           (not by default: 4x the source on disk)
+
+The exports read the source folder, which is in the layout of an edgelm checkpoint and holds the bits the
+import writes. What a step writes is removed once measured (but the BF16 file, until the last step that
+needs it), so that an 8 B model's steps fit on a disk with 70 GB free; --keep keeps everything.
 
 Peak memory is the process's own high-water mark of resident memory (Linux's VmHWM, read while it runs).
 """
@@ -80,7 +85,9 @@ SHAPES = {
     ),
 }
 QUANTS = ("q8_0", "q4_0", "q4_k_m")
-STEPS = ("import", "gguf-f32", *(f"gguf-{q}" for q in QUANTS), "gguf-q4_k_m-cal", "onnx-int4")
+STEPS = ("import", "gguf-bf16", *(f"gguf-{q}" for q in QUANTS), "gguf-q4_k_m-cal", "onnx-int4", "gguf-f32")
+DEFAULT_STEPS = STEPS[:-1]
+ANCHORED = tuple(f"gguf-{q}" for q in QUANTS)  # the steps llama.cpp's quantizer also runs, on the BF16 file
 
 
 @dataclass(frozen=True)
@@ -196,30 +203,49 @@ def measure(args: argparse.Namespace) -> dict[str, tuple[Measured, Measured | No
     source = source_folder(args.cache, args.shape)
     work = args.cache / args.shape / "work"
     work.mkdir(exist_ok=True)
-    checkpoint = work / "checkpoint"
     threads = ["--threads", str(args.threads)]
+    bf16 = work / "gguf-bf16.gguf"
     results: dict[str, tuple[Measured, Measured | None]] = {}
-    for step in args.steps:
+    for i, step in enumerate(args.steps):
         print(f"-- {step}", flush=True)
         if step == "import":
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            results[step] = run(edgelm("import", str(source), "--out", str(checkpoint)), checkpoint), None
+            out = work / "checkpoint"
+            shutil.rmtree(out, ignore_errors=True)
+            results[step] = run(edgelm("import", str(source), "--out", str(out)), out), None
+            remove(out, args.keep)
             continue
         fmt, quant = step.split("-", 1)
         calibrated = quant.endswith("-cal")
         quant = quant.removesuffix("-cal")
         extra = ["--calibration", str(calibration_text(args.calibration_tokens))] if calibrated else []
         out = work / (f"{step}.gguf" if fmt == "gguf" else step)
-        command = edgelm(
-            "export", fmt, str(checkpoint), "--quant", quant, "--out", str(out), *threads, *extra
-        )
+        command = edgelm("export", fmt, str(source), "--quant", quant, "--out", str(out), *threads, *extra)
         ours = run(command, out)
         theirs = None
         if fmt == "gguf" and quant in QUANTS and not calibrated:
-            f32, anchor = work / "gguf-f32.gguf", work / f"llama.cpp-{quant}.gguf"
-            theirs = run(llama_cpp_quantize(f32, anchor, quant, args.threads), anchor)
+            anchor = work / f"llama.cpp-{quant}.gguf"
+            theirs = run(llama_cpp_quantize(bf16, anchor, quant, args.threads), anchor)
+            remove(anchor, args.keep)
         results[step] = ours, theirs
+        if out != bf16 or not any(s in args.steps[i + 1 :] for s in ANCHORED):
+            remove(out, args.keep)
+    remove(bf16, args.keep)
     return results
+
+
+ANCHORED = tuple(
+    f"gguf-{q}" for q in QUANTS
+)  # the steps that llama.cpp's quantizer also runs, on the BF16 file
+
+
+def remove(path: Path, keep: bool) -> None:
+    """Delete a step's output (a file or folder), unless asked to keep it."""
+    if keep:
+        return
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def print_table(results: dict[str, tuple[Measured, Measured | None]], source_bytes: int) -> None:
@@ -242,12 +268,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgelm-scale")
     parser.add_argument("--calibration-tokens", type=int, default=4000)
-    parser.add_argument("--steps", type=lambda s: s.split(","), default=list(STEPS), help=", ".join(STEPS))
+    parser.add_argument(
+        "--steps", type=lambda s: s.split(","), default=list(DEFAULT_STEPS), help=", ".join(STEPS)
+    )
+    parser.add_argument("--keep", action="store_true", help="keep what each step writes")
     args = parser.parse_args()
     if unknown := [s for s in args.steps if s not in STEPS]:
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    if any(s.startswith("gguf-q") for s in args.steps) and "gguf-f32" not in args.steps:
-        args.steps.insert(args.steps.index(next(s for s in args.steps if s.startswith("gguf-q"))), "gguf-f32")
+    if any(s in ANCHORED for s in args.steps) and "gguf-bf16" not in args.steps:
+        args.steps.insert(args.steps.index(next(s for s in args.steps if s in ANCHORED)), "gguf-bf16")
     results = measure(args)
     source = args.cache / args.shape / "source"
     print_table(results, sum(p.stat().st_size for p in source.glob("model*.safetensors")))

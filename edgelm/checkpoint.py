@@ -30,13 +30,12 @@ from edgelm.values import is_int
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-WRITE_CHUNK = 1 << 20  # values converted to the stored dtype at once
+CONVERT_VALUES = 1 << 20  # values converted between dtypes at a time: temporaries stay small
 SHARD_BYTES = 5 * 10**9  # above this the weights go into shards, as transformers' save_pretrained makes them
 # buffers that some writers store beside the weights and that the model recomputes from config.json
 IGNORED_BUFFERS = ("rotary_emb.inv_freq",)
 # the float dtypes read as weights → how their bytes are stored (BF16 as raw 16-bit patterns)
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-READ_VALUES = 1 << 22  # 16-bit values read and widened to float32 at a time (`read_tensor`)
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # as config.json names them
 # bytes per element of every safetensors dtype, to validate the byte ranges of any file
 DTYPE_SIZES = {
@@ -223,8 +222,8 @@ def _write_file(
                 if name != expected or tuple(w.shape) != tuple(shapes[name]):
                     raise EdgelmError(f"{path.parent}: tensor {name} {w.shape} came where {expected} was due")
                 flat = w.reshape(-1)
-                for start in range(0, flat.size, WRITE_CHUNK):  # converted in pieces: small temporaries
-                    f.write(stored_bytes(flat[start : start + WRITE_CHUNK], dtypes[name]))
+                for start in range(0, flat.size, CONVERT_VALUES):  # converted in pieces: small temporaries
+                    f.write(stored_bytes(flat[start : start + CONVERT_VALUES], dtypes[name]))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -242,9 +241,13 @@ def stored_bytes(w: np.ndarray, dtype: str) -> bytes:
 
 def bfloat16_bits(w: np.ndarray) -> np.ndarray:
     """Finite float values as bfloat16 bit patterns (little-endian uint16), rounded to nearest even as torch
-    rounds them."""
-    bits = np.ascontiguousarray(w, dtype="<f4").view("<u4")
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    rounds them; converted CONVERT_VALUES at a time."""
+    values = np.ascontiguousarray(w, dtype="<f4").reshape(-1)
+    out = np.empty(values.size, "<u2")
+    for start in range(0, values.size, CONVERT_VALUES):
+        bits = values[start : start + CONVERT_VALUES].view("<u4")
+        out[start : start + CONVERT_VALUES] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return out.reshape(np.shape(w))
 
 
 def write_generation_config(directory: Path, config: ModelConfig, max_length: int | None = None) -> None:
@@ -477,17 +480,18 @@ def tensor_reader(entries: Iterable[TensorEntry]) -> Callable[[str], np.ndarray]
 
 
 def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
-    """One tensor from its open file as float32. A 16-bit tensor is read and widened READ_VALUES values at a
-    time, so that it costs its float32 size in memory, not both sizes (BF16: its 16 bits put on top of 32)."""
+    """One tensor from its open file as float32. A 16-bit tensor is read and widened CONVERT_VALUES values
+    at a time, so that it costs its float32 size in memory, not both sizes (BF16: its 16 bits put on top
+    of 32)."""
     out = np.empty(entry.shape, np.float32)
     flat = out.reshape(-1)
     f.seek(entry.start)
     if entry.dtype == "F32":
         _read_into(f, flat, entry)
     else:
-        piece = np.empty(min(READ_VALUES, flat.size), FLOAT_DTYPES[entry.dtype])
-        for start in range(0, flat.size, READ_VALUES):
-            stored, target = piece[: flat.size - start], flat[start : start + READ_VALUES]
+        piece = np.empty(min(CONVERT_VALUES, flat.size), FLOAT_DTYPES[entry.dtype])
+        for start in range(0, flat.size, CONVERT_VALUES):
+            stored, target = piece[: flat.size - start], flat[start : start + CONVERT_VALUES]
             _read_into(f, stored, entry)
             if entry.dtype == "BF16":
                 bits = target.view(np.uint32)

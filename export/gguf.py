@@ -94,6 +94,9 @@ def llama_cpp_refusal(config: ModelConfig) -> str | None:
     return None
 
 
+ENCODE_VALUES = 1 << 24  # values of a matrix quantized and packed at a time: a large matrix's temporaries
+
+
 def encode_tensor(
     w: np.ndarray,
     qtype: T,
@@ -111,10 +114,23 @@ def encode_tensor(
     if qtype == T.BF16:
         return bfloat16_bits(w)
     quantize, pack = QUANTIZERS[qtype]
-    blocks = quantize(w, hessian, threads)
-    if quantized is not None:
-        quantized(blocks.dequantize())
-    return pack(blocks)
+    # rows are independent: a chunk at a time gives the same bytes with small temporaries (GPTQ's factor
+    # of the hessian serves every row, so that calls for all of them at once)
+    step = w.shape[0] if hessian is not None else max(1, ENCODE_VALUES // w.shape[1])
+    packed: np.ndarray | None = None
+    values = np.empty(w.shape, np.float32) if quantized is not None else None
+    for start in range(0, w.shape[0], step):
+        blocks = quantize(w[start : start + step], hessian, threads)
+        chunk = pack(blocks)
+        if packed is None:
+            packed = np.empty((w.shape[0], chunk.shape[1]), np.uint8)
+        packed[start : start + step] = chunk
+        if values is not None:
+            values[start : start + step] = blocks.dequantize()
+    if quantized is not None and values is not None:
+        quantized(values)
+    assert packed is not None  # a matrix has rows
+    return packed
 
 
 def _plain_blocks(bits: int, symmetric: bool) -> Callable[..., Any]:

@@ -133,6 +133,19 @@ def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
     return quantize(w, None).dequantize()
 
 
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_a_matrix_encoded_in_row_chunks_is_the_same_file(
+    tmp_path: Path, small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, quant: str
+) -> None:
+    """Large matrices are quantized and packed a few rows at a time: the bytes do not change."""
+    import edgelm.export.gguf as gguf_export
+
+    checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, WIDE)
+    whole = export_gguf(checkpoint, tmp_path / "whole.gguf", quant).read_bytes()
+    monkeypatch.setattr(gguf_export, "ENCODE_VALUES", 3 * 256)  # three rows of 256 at a time
+    assert export_gguf(checkpoint, tmp_path / "chunked.gguf", quant).read_bytes() == whole
+
+
 def test_a_bf16_checkpoint_exports_to_bf16_exactly(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
     """export gguf --quant bf16 of a bf16 model: every matrix holds the source's bits (safetensors' torch
     reader as the oracle), and llama.cpp runs it as torch runs the checkpoint."""
