@@ -43,7 +43,7 @@ from edgelm.model.rope import rope_frequencies
 from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 from edgelm.progress import progress_bar
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
-from edgelm.quant.calibration import record_quantized, wants_quantized
+from edgelm.quant.calibration import progress_label, record_quantized, wants_quantized
 from edgelm.tokenizer import Tokenizer
 
 try:
@@ -197,7 +197,8 @@ def export_gguf(
             writer.write_ti_data_to_file()
             for factors in rope.values():
                 writer.write_tensor_data(factors)
-            with progress_bar(f"{path.name}", len(entries), show_progress) as advance:
+            label = f"{path.name}{progress_label(hessians)}"
+            with progress_bar(label, len(entries), show_progress) as advance:
                 for hf_name, w in read_entries(entries):  # one tensor in memory at a time
                     writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
                     advance(hf_name)

@@ -35,6 +35,7 @@ from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
 from edgelm.model.config import ARCHITECTURES, DEFAULT_CONTEXT, ModelConfig
 from edgelm.progress import progress_bar
+from edgelm.quant.calibration import progress_label
 
 try:
     import onnx
@@ -87,7 +88,8 @@ def export_onnx(
     tmp.mkdir(parents=True)
     try:
         steps = config.num_hidden_layers * (2 if precision.mixed else 1)  # int4_mixed ranks them first
-        with open(tmp / DATA_FILE, "wb") as data, progress_bar(folder.name, steps, show_progress) as advance:
+        label = f"{folder.name}{progress_label(hessians)}"
+        with open(tmp / DATA_FILE, "wb") as data, progress_bar(label, steps, show_progress) as advance:
             weights = tensor_reader(entries)
             model = build_model(config, weights, precision, options, hessians or {}, data, threads, advance)
         # the graph takes its name last, so that a folder cut short by a kill never loads

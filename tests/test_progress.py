@@ -35,3 +35,19 @@ def test_drawn_on_a_terminal(checkpoint: Path, tmp_path: Path, monkeypatch: pyte
     with progress_bar("quiet", 3, show=False) as advance:
         advance("x")
     assert screen.getvalue() == drawn
+
+
+def test_a_calibrated_export_says_on_how_many_tokens(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgelm.quant.calibration import activation_covariance
+
+    screen = io.StringIO()
+    real = rich.console.Console
+    monkeypatch.setattr(
+        rich.console, "Console", lambda **_: real(file=screen, force_terminal=True, width=200)
+    )
+    statistics = activation_covariance(checkpoint, "def main():\n    return 1\n" * 40, max_tokens=100)
+    export_gguf(checkpoint, tmp_path / "out.gguf", "q4_0", statistics, show_progress=True)
+    assert statistics.tokens == 100
+    assert "calibrated on 100 tokens layer by layer through the quantized layers" in screen.getvalue()

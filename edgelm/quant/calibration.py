@@ -198,6 +198,11 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._layer_of)
 
+    @property
+    def tokens(self) -> int:
+        """The calibration tokens every layer is measured on."""
+        return sum(len(w) for w in self._windows)
+
     def __len__(self) -> int:
         return len(self._layer_of)
 
@@ -261,7 +266,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         finally:
             for handle in handles:
                 handle.remove()
-        means = _means(sums, sum(len(w) for w in self._windows))
+        means = _means(sums, self.tokens)
         prefix = f"model.layers.{self._at}."
         self._stats = {
             f"{prefix}{reader}.weight": means[module]
@@ -296,7 +301,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             with torch.inference_mode():
                 for x in self._x:
                     _accumulate(sums, "lm_head", norm(x))
-            self._head = _means(sums, sum(len(w) for w in self._windows))["lm_head"]
+            self._head = _means(sums, self.tokens)["lm_head"]
         return self._head
 
 
@@ -305,6 +310,15 @@ def record_quantized(statistics: Mapping[str, np.ndarray] | None, name: str, val
     `ActivationCovariance`); nothing for any other mapping."""
     if isinstance(statistics, ActivationCovariance):
         statistics.record_quantized(name, values)
+
+
+def progress_label(statistics: Mapping[str, np.ndarray] | None) -> str:
+    """What an export's progress bar says of its calibration: the tokens, and how the layers are measured
+    ("" without layer-by-layer statistics)."""
+    if not isinstance(statistics, ActivationCovariance):
+        return ""
+    how = "through the quantized layers" if statistics.through == "quantized" else "on the float model"
+    return f", calibrated on {statistics.tokens:,} tokens layer by layer {how}"
 
 
 def wants_quantized(statistics: Mapping[str, np.ndarray] | None) -> bool:
