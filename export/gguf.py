@@ -246,7 +246,7 @@ def _encoded(
     def record(values: np.ndarray) -> None:
         record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
 
-    return encode_tensor(w, qtype, hessian, threads, record if wants_quantized(hessians) else None)
+    return encode_tensor(w, qtype, hessian, threads, record if wants_quantized(hessians, hf_name) else None)
 
 
 def _write_metadata(

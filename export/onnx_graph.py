@@ -557,10 +557,12 @@ class _Linear:
     def record(self, matrix: str, w: np.ndarray, q: QuantizedBlocks) -> None:
         """Hand a layer matrix's quantized values, split into the HF weights it fuses, to calibration
         statistics that go on through the quantized model."""
-        if not wants_quantized(self.hessians) or not matrix.startswith("model.layers."):
+        if not matrix.startswith("model.layers."):
             return
         *layer_path, fused = matrix.split(".", 3)
         names = [f"{'.'.join(layer_path)}.{part}.weight" for part in fused_parts(self.config, fused)]
+        if not wants_quantized(self.hessians, names[0]):
+            return
         rows = [tensor_shapes(self.config)[name][0] for name in names]
         values = q.dequantize()[:, : w.shape[1]]
         for name, part in zip(names, np.split(values, np.cumsum(rows)[:-1]), strict=True):

@@ -196,7 +196,7 @@ def quantize_blocks(
     steer = None if importance is None else weights
     codes, fitted = _error_feedback_rows(x, hessian, steer, block, lo, hi, fit)
     scales, zeros = (np.concatenate(arrays, axis=1) for arrays in zip(*fitted, strict=True))
-    return QuantizedBlocks((codes - lo).astype(np.uint8), scales, None if symmetric else zeros, bits, block)
+    return QuantizedBlocks(codes, scales, None if symmetric else zeros, bits, block)
 
 
 def quantize_q4_k(
@@ -231,7 +231,7 @@ def quantize_q4_k(
         return np.repeat(step, 32, axis=1), np.repeat(offset, 32, axis=1), r
 
     codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, 0, 15, fit)
-    return replace(concat_columns(fitted), codes=codes.astype(np.uint8))
+    return replace(concat_columns(fitted), codes=codes)
 
 
 def quantize_q6_k(
@@ -261,7 +261,7 @@ def quantize_q6_k(
         return np.repeat(step, 16, axis=1), np.zeros(group.shape, np.float32), r
 
     codes, fitted = _error_feedback_rows(x, hessian, steer, QK_K, -32, 31, fit)
-    return replace(concat_columns(fitted), codes=(codes + 32).astype(np.uint8))
+    return replace(concat_columns(fitted), codes=codes)
 
 
 # ------------------------------------------------------------------------------------- one chunk of rows
@@ -367,23 +367,25 @@ def _error_feedback_rows(
     hi: int,
     fit: GroupFit,
 ) -> tuple[np.ndarray, list]:
-    """`gptq.error_feedback` over chunks of rows: codes (rows, cols) and, per group of columns, the fits of
-    the chunks joined along the rows (arrays by np.concatenate, K-quant results by concat_rows). The groups'
-    scales are steered by `importance` if given, else by diag(hessian), else (nothing measured) evenly."""
+    """`gptq.error_feedback` over chunks of rows: the codes as stored, code - lo as uint8 (rows, cols), and,
+    per group of columns, the fits of the chunks joined along the rows (arrays by np.concatenate, K-quant
+    results by concat_rows). The groups' scales are steered by `importance` if given, else by
+    diag(hessian), else (nothing measured) evenly."""
 
     factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
     weights = importance if importance is not None else diagonal if diagonal.any() else np.ones_like(diagonal)
-    parts = [
-        gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
-        for rows in row_chunks(x, _GPTQ_CHUNK_VALUES)
-    ]
-    codes = np.concatenate([c for c, _ in parts])
+    codes = np.empty(x.shape, np.uint8)
+    chunk_fits = []
+    for rows in row_chunks(x, _GPTQ_CHUNK_VALUES):
+        signed, fits = gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
+        codes[rows] = signed - lo
+        chunk_fits.append(fits)
     fitted = []
-    for fits in zip(*(f for _, f in parts), strict=True):  # one group of columns, all chunks of rows
-        if isinstance(fits[0], tuple):
-            fitted.append(tuple(np.concatenate(arrays) for arrays in zip(*fits, strict=True)))
+    for group_fits in zip(*chunk_fits, strict=True):  # one group of columns, all chunks of rows
+        if isinstance(group_fits[0], tuple):
+            fitted.append(tuple(np.concatenate(arrays) for arrays in zip(*group_fits, strict=True)))
         else:
-            fitted.append(concat_rows(list(fits)))
+            fitted.append(concat_rows(list(group_fits)))
     return codes, fitted
 
 
@@ -454,6 +456,13 @@ def _search(
         better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
         best = np.where(better, error, best)
         s, m = np.where(better, cs, s), np.where(better, cm, m)
+    q = _codes(x, s, m, lo, hi)
+    moments = sums.moments(q, symmetric)
+    cs, cm = sums.least_squares(moments, symmetric, offset_max)
+    if store is not None:
+        cs, cm = store(cs, cm)
+    better = (sums.error(moments, cs, cm) < sums.error(moments, s, m)) & (symmetric | (cs >= 0))
+    s, m = np.where(better, cs, s), np.where(better, cm, m)
     return s, m, _codes(x, s, m, lo, hi)
 
 

@@ -198,6 +198,10 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._layer_of)
 
+    def layer_of(self, name: str) -> int | None:
+        """The layer whose input weight `name` reads (None for the head and for weights without one)."""
+        return self._layer_of.get(name)
+
     @property
     def tokens(self) -> int:
         """The calibration tokens every layer is measured on."""
@@ -209,7 +213,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
     def record_quantized(self, name: str, values: np.ndarray) -> None:
         """The values (float32, its HF layout) a weight of a layer not yet passed was quantized to; the
         activations go through them (with `through="quantized"`; ignored otherwise, and for other weights)."""
-        layer = self._layer_of.get(name)
+        layer = self.layer_of(name)
         if self.through == "quantized" and layer is not None and layer >= self._at:
             self._quantized[name] = np.asarray(values, np.float32)
 
@@ -248,8 +252,9 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             state[name.removeprefix(prefix)] = torch.from_numpy(
                 kept if kept is not None else self._weights(name)
             )
-        block = Block(self.config, i)
-        block.load_state_dict(state)
+        with torch.device("meta"):  # no random initialisation: the parameters become the arrays read
+            block = Block(self.config, i)
+        block.load_state_dict(state, assign=True)
         return block.eval()
 
     def _measure_layer(self) -> None:
@@ -321,9 +326,14 @@ def progress_label(statistics: Mapping[str, np.ndarray] | None) -> str:
     return f", calibrated on {statistics.tokens:,} tokens layer by layer {how}"
 
 
-def wants_quantized(statistics: Mapping[str, np.ndarray] | None) -> bool:
-    """Whether `record_quantized` would use the values: worth dequantizing a weight for."""
-    return isinstance(statistics, ActivationCovariance) and statistics.through == "quantized"
+def wants_quantized(statistics: Mapping[str, np.ndarray] | None, name: str) -> bool:
+    """Whether `record_quantized` would use the values of weight `name` (a layer's, with statistics that go
+    on through the quantized layers): worth dequantizing it for."""
+    return (
+        isinstance(statistics, ActivationCovariance)
+        and statistics.through == "quantized"
+        and statistics.layer_of(name) is not None
+    )
 
 
 def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -337,10 +347,12 @@ def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
-    """Add the sum over tokens of x xᵀ (float64) to sums[name]; x (..., in)."""
+    """Add the sum over tokens of x xᵀ (float64) to sums[name], in place; x (..., in)."""
     flat = x.reshape(-1, x.shape[-1]).double()
-    total = flat.T @ flat
-    sums[name] = sums[name] + total if name in sums else total
+    if name in sums:
+        sums[name].addmm_(flat.T, flat)
+    else:
+        sums[name] = flat.T @ flat
 
 
 def _accumulating(
@@ -352,12 +364,17 @@ def _accumulating(
 
 def _means(sums: dict[str, torch.Tensor], tokens: int) -> dict[str, np.ndarray]:
     """The sums divided by the token count, as read-only float32 (weights that share an input share the
-    array); refused when they overflowed."""
-    means = {name: (total / tokens).numpy().astype(np.float32) for name, total in sums.items()}
-    if not all(np.isfinite(m).all() for m in means.values()):
-        raise EdgelmError("activations overflowed to infinity or NaN (check the checkpoint's weights)")
-    for m in means.values():
-        m.setflags(write=False)
+    array); refused when they overflowed. The sums are used up: each is dropped once converted."""
+    import torch
+
+    means = {}
+    for name in list(sums):
+        with torch.inference_mode():  # the sums were made there
+            mean = sums.pop(name).div_(tokens).float().numpy()
+        if not np.isfinite(mean.sum(dtype=np.float64)):
+            raise EdgelmError("activations overflowed to infinity or NaN (check the checkpoint's weights)")
+        mean.setflags(write=False)
+        means[name] = mean
     return means
 
 
