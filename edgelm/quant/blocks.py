@@ -432,7 +432,8 @@ def _search(
     of a grid of candidates. A scale around s gives codes; weighted least squares refits the scale and, for
     an asymmetric block, the offset to them; `store` rounds the fit as the format keeps it; the error of
     those codes under that fit comes from the block's sums (`_BlockSums`), without the values. The winner's
-    codes are then chosen again with its stored scale and offset, which can only lower its error.
+    codes are then chosen again with its stored scale and offset, and the fit refit to those codes where
+    that is better: each step can only lower the error.
 
     x (..., block); weights broadcast to x; s, m (..., 1); q (..., block) codes in [lo, hi]; value = s*q + m.
     lo < 0 means symmetric (m stays 0). store rounds a candidate's scale and offset to what the format keeps
@@ -441,6 +442,13 @@ def _search(
     """
     symmetric = lo < 0
     sums = _BlockSums(x, weights)
+
+    def refit(codes: np.ndarray) -> tuple[Moments, np.ndarray, np.ndarray]:
+        """The codes' sums and their least-squares scale and offset, as the format stores them."""
+        moments = sums.moments(codes, symmetric)
+        cs, cm = sums.least_squares(moments, symmetric, offset_max)
+        return (moments, *store(cs, cm)) if store is not None else (moments, cs, cm)
+
     best = sums.error(sums.moments(q, symmetric), s, m)
     levels = -lo if symmetric else hi  # the extreme value's code under round-to-nearest
     scaled = (x - m) * divide(np.float32(1), s)  # x in units of the round-to-nearest scale
@@ -448,19 +456,12 @@ def _search(
     for step in _STEPS:
         np.multiply(scaled, np.float32((levels + step) / levels), out=codes)
         np.clip(np.rint(codes, out=codes), lo, hi, out=codes)
-        moments = sums.moments(codes, symmetric)
-        cs, cm = sums.least_squares(moments, symmetric, offset_max)
-        if store is not None:
-            cs, cm = store(cs, cm)
+        moments, cs, cm = refit(codes)
         error = sums.error(moments, cs, cm)
         better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
         best = np.where(better, error, best)
         s, m = np.where(better, cs, s), np.where(better, cm, m)
-    q = _codes(x, s, m, lo, hi)
-    moments = sums.moments(q, symmetric)
-    cs, cm = sums.least_squares(moments, symmetric, offset_max)
-    if store is not None:
-        cs, cm = store(cs, cm)
+    moments, cs, cm = refit(_codes(x, s, m, lo, hi))  # the winner refit to its own nearest codes
     better = (sums.error(moments, cs, cm) < sums.error(moments, s, m)) & (symmetric | (cs >= 0))
     s, m = np.where(better, cs, s), np.where(better, cm, m)
     return s, m, _codes(x, s, m, lo, hi)
