@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,9 @@ def test_through_the_quantized_layers_as_transformers_computes_them(
 ) -> None:
     """GPTQ's sequential scheme: with layer 0's weights handed back quantized, layer 1 is measured on the
     activations of the quantized layer 0 (transformers' inputs on a checkpoint that holds those values);
-    through="float" ignores them, and the float model's statistics stay those of the float model."""
+    through="float" ignores them, and the float model's statistics stay those of the float model. The head's
+    is the float model's in both (the exporters quantize it first), even when asked after layer 0 was
+    handed back."""
     config, tensors, tokenizer = load_checkpoint(checkpoint)
     layer0 = [name for name in tensors if name.startswith("model.layers.0.") and name.endswith("proj.weight")]
     rounded = {name: quantize_blocks(tensors[name], 4, 32, True).dequantize() for name in layer0}
@@ -136,20 +139,22 @@ def test_through_the_quantized_layers_as_transformers_computes_them(
     windows = reference_windows(small_tokenizer, SAMPLE_TEXT, CONTEXT)
     quantized_inputs = hf_linear_inputs(tmp_path / "rounded", windows)
     float_inputs = hf_linear_inputs(checkpoint, windows)
-    for name in (
-        "model.layers.1.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-        "lm_head.weight",
-    ):
-        for through, inputs in (("quantized", quantized_inputs), ("float", float_inputs)):
-            expected = inputs[name].T @ inputs[name] / len(inputs[name])
-            np.testing.assert_allclose(
-                statistics[through][name],
-                expected,
-                rtol=1e-4,
-                atol=1e-6 * expected.max(),
-                err_msg=f"{through} {name}",
-            )
+    layer1 = ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    cases = [
+        (name, through, inputs)
+        for name in layer1
+        for through, inputs in (("quantized", quantized_inputs), ("float", float_inputs))
+    ] + [("lm_head.weight", through, float_inputs) for through in statistics]
+    for name, through, inputs in cases:
+        expected = inputs[name].T @ inputs[name] / len(inputs[name])
+        np.testing.assert_allclose(
+            statistics[through][name],
+            expected,
+            rtol=1e-4,
+            atol=1e-6 * expected.max(),
+            err_msg=f"{through} {name}",
+        )
+    for name in layer1:
         assert not np.allclose(statistics["quantized"][name], statistics["float"][name], rtol=1e-3), name
     with pytest.raises(EdgelmError, match="through='fixed'"):
         activation_covariance(checkpoint, SAMPLE_TEXT, through="fixed")
@@ -297,7 +302,7 @@ def test_a_file_in_name_order_is_calibrated_in_one_pass(
     tmp_path: Path, small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """transformers writes tensors by name (layers 0, 1, 10, 11, 2, ...): the exporters and the import take
-    them in the model's order, so the statistics never start over (once more for a tied model's head)."""
+    them in the model's order, so the statistics never start over."""
     from safetensors.numpy import save_file
 
     import edgelm.quant.calibration as calibration
@@ -316,7 +321,7 @@ def test_a_file_in_name_order_is_calibrated_in_one_pass(
     )
     covariance = activation_covariance(directory, SAMPLE_TEXT, context=CONTEXT)
     path = export_gguf(directory, tmp_path / "out.gguf", "q4_0", covariance)
-    assert len(starts) == 2  # the first, and after the head's pass
+    assert len(starts) == 1  # the head's pass (a tied model's head comes first) leaves the walk alone
     from gguf import GGUFReader
 
     layers = [int(t.name.split(".")[1]) for t in GGUFReader(path).tensors if t.name.startswith("blk.")]
@@ -328,18 +333,24 @@ def test_a_file_in_name_order_is_calibrated_in_one_pass(
     assert written == sorted(written)
 
 
-def test_one_calibration_serves_several_exports(checkpoint: Path, tmp_path: Path) -> None:
-    """Statistics that went on through one export's quantized layers start over for the next: a Q4_0 file
-    calibrated after a Q4_K_M export with the same statistics equals one calibrated on its own."""
+def test_one_calibration_serves_several_exports(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Statistics that went on through one export's quantized layers start over for the next, the head's
+    included: on a tied model, whose head both exporters quantize first, a Q4_0 file and an int4 ONNX
+    folder calibrated after other exports with the same statistics equal ones calibrated on their own."""
     from edgelm.export.gguf import export_gguf
+    from edgelm.export.onnx import export_onnx
 
-    shared = activation_covariance(checkpoint, SAMPLE_TEXT, context=CONTEXT)
-    export_gguf(checkpoint, tmp_path / "first.gguf", "q8_0", shared)
-    after = export_gguf(checkpoint, tmp_path / "after.gguf", "q4_0", shared)
-    alone = export_gguf(
-        checkpoint,
-        tmp_path / "alone.gguf",
-        "q4_0",
-        activation_covariance(checkpoint, SAMPLE_TEXT, context=CONTEXT),
-    )
+    tied = make_checkpoint(tmp_path / "tied", small_tokenizer, TIED)
+
+    def fresh() -> Mapping[str, np.ndarray]:
+        return activation_covariance(tied, SAMPLE_TEXT, context=CONTEXT)
+
+    shared = fresh()
+    export_gguf(tied, tmp_path / "first.gguf", "q8_0", shared)
+    after = export_gguf(tied, tmp_path / "after.gguf", "q4_0", shared)
+    onnx_after = export_onnx(tied, tmp_path / "after-int4", "int4", hessians=shared)
+    alone = export_gguf(tied, tmp_path / "alone.gguf", "q4_0", fresh())
+    onnx_alone = export_onnx(tied, tmp_path / "alone-int4", "int4", hessians=fresh())
     assert after.read_bytes() == alone.read_bytes()
+    data = "model.onnx.data"
+    assert (onnx_after / data).read_bytes() == (onnx_alone / data).read_bytes()

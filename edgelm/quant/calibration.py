@@ -148,9 +148,12 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
 
     The calibration tokens are embedded once; each layer is then read from the checkpoint, run over the
     activations with its inputs measured, and dropped, so memory holds the activations (tokens × hidden),
-    one layer and its statistics. Asked in layer order, as the exporters ask, the model runs once; a key of
-    an earlier layer starts again from the embeddings, and the head's (the final norm's output) needs
-    every layer first.
+    one layer and its statistics. Asked in layer order, as the exporters ask, the layers run once; a key of
+    an earlier layer starts again from the embeddings. The head's statistic (of the final norm's output)
+    is measured once, on the float model, in a pass of its own: both exporters quantize the head before
+    the layers (a tied head is the embedding table), so it cannot follow them, and on the float model it
+    is the same whatever an earlier export left (the families' tests also gave a lower KLD with it than
+    with the head measured through an export's quantized layers).
 
     `through="quantized"` is GPTQ's sequential scheme: an exporter hands each weight's quantized values to
     `record_quantized`, and the activations go on from a layer through those values, so that each layer
@@ -219,23 +222,21 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
 
     def _restart(self) -> None:
         """The activations back at the embeddings of the calibration windows, before layer 0. Recorded
-        values are forgotten (a new export records its own), and so is the head's statistic when it came
-        through quantized layers."""
-        import torch
-
+        values are forgotten (a new export records its own)."""
         self._quantized: dict[str, np.ndarray] = {}  # recorded values of weights of layers not yet passed
-        if self.through == "quantized":
-            self._head = None
-
-        table = self._weights("model.embed_tokens.weight")
-        scale = np.float32(self.config.embedding_multiplier)
-        self._x = [
-            torch.from_numpy(table[window] * scale)[None] for window in self._windows
-        ]  # (1, T, h) each
+        self._x = self._embeddings()
         self._at = 0  # the layer the activations are the input of
         self._measured = -1  # the layer whose statistics `_stats` holds
         self._stats: dict[str, np.ndarray] = {}
         self._float_out: list[torch.Tensor] | None = None  # layer _measured's float output, when kept
+
+    def _embeddings(self) -> list[torch.Tensor]:
+        """The calibration windows' embeddings, (1, T, hidden) each."""
+        import torch
+
+        table = self._weights("model.embed_tokens.weight")
+        scale = np.float32(self.config.embedding_multiplier)
+        return [torch.from_numpy(table[window] * scale)[None] for window in self._windows]
 
     def _layer(self, i: int, quantized: bool) -> Block:
         """Layer i as a torch module, from the checkpoint, its weights the recorded quantized values where
@@ -292,19 +293,21 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         self._at += 1
 
     def _head_covariance(self) -> np.ndarray:
-        """E[x xᵀ] of the head's input, the final norm of the last layer's output (every layer runs first)."""
+        """E[x xᵀ] of the head's input, the final norm of the float model's last layer output, measured
+        once in a pass of its own (the layers' walk stays where it is)."""
         if self._head is None:
             import torch
 
             from edgelm.model.transformer import rms_norm
 
-            while self._at < self.config.num_hidden_layers:
-                self._pass_layer()
+            xs = self._embeddings()
+            for i in range(self.config.num_hidden_layers):
+                xs = _forward(self._layer(i, quantized=False), self.config, xs)
             norm = rms_norm(self.config, self.config.hidden_size)
             norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
             sums: dict[str, torch.Tensor] = {}
             with torch.inference_mode():
-                for x in self._x:
+                for x in xs:
                     _accumulate(sums, "lm_head", norm(x))
             self._head = _means(sums, self.tokens)["lm_head"]
         return self._head
