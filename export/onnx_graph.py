@@ -44,7 +44,7 @@ from edgelm.quant.calibration import record_quantized, wants_quantized
 
 try:
     import onnx
-    from onnx import TensorProto, external_data_helper, helper
+    from onnx import TensorProto, helper
 except ModuleNotFoundError as e:
     raise missing_dependency("onnx", "onnx") from e
 
@@ -79,12 +79,21 @@ class _Graph:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Add an initializer, its bytes appended to the data file (as onnx.save_model lays them out: one
-        after the other, in the graph's order); return its name."""
-        tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+        after the other, in the graph's order); return its name. The bytes never enter the TensorProto:
+        protobuf keeps a cleared field's memory until the message is freed, which held every layer's
+        weights until the end of the export."""
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # ONNX: little-endian
         offset = self.data.tell()
-        self.data.write(tensor.raw_data)
-        external_data_helper.set_external_data(tensor, DATA_FILE, offset, len(tensor.raw_data))
-        tensor.ClearField("raw_data")
+        self.data.write(array.reshape(-1).view(np.uint8).data)
+        tensor = onnx.TensorProto(
+            name=name,
+            dims=array.shape,
+            data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+            data_location=TensorProto.EXTERNAL,
+        )
+        for key, value in (("location", DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
         self.initializers.append(tensor)
         return name
 
