@@ -37,21 +37,21 @@ def error_feedback(
     updates, nested): the same sums, as matrix products.
     """
     rows, cols = x.shape
-    w = x.T.astype(np.float64)  # (cols, rows): each column's weights contiguous, updated in place
+    w = np.array(x.T, np.float32, order="C")  # (cols, rows): a column's weights contiguous, updated
     codes = np.empty((cols, rows), np.float32)
     fitted = []
     for start in range(0, cols, group):
         end = start + group
-        step, offset, kept = fit(np.ascontiguousarray(w[start:end].T, np.float32), weights[start:end])
+        step, offset, kept = fit(np.ascontiguousarray(w[start:end].T), weights[start:end])
         fitted.append(kept)
         step, offset = np.ascontiguousarray(step.T), np.ascontiguousarray(offset.T)  # (group, rows)
-        errors = np.empty((group, rows))  # scaled errors e / U[c, c], a row per column
+        errors = np.empty((group, rows), np.float32)  # scaled errors e / U[c, c], a row per column
         for run in range(start, end, _RUN):
             run_end = min(run + _RUN, end)
             for c in range(run, run_end):
                 j = c - start
                 column = w[c] - factor[run:c, c] @ errors[run - start : j]  # with the run's updates so far
-                q = np.clip(np.rint(divide(column.astype(np.float32) - offset[j], step[j])), lo, hi)
+                q = np.clip(np.rint(divide(column - offset[j], step[j])), lo, hi)
                 codes[c] = q
                 errors[j] = (column - (step[j] * q + offset[j])) / factor[c, c]
             w[run_end:end] -= factor[run:run_end, run_end:end].T @ errors[run - start : run_end - start]
@@ -62,14 +62,15 @@ def error_feedback(
 
 
 def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """The upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = Uᵀ U), float64 (cols, cols), and diag(H).
+    """The upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = Uᵀ U), float32 (cols, cols), and diag(H)
+    as float64.
 
     H is symmetrized; a dead column (H_cc = 0, an input that is always 0) is decoupled from the others, and
     0.01 * mean(diag H) is added to the diagonal (GPTQ's dampening; 1 if every column is dead). U is R⁻¹
     for H = R Rᵀ with R upper: a factorization and a triangular inverse, both in place in one (cols, cols)
     array, a fifth of the work of inverting H and factoring the inverse.
     """
-    h = np.array(hessian, dtype=np.float64)  # a copy, which becomes U
+    h = np.array(hessian, dtype=np.float32)  # a copy, which becomes U
     if h.shape != (cols, cols):
         raise EdgelmError(
             f"quantize: hessian has shape {h.shape}, expected {(cols, cols)} (E[x xᵀ] of the {cols} inputs)"
@@ -81,7 +82,7 @@ def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, 
         h[band, start:] = (h[band, start:] + h[start:, band].T) / 2
         h[band, :start] = 0
         h[band, band] = np.triu(h[band, band])
-    diagonal = np.diag(h).copy()
+    diagonal = np.diag(h).astype(np.float64)
     if (diagonal < 0).any():
         raise EdgelmError("quantize: the hessian has a negative diagonal: it is not E[x xᵀ] of some inputs")
     dead = diagonal == 0
