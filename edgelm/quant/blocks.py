@@ -42,7 +42,7 @@ QK_K = 256  # values in a K-quant super-block
 
 # search: scales that move the block's extreme value by up to one quantization level either way
 _STEPS = np.linspace(-1.0, 1.0, 11)
-_GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float64): 128 MiB
+_GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float32): 64 MiB
 # (scale, offset) → the values a format keeps of them
 Store = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
