@@ -12,9 +12,9 @@ Two families:
   are themselves quantized (to 6 or 8 bits) against float16 scales, one per super-block.
 
 search=False rounds to nearest the way llama.cpp's reference quantizers (`quantize_row_*_ref`) do.
-search=True (the default) also tries a small grid of scales around that one, refits each by weighted least
-squares, and keeps per block whichever dequantizes with the lowest importance-weighted squared error, so it
-is never worse than round-to-nearest on that error.
+search=True (the default; `edgelm.quant.search`) also tries a small grid of scales around that one, refits
+each by weighted least squares, and keeps per block whichever dequantizes with the lowest
+importance-weighted squared error, so it is never worse than round-to-nearest on that error.
 
 hessian=H (the second moment E[x xᵀ] of the inputs, from `edgelm.quant.calibration.activation_covariance`)
 turns on GPTQ's error feedback (Frantar et al. 2022): the columns are rounded left to right and each column's
@@ -25,7 +25,6 @@ from the weights as updated so far; the result has the same type and arrays as w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
@@ -36,15 +35,12 @@ from edgelm.quant import gptq
 from edgelm.quant.arith import divide
 from edgelm.quant.gptq import GroupFit
 from edgelm.quant.rows import concat_columns, concat_rows, over_row_chunks, row_chunks
+from edgelm.quant.search import Store, nearest_codes, search_scales
 from edgelm.values import is_int
 
 QK_K = 256  # values in a K-quant super-block
 
-# search: scales that move the block's extreme value by up to one quantization level either way
-_STEPS = np.linspace(-1.0, 1.0, 11)
 _GPTQ_CHUNK_VALUES = 1 << 24  # values updated at once by the error feedback (float32): 64 MiB
-# (scale, offset) → the values a format keeps of them
-Store = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -281,7 +277,7 @@ def _blocks_rows(
         lo, hi = 0, (1 << bits) - 1
     s, stored_m = store(d, m)
     if store is not _f16_store and not symmetric:  # the offset moved: choose the codes again
-        q = _codes(x, s, stored_m, lo, hi)
+        q = nearest_codes(x, s, stored_m, lo, hi)
     m = stored_m
     if not (np.isfinite(s).all() and np.isfinite(m).all()):
         raise EdgelmError(
@@ -289,7 +285,7 @@ def _blocks_rows(
             "(GGUF stores them as float16; rescale the weights or keep this tensor unquantized)"
         )
     if search:
-        s, m, q = _search(x, weights.reshape(-1, block), s, m, q, lo, hi, store)
+        s, m, q = search_scales(x, weights.reshape(-1, block), s, m, q, lo, hi, store)
     codes = (q - lo).astype(np.uint8)  # symmetric: q + 2**(bits-1); asymmetric: q itself (lo = 0)
     return codes.reshape(rows, cols), s[..., 0], m[..., 0]
 
@@ -301,8 +297,8 @@ def _q4_k_rows(w: np.ndarray, weights: np.ndarray, search: bool) -> Q4KBlocks:
     scale = (x.max(axis=-1, keepdims=True) - lo) / np.float32(15)
     result = _q4_k_finish(x, scale, lo)
     if search:
-        q = _codes(x, scale, lo, 0, 15)
-        scale, lo, _ = _search(x, weights.reshape(-1, 8, 32), scale, lo, q, 0, 15, None, offset_max=0.0)
+        q = nearest_codes(x, scale, lo, 0, 15)
+        scale, lo, _ = search_scales(x, weights.reshape(-1, 8, 32), scale, lo, q, 0, 15, None, offset_max=0.0)
         result = _lower_error(w, weights, result, _q4_k_finish(x, scale, lo))
     return result
 
@@ -337,8 +333,8 @@ def _q6_k_rows(w: np.ndarray, weights: np.ndarray, search: bool) -> Q6KBlocks:
     result = _q6_k_finish(x, scale)
     if search:
         zero = np.zeros_like(scale)
-        q = _codes(x, scale, zero, -32, 31)
-        scale, _, _ = _search(x, weights.reshape(-1, 16, 16), scale, zero, q, -32, 31, None)
+        q = nearest_codes(x, scale, zero, -32, 31)
+        scale, _, _ = search_scales(x, weights.reshape(-1, 16, 16), scale, zero, q, -32, 31, None)
         result = _lower_error(w, weights, result, _q6_k_finish(x, scale))
     return result
 
@@ -415,113 +411,6 @@ def _nearest_asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     d = (x.max(axis=-1, keepdims=True) - m) / np.float32(top)
     q = np.minimum(np.trunc((x - m) * divide(np.float32(1), d) + np.float32(0.5)), top)
     return d, m, q
-
-
-def _search(
-    x: np.ndarray,
-    weights: np.ndarray,
-    s: np.ndarray,
-    m: np.ndarray,
-    q: np.ndarray,
-    lo: int,
-    hi: int,
-    store: Store | None,
-    offset_max: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block, the scale, offset and codes with the lowest weighted squared error: the given ones or one
-    of a grid of candidates. A scale around s gives codes; weighted least squares refits the scale and, for
-    an asymmetric block, the offset to them; `store` rounds the fit as the format keeps it; the error of
-    those codes under that fit comes from the block's sums (`_BlockSums`), without the values. The winner's
-    codes are then chosen again with its stored scale and offset, and the fit refit to those codes where
-    that is better: each step can only lower the error.
-
-    x (..., block); weights broadcast to x; s, m (..., 1); q (..., block) codes in [lo, hi]; value = s*q + m.
-    lo < 0 means symmetric (m stays 0). store rounds a candidate's scale and offset to what the format keeps
-    (float16; or an integer zero point), None keeps float32. offset_max=0 keeps the offsets <= 0 (K-quants
-    subtract a min >= 0).
-    """
-    symmetric = lo < 0
-    sums = _BlockSums(x, weights)
-
-    def refit(codes: np.ndarray) -> tuple[Moments, np.ndarray, np.ndarray]:
-        """The codes' sums and their least-squares scale and offset, as the format stores them."""
-        moments = sums.moments(codes, symmetric)
-        cs, cm = sums.least_squares(moments, symmetric, offset_max)
-        return (moments, *store(cs, cm)) if store is not None else (moments, cs, cm)
-
-    best = sums.error(sums.moments(q, symmetric), s, m)
-    levels = -lo if symmetric else hi  # the extreme value's code under round-to-nearest
-    scaled = (x - m) * divide(np.float32(1), s)  # x in units of the round-to-nearest scale
-    codes = np.empty_like(x)
-    for step in _STEPS:
-        np.multiply(scaled, np.float32((levels + step) / levels), out=codes)
-        np.clip(np.rint(codes, out=codes), lo, hi, out=codes)
-        moments, cs, cm = refit(codes)
-        error = sums.error(moments, cs, cm)
-        better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
-        best = np.where(better, error, best)
-        s, m = np.where(better, cs, s), np.where(better, cm, m)
-    moments, cs, cm = refit(_codes(x, s, m, lo, hi))  # the winner refit to its own nearest codes
-    better = (sums.error(moments, cs, cm) < sums.error(moments, s, m)) & (symmetric | (cs >= 0))
-    s, m = np.where(better, cs, s), np.where(better, cm, m)
-    return s, m, _codes(x, s, m, lo, hi)
-
-
-Moments = tuple[np.ndarray, np.ndarray, np.ndarray]  # A, B, C of `_BlockSums`, each (..., 1) float64
-
-
-class _BlockSums:
-    """What the search needs of a block to fit and score any codes c: with W = Σw, X = Σw·x, A = Σw·c²,
-    B = Σw·x·c and C = Σw·c, the squared error Σw·(s·c + m - x)² is Σw·x² - 2sB - 2mX + s²A + 2smC + m²W,
-    whose first term is the same for every candidate and is left out. Equal weights (no importance) are
-    left out too: they scale every candidate's error alike. The sums over a block are taken in float32
-    (A and C are exact: integer codes) and combined in float64."""
-
-    def __init__(self, x: np.ndarray, weights: np.ndarray) -> None:
-        w = np.asarray(weights, np.float32)
-        self.weights = None if (w == w.flat[0]).all() else w
-        self.wx = x if self.weights is None else x * self.weights
-        w_sum = x.shape[-1] if self.weights is None else np.broadcast_to(w, x.shape).sum(-1, keepdims=True)
-        self.w_sum = np.asarray(w_sum, np.float64)
-        self.wx_sum = self.wx.sum(axis=-1, keepdims=True).astype(np.float64)
-
-    def moments(self, c: np.ndarray, symmetric: bool) -> Moments:
-        """A, B and C of codes c (..., block); C is 0 for symmetric blocks, whose offset is 0."""
-        wc = c if self.weights is None else c * self.weights
-        a, b = (
-            np.einsum("...i,...i->...", u, v)[..., None].astype(np.float64)
-            for u, v in ((wc, c), (c, self.wx))
-        )
-        return a, b, np.zeros_like(a) if symmetric else wc.sum(axis=-1, keepdims=True).astype(np.float64)
-
-    def error(self, moments: Moments, s: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Σw·(s·c + m - x)² - Σw·x² per block (..., 1)."""
-        a, b, c = moments
-        s64, m64 = s.astype(np.float64), m.astype(np.float64)
-        return s64 * (s64 * a - 2 * b) + m64 * (2 * s64 * c + m64 * self.w_sum - 2 * self.wx_sum)
-
-    def least_squares(
-        self, moments: Moments, symmetric: bool, offset_max: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The scale (and offset) minimizing Σw·(s·c + m - x)² per block, in float32; NaN where the codes
-        do not determine them (all equal, or zero weight)."""
-        a, b, c = moments
-        with np.errstate(divide="ignore", invalid="ignore"):
-            through_zero = b / a  # the best scale with the offset fixed at 0
-            if symmetric:
-                return through_zero.astype(np.float32), np.zeros(through_zero.shape, np.float32)
-            det = self.w_sum * a - c * c
-            det = np.where(det > 1e-12 * self.w_sum * a, det, np.nan)
-            scale, offset = (self.w_sum * b - self.wx_sum * c) / det, (a * self.wx_sum - c * b) / det
-        if offset_max is not None:
-            clamp = offset > offset_max
-            scale, offset = np.where(clamp, through_zero, scale), np.where(clamp, offset_max, offset)
-        return scale.astype(np.float32), offset.astype(np.float32)
-
-
-def _codes(x: np.ndarray, s: np.ndarray, m: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The nearest codes in [lo, hi] for value = s*q + m (0 where s is 0), as float32."""
-    return np.clip(np.rint((x - m) * divide(np.float32(1), s)), lo, hi)
 
 
 def _squared_error(x: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
