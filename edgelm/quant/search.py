@@ -58,13 +58,19 @@ def search_scales(
         np.clip(np.rint(codes, out=codes), lo, hi, out=codes)
         moments, cs, cm = refit(codes)
         error = sums.error(moments, cs, cm)
-        better = (error < best) & (symmetric | (cs >= 0))  # NaN (an undetermined fit) never wins
+        better = _better(error, best, cs, symmetric)
         best = np.where(better, error, best)
         s, m = np.where(better, cs, s), np.where(better, cm, m)
     moments, cs, cm = refit(nearest_codes(x, s, m, lo, hi))  # the winner refit to its own nearest codes
-    better = (sums.error(moments, cs, cm) < sums.error(moments, s, m)) & (symmetric | (cs >= 0))
+    better = _better(sums.error(moments, cs, cm), sums.error(moments, s, m), cs, symmetric)
     s, m = np.where(better, cs, s), np.where(better, cm, m)
     return s, m, nearest_codes(x, s, m, lo, hi)
+
+
+def _better(error: np.ndarray, than: np.ndarray, scale: np.ndarray, symmetric: bool) -> np.ndarray:
+    """Where a candidate wins: a lower error, and a scale >= 0 for an asymmetric block (NaN, an undetermined
+    fit, never wins)."""
+    return (error < than) & (symmetric | (scale >= 0))
 
 
 Moments = tuple[np.ndarray, np.ndarray, np.ndarray]  # A, B, C of `_BlockSums`, each (..., 1) float64
