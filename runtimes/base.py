@@ -2,7 +2,8 @@
 
 A plugin adds a runtime through the entry-point group `edgelm.runtimes` (name = "module:Class"); the
 class follows `Runtime`, declaring its optional capabilities (`options`, `threads`, `provider`; an empty
-set and None say it has none), and is constructed as `Class(path, device=..., **options)`.
+set and None say it has none; `keep` returning 0 says it cannot reuse a prefix), and is constructed as
+`Class(path, device=..., **options)`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Runtime(Protocol):
 
     Its optional capabilities are declared, not discovered: `options` (the keyword options the constructor
     takes besides `path` and `device`, e.g. "threads"; empty for none), `threads` (the CPU threads it
-    computes with, None where it does not say) and `provider` (the execution provider that runs it, ONNX
-    Runtime's; None elsewhere).
+    computes with, None where it does not say), `provider` (the execution provider that runs it, ONNX
+    Runtime's; None elsewhere) and `keep` (prefix reuse: a runtime without it resets and returns 0).
     """
 
     name: ClassVar[str]  # "torch", "onnxruntime", "llamacpp"
@@ -43,6 +44,11 @@ class Runtime(Protocol):
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
+
+    def keep(self, n: int) -> int:
+        """Keep the first `n` tokens of the sequence (at most as many as it holds) and forget the rest, so
+        that the next `forward` continues after them; returns how many it kept: fewer, down to 0 (a reset),
+        where the engine cannot cut the sequence there."""
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""
@@ -123,7 +129,7 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
         raise EdgelmError(
             f"the {runtime} runtime does not follow the Runtime protocol (edgelm.runtimes.base.Runtime): "
             "it needs name, artifacts, options, config, tokenizer, device, threads, provider, reset, "
-            "forward and close"
+            "keep, forward and close"
         )
     return loaded
 
@@ -150,6 +156,14 @@ def ids_to_run(config: ModelConfig, held: list[int], array: np.ndarray) -> tuple
     if changes_earlier_rotation(config, len(held), array.size):
         return 0, np.concatenate([np.asarray(held, np.int64), array])
     return len(held), array
+
+
+def keepable(config: ModelConfig, held: int, n: int) -> int:
+    """How many of the `held` tokens of a sequence a runtime that caches rotated keys can keep when asked
+    for `n`: min(n, held), or 0 where the held ones took LongRoPE past its original context and the first
+    n alone would not (their keys were rotated with the long factors, which they would not take now)."""
+    n = max(0, min(n, held))
+    return 0 if changes_earlier_rotation(config, n, held - n) else n
 
 
 def check_ids(ids: Sequence[int], vocab_size: int, position: int, context: int) -> np.ndarray:

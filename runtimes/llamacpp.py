@@ -105,11 +105,26 @@ class LlamaCppRuntime:
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
+        self.keep(0)
+
+    def keep(self, n: int) -> int:
+        """Keep the first `n` tokens of the sequence and forget the rest (llama.cpp's sequence removal);
+        returns how many it kept: 0, after a reset, where llama.cpp cannot remove part of the cache (a
+        recurrent model's) or no longer holds the beginning of the kept part (a sliding-window cache)."""
         with self._lock:
             if self._llama is None:
                 raise EdgelmError("this runtime has been closed; load the model again")
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llama.ctx), True)
-            self.position = 0
+            kept = max(0, min(n, self.position))
+            memory = llama_cpp.llama_get_memory(self._llama.ctx)
+            if kept and (
+                not llama_cpp.llama_memory_seq_rm(memory, 0, kept, -1)
+                or llama_cpp.llama_memory_seq_pos_min(memory, 0) > 0
+            ):
+                kept = 0
+            if not kept:
+                llama_cpp.llama_memory_clear(memory, True)
+            self.position = kept
+            return kept
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""

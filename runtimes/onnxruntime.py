@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.onnx import MODEL_FILE, read_onnx_folder
-from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, reserved_context
+from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, keepable, reserved_context
 from edgelm.tokenizer import Tokenizer
 
 # device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
@@ -146,6 +146,22 @@ class OnnxRuntime:
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
         self._held = []
+
+    def keep(self, n: int) -> int:
+        """Keep the first `n` tokens of the sequence and forget the rest; returns how many it kept. The
+        shared KV buffers' later entries are overwritten as the sequence grows again; plain attention's
+        past tensors are cut to the kept length."""
+        with self._lock:
+            kept = keepable(self.config, len(self._held), n)
+            if not self._shared_kv and 0 < kept < len(self._held):
+                self._kv = [
+                    ort.OrtValue.ortvalue_from_numpy(
+                        np.ascontiguousarray(value.numpy()[:, :, :kept]), self._ort_device, self._device_id
+                    )
+                    for value in self._kv
+                ]
+            self._held = self._held[:kept]
+            return kept
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""

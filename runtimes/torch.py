@@ -14,7 +14,7 @@ from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.model.device import resolve_device
 from edgelm.model.transformer import Transformer, load_weights
-from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, reserved_context
+from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, keepable, reserved_context
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -61,6 +61,12 @@ class TorchRuntime:
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
         self._held = []
+
+    def keep(self, n: int) -> int:
+        """Keep the first `n` tokens of the sequence and forget the rest; returns how many it kept (the
+        cache's later entries are overwritten as the sequence grows again)."""
+        self._held = self._held[: keepable(self.config, len(self._held), n)]
+        return len(self._held)
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `ids` to the sequence; float32 logits (len(ids), vocab), or (1, vocab) for the last."""

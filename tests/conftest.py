@@ -167,6 +167,18 @@ def logits_on_windows(runtime: Runtime, windows: np.ndarray) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def kept_prefix_error(runtime: Runtime, ids: list[int], kept: int, detour: list[int]) -> float:
+    """The largest difference between a fresh prefill's logits over `ids` and those of the same ids after
+    the sequence ran on into `detour` and was cut back to its first `kept` tokens (`Runtime.keep`), which
+    then prefills only the rest."""
+    runtime.reset()
+    fresh = runtime.forward(ids, all_logits=True)
+    runtime.forward(detour)
+    assert runtime.keep(kept) == kept
+    again = runtime.forward(ids[kept:], all_logits=True)
+    return float(np.abs(again - fresh[kept:]).max())
+
+
 class LiveTensors:
     """Counts the bytes of checkpoint tensors alive at once: each array `read_tensor` hands out is counted
     until it is freed; `peak` is the most seen together."""

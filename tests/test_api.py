@@ -54,6 +54,10 @@ class ScriptedRuntime:
         self.length = 0
         self.prompt_length: int | None = None
 
+    def keep(self, n: int) -> int:
+        self.reset()  # no prefix reuse: every prompt comes whole
+        return 0
+
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         self.calls += 1
         if self.on_forward is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import GEMMA2, PHI3, SAMPLE_TEXT, make_checkpoint, random_hf_model
+from conftest import GEMMA2, PHI3, SAMPLE_TEXT, kept_prefix_error, make_checkpoint, random_hf_model
 from test_onnx import dequantized_checkpoint, genai_greedy_tokens, greedy_tokens
 
 import edgelm
@@ -365,6 +365,24 @@ def test_compare_and_generation_run_unchanged(
     assert texts[0] == texts[2] and len(texts[1]) > 0
 
 
+@pytest.mark.parametrize("name", ["gemma2-softcap-window", "gemma3-local-global-untied"])
+def test_a_kept_prefix_longer_than_the_window(
+    imported: Callable[[str], Path], tmp_path: Path, name: str
+) -> None:
+    """Sliding-window layers: a sequence cut back to 48 tokens (twice the window) and continued gives a
+    fresh prefill's logits in every runtime (llama.cpp's window cache included)."""
+    checkpoint = imported(name)
+    artifacts = {
+        checkpoint: ({}, 1e-5),
+        export_onnx(checkpoint, tmp_path / "onnx", "fp32"): ({}, 1e-4),
+        export_gguf(checkpoint, tmp_path, "f32"): ({"kv_cache": "f32"}, 1e-3),
+    }
+    ids = IDS[:96].tolist()
+    for artifact, (options, tolerance) in artifacts.items():
+        with edgelm.load(artifact, device="cpu", **options) as model:
+            assert kept_prefix_error(model.runtime, ids, 48, IDS[96:].tolist()) <= tolerance, artifact
+
+
 def test_rotary_width_onnx_runtime_cannot_rotate_is_refused(
     tmp_path: Path, small_tokenizer: Tokenizer
 ) -> None:
@@ -474,6 +492,12 @@ def test_longrope_past_the_original_context(tmp_path: Path, small_tokenizer: Tok
     assert np.abs(stepwise_logits(onnx, ids, context=128) - want).max() <= 1e-4
     gguf = export_gguf(checkpoint, tmp_path, "f32")
     assert np.abs(stepwise_logits(gguf, ids, context=128, kv_cache="f32") - past).max() <= 1e-3
+
+    for artifact in (checkpoint, onnx):  # keys rotated with the long factors are not kept below them
+        with edgelm.load(artifact, device="cpu", context=128) as ours:
+            ours.runtime.forward(ids.tolist())
+            assert ours.runtime.keep(40) == 40 and ours.runtime.keep(20) == 0
+            assert np.abs(ours.runtime.forward(ids[:32].tolist(), all_logits=True) - within).max() <= 1e-4
 
     prompt = ids[:20].tolist()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import make_checkpoint
+from conftest import kept_prefix_error, make_checkpoint
 
 import edgelm
 from edgelm.checkpoint import checkpoint_sha256
@@ -105,6 +105,8 @@ def test_fp32_matches_torch(source: Path, reference: tuple, tmp_path: Path) -> N
     got_prefill, got_decode = _logits(folder, ids)
     np.testing.assert_allclose(got_prefill, prefill, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_decode, decode, atol=1e-4, rtol=0)
+    with edgelm.load(folder) as model:  # plain attention's past tensors, cut back to a kept prefix
+        assert kept_prefix_error(model.runtime, ids[:PROMPT], PROMPT // 2, ids[PROMPT:]) <= 1e-4
 
 
 @pytest.mark.usefixtures("optimum_python")

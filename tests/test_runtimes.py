@@ -39,6 +39,10 @@ class ReplayRuntime:
     def reset(self) -> None:
         self.seen = []
 
+    def keep(self, n: int) -> int:
+        self.reset()  # a runtime without prefix reuse
+        return 0
+
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         self.seen.extend(ids)
         logits = np.zeros((len(ids), self.config.vocab_size), dtype=np.float32)

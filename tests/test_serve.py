@@ -58,6 +58,9 @@ class GatedRuntime:
     def reset(self) -> None:
         self.inner.reset()
 
+    def keep(self, n: int) -> int:
+        return self.inner.keep(n)
+
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         self.calls += 1
         if self.fail:

@@ -1,5 +1,10 @@
 """`edgelm.load` and `Model`: an artifact, its tokenizer and a runtime behind one small, thread-safe object.
 
+Prefix reuse: the runtime's sequence stays after a generation, and the next one keeps the part its prompt
+begins with (`Runtime.keep`) and prefills only the rest, so that the turns of a chat, whose prompts each
+begin with the last, answer without prefilling the conversation again. `Model` records the ids it put
+through its runtime: use the runtime directly only through `keep`/`reset` or not at all meanwhile.
+
 Concurrency: a runtime holds one sequence, so a model runs one generation at a time. Calls from several
 threads queue on the model's lock, each generation whole: a stream holds the lock from its first piece
 until it is exhausted or closed. `Model.cancel()` stops the generation that holds the lock when it is
@@ -48,6 +53,7 @@ class Model:
         self._owner: int | None = None  # the thread that holds _lock
         self._current: threading.Event | None = None  # the cancel flag of the generation holding _lock
         self._current_guard = threading.Lock()
+        self._held: list[int] = []  # the ids the runtime's sequence holds, for the next prompt to reuse
 
     def generate(
         self,
@@ -187,7 +193,9 @@ class Model:
         stop = check_stop(stop)
         eos_ids = stop_token_ids(self.runtime, stop_ids)
         event = threading.Event()  # this generation's own cancel flag
-        ids = generate_ids(self.runtime, prompt_ids, max_new_tokens, params, seed, eos_ids, event.is_set)
+        ids = generate_ids(
+            self.runtime, prompt_ids, max_new_tokens, params, seed, eos_ids, event.is_set, held=self._held
+        )
         return TextStream(self.tokenizer, self._locked(ids, event), len(prompt_ids), stop, event)
 
     def _locked(

@@ -35,6 +35,7 @@ def generate_ids(
     eos_ids: Sequence[int] = (),
     cancelled: Callable[[], bool] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    held: list[int] | None = None,
 ) -> Generator[int, None, FinishReason]:
     """Yield new token ids until an EOS id (not yielded), `max_new_tokens`, the end of the context, or
     `cancelled()` turning true; the generator's return value (StopIteration.value) says which.
@@ -42,6 +43,10 @@ def generate_ids(
     The arguments are checked at once, before anything runs. The prompt goes through the runtime in chunks
     of `prefill_chunk` tokens, and `cancelled` is asked before every forward call (each prefill chunk and
     each decoded token), so a cancel request ends the generation within one token.
+
+    `held`: the ids the runtime's sequence holds from earlier generations (None: nothing is reused). The
+    part of the prompt they begin with is kept (`Runtime.keep`) and only the rest prefilled; the list is
+    updated in place as ids go through the runtime, so that the next generation can do the same.
     """
     check_max_new_tokens(max_new_tokens)
     prompt = check_prompt(prompt_ids, runtime.config.vocab_size, runtime.config.max_position_embeddings)
@@ -49,7 +54,15 @@ def generate_ids(
         raise EdgelmError(f"prefill_chunk={prefill_chunk!r} must be an integer >= 1")
     rng = make_rng(seed)
     return _generate(
-        runtime, prompt, max_new_tokens, params, rng, frozenset(eos_ids), cancelled or _never, prefill_chunk
+        runtime,
+        prompt,
+        max_new_tokens,
+        params,
+        rng,
+        frozenset(eos_ids),
+        cancelled or _never,
+        prefill_chunk,
+        [] if held is None else held,
     )
 
 
@@ -62,15 +75,20 @@ def _generate(
     eos_ids: frozenset[int],
     cancelled: Callable[[], bool],
     prefill_chunk: int,
+    held: list[int],
 ) -> Generator[int, None, FinishReason]:
     context = runtime.config.max_position_embeddings
-    runtime.reset()
     if max_new_tokens == 0:
         return "length"
-    for start in range(0, len(prompt), prefill_chunk):
+    # the last prompt token always runs again: its logits choose the first new token
+    kept = runtime.keep(shared_prefix(held, prompt[:-1]))
+    del held[kept:]
+    for start in range(kept, len(prompt), prefill_chunk):
         if cancelled():
             return "cancelled"
-        logits = runtime.forward(prompt[start : start + prefill_chunk])  # (1, vocab)
+        chunk = prompt[start : start + prefill_chunk]
+        logits = runtime.forward(chunk)  # (1, vocab)
+        held.extend(chunk)
     position = len(prompt)
     for produced in range(1, max_new_tokens + 1):
         token = sample(logits[-1], params, rng)
@@ -83,7 +101,15 @@ def _generate(
         if cancelled():
             return "cancelled"
         logits = runtime.forward([token])
+        held.append(token)
     return "length"
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if mismatch.size else n
 
 
 def _never() -> bool:
