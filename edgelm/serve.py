@@ -8,7 +8,8 @@ Requests queue: one worker thread runs one generation at a time (the model's loc
 other user of the same `Model` as well), so the event loop never blocks, and pieces reach a streaming
 response through an asyncio queue. A client that disconnects cancels its own generation, whether it is
 running or still waiting for its turn (`TextStream.cancel`). Bad requests get a 4xx in OpenAI's error
-shape, {"error": {"message", "type", "param", "code"}}; fields edgelm does not know are ignored.
+shape, {"error": {"message", "type", "param", "code"}}; so does a field edgelm does not support (at a value
+other than the one that means "off"), named, never silently dropped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.generation.api import Model, load
 from edgelm.generation.generate import TextStream
+from edgelm.generation.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from edgelm.generation.sampling import SamplingParams
 from edgelm.values import is_int, is_number
 
@@ -50,6 +53,24 @@ except ModuleNotFoundError as e:
 
 log = logging.getLogger("edgelm.serve")
 
+# the fields each endpoint takes (`user`, `metadata` and `store` are taken and have no effect here)
+_COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k"}
+_COMMON_FIELDS |= {"seed", "stop", "n", "logprobs", "user", "metadata", "store"}
+COMPLETION_FIELDS = frozenset({*_COMMON_FIELDS, "prompt"})
+CHAT_FIELDS = frozenset({*_COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"})
+# OpenAI's fields edgelm does not support, and the values that mean they are off
+OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 _END = object()  # the worker's last item: the generation is over
@@ -144,6 +165,7 @@ def _add_completions(app: FastAPI, model: Model, model_name: str, executor: Thre
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await _json_body(request)
+        _check_fields(body, COMPLETION_FIELDS)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise RequestError("'prompt' must be a string", "prompt")
@@ -154,9 +176,10 @@ def _add_completions(app: FastAPI, model: Model, model_name: str, executor: Thre
         )
         head = _head(rid, "text_completion", body, model_name)
         if options["stream"]:
-            return _sse(_completion_events(head, stream, _pieces(stream, executor, rid)))
+            return _sse(_completion_events(head, stream, _pieces(stream, executor, rid), model))
         text = await _complete(stream, executor, rid, request)
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
+        logprobs = _completion_logprobs(model, stream.logprobs)
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
 
@@ -166,6 +189,7 @@ def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await _json_body(request)
+        _check_fields(body, CHAT_FIELDS)
         messages = _messages(body.get("messages"))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         context = model.config.max_position_embeddings
@@ -174,11 +198,12 @@ def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor:
         )
         if options["stream"]:
             head = _head(rid, "chat.completion.chunk", body, model_name)
-            return _sse(_chat_events(head, stream, _pieces(stream, executor, rid)))
+            return _sse(_chat_events(head, stream, _pieces(stream, executor, rid), model))
         head = _head(rid, "chat.completion", body, model_name)
         text = await _complete(stream, executor, rid, request)
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": stream.finish_reason}
+        logprobs = _chat_logprobs(model, stream.logprobs)
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
 
@@ -304,6 +329,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     ):
         raise RequestError("'stop' must be a string or a list of strings", "stop")
     return {
+        "logprobs": _logprobs(body),
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_k": SamplingParams.top_k if top_k is None else top_k,
@@ -311,6 +337,32 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         "stop": stop or (),
     }
+
+
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """The alternatives a request asks for at each token, or None for no logprobs: chat's `logprobs`
+    (true/false) with `top_logprobs`, or completions' `logprobs` (a count)."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    chat = "messages" in body
+    if chat and not isinstance(logprobs, (bool, type(None))):
+        raise RequestError("'logprobs' must be true or false", "logprobs")
+    if top is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    key, count = ("top_logprobs", top or 0) if chat else ("logprobs", logprobs)
+    if not logprobs:
+        return None
+    if not is_int(count) or not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'{key}' must be an integer in [0, {MAX_TOP_LOGPROBS}]", key)
+    return int(count)
+
+
+def _check_fields(body: dict[str, Any], supported: frozenset[str]) -> None:
+    """Refuse, by name, a field this endpoint does not support; OpenAI's fields edgelm leaves out pass at
+    the value that switches them off (OFF_VALUES), which some clients send always."""
+    for key, value in body.items():
+        if key in supported or (key in OFF_VALUES and value in OFF_VALUES[key]):
+            continue
+        raise RequestError(f"edgelm does not support '{key}' (at {json.dumps(value)[:60]})", key)
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -346,9 +398,12 @@ def _number(body: dict[str, Any], key: str, default: float) -> float:
 # ---- generation ------------------------------------------------------------------------------------------
 
 
-async def _pieces(stream: TextStream, executor: ThreadPoolExecutor, rid: str) -> AsyncIterator[str]:
-    """Run `stream` in the worker thread and hand its pieces to the event loop as they come. Leaving early
-    (the client went away, the task was cancelled) cancels the generation, running or queued."""
+async def _pieces(
+    stream: TextStream, executor: ThreadPoolExecutor, rid: str
+) -> AsyncIterator[tuple[str, int]]:
+    """Run `stream` in the worker thread and hand its pieces to the event loop as they come, each with the
+    number of `stream.logprobs` entries there were when it came. Leaving early (the client went away, the
+    task was cancelled) cancels the generation, running or queued."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -361,7 +416,7 @@ async def _pieces(stream: TextStream, executor: ThreadPoolExecutor, rid: str) ->
     def work() -> None:
         try:
             for piece in stream:
-                put(piece)
+                put((piece, len(stream.logprobs or ())))
         except Exception as e:  # handed to the response, which reports it
             put(e)
         else:
@@ -402,7 +457,7 @@ async def _complete(stream: TextStream, executor: ThreadPoolExecutor, rid: str, 
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return "".join([piece async for piece in _pieces(stream, executor, rid)])
+        return "".join([piece async for piece, _ in _pieces(stream, executor, rid)])
     finally:
         watcher.cancel()
 
@@ -424,25 +479,77 @@ def _usage(stream: TextStream) -> dict[str, int]:
 
 
 async def _completion_events(
-    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[str]
+    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[tuple[str, int]], model: Model
 ) -> AsyncIterator[dict[str, Any]]:
-    async for piece in pieces:
-        yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
+    sent = 0
+    async for piece, count in pieces:
+        logprobs = _completion_logprobs(model, stream.logprobs and stream.logprobs[sent:count])
+        sent = count
+        yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": logprobs, "finish_reason": None}]}
     last = {"text": "", "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
     yield {**head, "choices": [last], "usage": _usage(stream)}
 
 
 async def _chat_events(
-    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[str]
+    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[tuple[str, int]], model: Model
 ) -> AsyncIterator[dict[str, Any]]:
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(
+        delta: dict[str, str], finish_reason: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "choices": [choice]}
 
     yield chunk({"role": "assistant", "content": ""})
-    async for piece in pieces:
-        yield chunk({"content": piece})
+    sent = 0
+    async for piece, count in pieces:
+        logprobs = _chat_logprobs(model, stream.logprobs and stream.logprobs[sent:count])
+        sent = count
+        yield chunk({"content": piece}, logprobs=logprobs)
     yield {**chunk({}, stream.finish_reason), "usage": _usage(stream)}
+
+
+def _chat_logprobs(model: Model, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Chat's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+    if entries is None:
+        return None
+
+    def token(token_id: int, logprob: float) -> dict[str, Any]:
+        data = model.tokenizer.token_bytes[token_id]
+        return {"token": _text(data), "logprob": logprob, "bytes": list(data)}
+
+    content = [
+        {**token(e.token, e.logprob), "top_logprobs": [token(i, lp) for i, lp in e.top]} for e in entries
+    ]
+    return {"content": content}
+
+
+def _completion_logprobs(model: Model, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Completions' logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob} per step) and
+    text_offset (each token's offset in the completion's text)."""
+    if entries is None:
+        return None
+    pieces = model.tokenizer.token_bytes
+    texts = [_text(pieces[e.token]) for e in entries]
+    return {
+        "tokens": texts,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [_by_text(pieces, e.top) for e in entries],
+        "text_offset": list(accumulate((len(t) for t in texts[:-1]), initial=0)),
+    }
+
+
+def _by_text(pieces: list[bytes], top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+    """{text: logprob} of a step's alternatives, most likely first; where two tokens show the same text
+    (say, both U+FFFD), the more likely one's."""
+    shown: dict[str, float] = {}
+    for token_id, logprob in top:
+        shown.setdefault(_text(pieces[token_id]), logprob)
+    return shown
+
+
+def _text(data: bytes) -> str:
+    """A token's text (bytes that are not whole UTF-8 characters become U+FFFD, as OpenAI shows them)."""
+    return data.decode("utf-8", "replace")
 
 
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

@@ -362,3 +362,27 @@ def test_info_load_measures_a_real_load(checkpoint: Path, capsys: pytest.Capture
     assert main(["info", str(checkpoint), "--load", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "time to first token" in table and "model load" in table and "resident" in table
+
+
+def test_logprobs_are_the_models_log_softmax(checkpoint: Path) -> None:
+    """Each generated token's log-probability and its step's top alternatives are torch's log_softmax of
+    the logits the model gives for the whole sequence (the oracle), whatever the temperature samples."""
+    import torch
+
+    with edgelm.load(checkpoint, device="cpu") as model:
+        with model.stream("def f(x):", max_new_tokens=8, temperature=1.5, seed=4, logprobs=5) as stream:
+            "".join(stream)
+        entries = stream.logprobs
+        assert entries is not None and len(entries) == stream.completion_tokens == 8
+        ids = model.tokenize("def f(x):", add_bos=True) + [e.token for e in entries]
+        model.runtime.reset()
+        logits = torch.from_numpy(model.runtime.forward(ids, all_logits=True)).double()
+        want = torch.log_softmax(logits, dim=-1)[len(ids) - 9 : -1]
+        for entry, row in zip(entries, want, strict=True):
+            assert abs(entry.logprob - row[entry.token].item()) <= 1e-4
+            values, indices = torch.topk(row, 5)
+            assert [i for i, _ in entry.top] == indices.tolist()
+            assert np.allclose([lp for _, lp in entry.top], values.numpy(), atol=1e-4)
+        assert model.stream("x").logprobs is None
+        with pytest.raises(EdgelmError, match="logprobs=21 must be an integer in"):
+            model.stream("x", logprobs=21)

@@ -170,13 +170,12 @@ def test_completion(served: Served) -> None:
         "max_tokens": 12,
         "temperature": 0,
         "model": "whatever",
-        # fields OpenAI clients send that edgelm ignores
+        # fields OpenAI clients send, at the values that switch off what edgelm does not support
         "logprobs": None,
         "echo": False,
         "frequency_penalty": 0,
         "user": "me",
         "stream_options": None,
-        "something_new": {"nested": [1, 2]},
     }
     status, out, _ = request(served.port, "POST", "/v1/completions", body)
     assert status == 200, out
@@ -242,6 +241,50 @@ def test_streaming_equals_the_whole_response(served: Served) -> None:
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def test_logprobs_in_both_shapes_whole_and_streamed(served: Served) -> None:
+    """Chat's logprobs.content and completions' tokens/token_logprobs/top_logprobs hold the model's own
+    figures (`Model.stream(logprobs=k)`), one entry per generated token, the same streamed as whole."""
+    with served.model.chat_stream(MESSAGES, max_new_tokens=10, temperature=0, logprobs=2) as stream:
+        text = "".join(stream)
+    assert stream.logprobs is not None and len(stream.logprobs) == stream.completion_tokens
+    body = {"messages": MESSAGES, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    status, out, _ = request(served.port, "POST", "/v1/chat/completions", body)
+    assert status == 200, out
+    (choice,) = out["choices"]
+    assert choice["message"]["content"] == text
+    content = choice["logprobs"]["content"]
+    assert [e["logprob"] for e in content] == [e.logprob for e in stream.logprobs]
+    pieces = served.model.tokenizer.token_bytes
+    assert [bytes(e["bytes"]) for e in content] == [pieces[e.token] for e in stream.logprobs]
+    assert all(
+        [t["logprob"] for t in e["top_logprobs"]] == [lp for _, lp in w.top]
+        for e, w in zip(content, stream.logprobs, strict=True)
+    )
+    chunks = events(served, "/v1/chat/completions", body)
+    assert [
+        e for c in chunks[1:] if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]
+    ] == content
+
+    body = {"prompt": "def", "max_tokens": 8, "temperature": 0, "logprobs": 3}
+    status, out, _ = request(served.port, "POST", "/v1/completions", body)
+    logprobs = out["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == out["usage"]["completion_tokens"]
+    assert all(
+        len(top) <= 3 and max(top.values()) >= lp
+        for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"], strict=True)
+    )
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    chunks = events(served, "/v1/completions", body)
+    streamed = [t for c in chunks[:-1] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed == logprobs["tokens"]
+    assert (
+        request(served.port, "POST", "/v1/completions", {**body, "logprobs": None})[1]["choices"][0][
+            "logprobs"
+        ]
+        is None
+    )
+
+
 def test_models(served: Served) -> None:
     status, out, _ = request(served.port, "GET", "/v1/models")
     assert status == 200 and out["object"] == "list"
@@ -284,6 +327,21 @@ def test_models(served: Served) -> None:
             "messages",
         ),
         ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 500}, "max_tokens"),
+        # fields edgelm does not support, named
+        ("/v1/completions", {"prompt": "x", "something_new": {"nested": [1]}}, "something_new"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "cache_prompt": True}, "cache_prompt"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "logprobs": True, "top_logprobs": 30},
+            "top_logprobs",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(served: Served, path: str, body: Any, param: str | None) -> None:

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgelm.errors import EdgelmError
 from edgelm.generation.generate import (
     MAX_NEW_TOKENS,
@@ -30,6 +32,7 @@ from edgelm.generation.generate import (
     generate_ids,
     stop_token_ids,
 )
+from edgelm.generation.logprobs import TokenLogprob, check_top_logprobs, token_logprob
 from edgelm.generation.sampling import SamplingParams
 from edgelm.runtimes.base import Runtime, open_runtime
 
@@ -42,7 +45,9 @@ class Model:
     0 is greedy), `top_k` (>= 0; 0 = all tokens), `top_p` (in (0, 1]; 1 = off), `seed` (int >= 0: the same
     seed gives the same text; None: random), `stop` (strings that end the generation and are never part of
     its text), `stop_ids` (token ids that end it, besides the EOS ids of the tokenizer and the generation
-    config). Bad values raise EdgelmError when the call is made.
+    config). Bad values raise EdgelmError when the call is made. `stream` and `chat_stream` also take
+    `logprobs` (None: off; k in [0, 20]: the stream's `logprobs` lists each generated token's
+    log-probability and the k most likely tokens of its step, see `generation.logprobs`).
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -84,6 +89,7 @@ class Model:
         stop: Sequence[str] | str = (),
         *,
         stop_ids: Sequence[int] = (),
+        logprobs: int | None = None,
     ) -> TextStream:
         """The continuation of `prompt` as a `TextStream`: text pieces as they are generated (whole
         characters only), then `finish_reason` and the token counts. The generation starts, and takes the
@@ -91,7 +97,9 @@ class Model:
         if not isinstance(prompt, str):
             raise EdgelmError(f"prompt must be a str, not {type(prompt).__name__}")
         prompt_ids = self.tokenizer.encode(prompt, add_bos=True)
-        return self._stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids)
+        return self._stream(
+            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs
+        )
 
     def chat(
         self,
@@ -123,13 +131,16 @@ class Model:
         stop: Sequence[str] | str = (),
         *,
         stop_ids: Sequence[int] = (),
+        logprobs: int | None = None,
     ) -> TextStream:
         """The assistant's reply to `messages` as a `TextStream` (see `stream`)."""
         prompt = self.chat_prompt(messages)
         bos = self._special_text(self.tokenizer.bos_id)
         # the template writes BOS itself when it uses bos_token; otherwise it goes in front as for any prompt
         prompt_ids = self.tokenizer.encode(prompt, add_bos=not (bos and prompt.startswith(bos)))
-        return self._stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids)
+        return self._stream(
+            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs
+        )
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The prompt text the model's chat template makes of `messages`, ending with the assistant's turn
@@ -188,15 +199,33 @@ class Model:
         seed: int | None,
         stop: Sequence[str] | str,
         stop_ids: Sequence[int],
+        logprobs: int | None,
     ) -> TextStream:
         params = SamplingParams(temperature, top_k, top_p)
         stop = check_stop(stop)
         eos_ids = stop_token_ids(self.runtime, stop_ids)
         event = threading.Event()  # this generation's own cancel flag
+        top = None if logprobs is None else check_top_logprobs(logprobs)
+        recorded: list[TokenLogprob] = []
+
+        def observe(logits: np.ndarray, token: int) -> None:
+            if top is not None:
+                recorded.append(token_logprob(logits, token, top))
+
         ids = generate_ids(
-            self.runtime, prompt_ids, max_new_tokens, params, seed, eos_ids, event.is_set, held=self._held
+            self.runtime,
+            prompt_ids,
+            max_new_tokens,
+            params,
+            seed,
+            eos_ids,
+            event.is_set,
+            held=self._held,
+            observe=observe,
         )
-        return TextStream(self.tokenizer, self._locked(ids, event), len(prompt_ids), stop, event)
+        locked = self._locked(ids, event)
+        entries = None if top is None else recorded
+        return TextStream(self.tokenizer, locked, len(prompt_ids), stop, event, entries)
 
     def _locked(
         self, ids: Generator[int, None, FinishReason], event: threading.Event

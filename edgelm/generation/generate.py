@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.generation.logprobs import TokenLogprob
 from edgelm.generation.sampling import SamplingParams, make_rng, sample
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
@@ -36,6 +37,7 @@ def generate_ids(
     cancelled: Callable[[], bool] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     held: list[int] | None = None,
+    observe: Callable[[np.ndarray, int], None] | None = None,
 ) -> Generator[int, None, FinishReason]:
     """Yield new token ids until an EOS id (not yielded), `max_new_tokens`, the end of the context, or
     `cancelled()` turning true; the generator's return value (StopIteration.value) says which.
@@ -47,6 +49,9 @@ def generate_ids(
     `held`: the ids the runtime's sequence holds from earlier generations (None: nothing is reused). The
     part of the prompt they begin with is kept (`Runtime.keep`) and only the rest prefilled; the list is
     updated in place as ids go through the runtime, so that the next generation can do the same.
+
+    `observe(logits, token)` sees each step's logits (vocab,) and the token chosen from them, before the
+    token is yielded (an EOS that ends the generation is not).
     """
     check_max_new_tokens(max_new_tokens)
     prompt = check_prompt(prompt_ids, runtime.config.vocab_size, runtime.config.max_position_embeddings)
@@ -63,6 +68,7 @@ def generate_ids(
         cancelled or _never,
         prefill_chunk,
         [] if held is None else held,
+        observe or _ignore,
     )
 
 
@@ -76,6 +82,7 @@ def _generate(
     cancelled: Callable[[], bool],
     prefill_chunk: int,
     held: list[int],
+    observe: Callable[[np.ndarray, int], None],
 ) -> Generator[int, None, FinishReason]:
     context = runtime.config.max_position_embeddings
     if max_new_tokens == 0:
@@ -94,6 +101,7 @@ def _generate(
         token = sample(logits[-1], params, rng)
         if token in eos_ids:
             return "stop"
+        observe(logits[-1], token)
         yield token
         position += 1
         if produced == max_new_tokens or position >= context:
@@ -116,12 +124,17 @@ def _never() -> bool:
     return False
 
 
+def _ignore(logits: np.ndarray, token: int) -> None:
+    pass
+
+
 class TextStream:
     """The text of a generation, piece by piece: an iterator of str that never splits a character and never
     shows any part of a stop string (a tail that could still grow into one is held back until it cannot).
 
     `prompt_tokens` is known from the start; `completion_tokens` (tokens generated, an EOS excluded) grows
-    as pieces arrive; `finish_reason` is None until the end, then "stop", "length" or "cancelled".
+    as pieces arrive, and so does `logprobs` (one `TokenLogprob` per generated token) where it was asked for
+    (else None); `finish_reason` is None until the end, then "stop", "length" or "cancelled".
     `cancel()` (any thread) ends this generation within one token, or before it starts if it is still
     waiting for its turn; what was generated until then is still yielded. `close()`, or leaving a `with`
     block, abandons the stream. Iterate it from one thread at a time.
@@ -134,9 +147,12 @@ class TextStream:
         prompt_tokens: int,
         stop: Sequence[str] | str = (),
         cancel_event: threading.Event | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
-        """`ids`: a generator like `generate_ids`'s; `cancel_event`: the event its `cancelled` watches."""
+        """`ids`: a generator like `generate_ids`'s; `cancel_event`: the event its `cancelled` watches;
+        `logprobs`: the list its `observe` fills, if any."""
         self.prompt_tokens = prompt_tokens
+        self.logprobs = logprobs
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self._cancel_event = cancel_event
