@@ -6,17 +6,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edgelm.cli import check, compare, export, generate, import_, info, serve, train
+from edgelm.cli import chat, check, compare, export, generate, import_, info, serve, train
 from edgelm.errors import EdgelmError
 
 # each subcommand's module, in the order `edgelm --help` lists them
-SUBCOMMANDS = (train, generate, import_, export, info, serve, compare, check)
+SUBCOMMANDS = (train, generate, chat, import_, export, info, serve, compare, check)
 
 DESCRIPTION = """\
 edgelm: train a small Llama-style model or bring one, export it to ONNX or GGUF, and run it.
 
   edgelm train --out runs/tiny                       train the tiny preset on the built-in corpus
   edgelm generate runs/tiny --prompt "def "          continue a prompt
+  edgelm chat ck/smollm2-instruct                    chat in the terminal (the model's chat template)
   edgelm info runs/tiny                              parameters, context and export sizes
   edgelm export gguf runs/tiny --quant q4_k_m        a GGUF file for llama.cpp
   edgelm export onnx runs/tiny --quant int4          an ONNX folder for ONNX Runtime
