@@ -1,12 +1,13 @@
-"""`edgelm serve`: one model behind an OpenAI-compatible HTTP API, on FastAPI and uvicorn.
+"""`edgelm serve`: a model behind an OpenAI-compatible HTTP API, on FastAPI and uvicorn.
 
     POST /v1/completions        {"prompt": "...", "max_tokens": 16, "stream": false, ...}
     POST /v1/chat/completions   {"messages": [{"role": "user", "content": "..."}], ...}
     GET  /v1/models
 
-Requests queue: one worker thread runs one generation at a time (the model's lock makes that true for any
-other user of the same `Model` as well), so the event loop never blocks, and pieces reach a streaming
-response through an asyncio queue. A client that disconnects cancels its own generation, whether it is
+Generations run in worker threads, one per slot (`serve_slots`: models of the same artifact, each keeping
+one conversation's cache; one by default), so the event loop never blocks; a slot runs one generation at
+a time (its model's lock) and requests for a busy one queue. Pieces reach a streaming response through an
+asyncio queue. A client that disconnects cancels its own generation, whether it is
 running or still waiting for its turn (`TextStream.cancel`). Bad requests get a 4xx in OpenAI's error
 shape, {"error": {"message", "type", "param", "code"}}; so does a field edgelm does not support (at a value
 other than the one that means "off"), named, never silently dropped.
@@ -21,14 +22,15 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError, missing_dependency
+from edgelm.evaluation.memory import proportional_memory
 from edgelm.generation.api import Model, load
 from edgelm.generation.generate import TextStream
 from edgelm.generation.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
@@ -48,6 +50,7 @@ try:
         Guard,
         guarded,
     )
+    from edgelm.serve_slots import Slots
 except ModuleNotFoundError as e:
     raise missing_dependency(e.name or "fastapi", "serve") from None
 
@@ -85,23 +88,25 @@ class RequestError(Exception):
 
 
 def create_app(
-    model: Model,
+    model: Model | Sequence[Model],
     model_name: str = "edgelm",
     hosts: Collection[str] = LOOPBACK_NAMES,
     origins: Collection[str] = (),
     docs: bool = False,
 ) -> FastAPI:
-    """The OpenAI-compatible application serving `model` under the id `model_name` (see the module doc).
+    """The OpenAI-compatible application serving `model` (or several models of one artifact, its slots)
+    under the id `model_name` (see the module doc).
 
     Sampling defaults are `SamplingParams`' (llama.cpp's); `top_k` is an extension. `max_tokens` defaults
-    to 16 for completions and to the rest of the context for chat. Generations run one at a time in a
-    worker thread, shut down with the application. Requests pass `serve_guard.Guard` first: Host one of
+    to 16 for completions and to the rest of the context for chat. Generations run in worker threads, one
+    per slot, shut down with the application. Requests pass `serve_guard.Guard` first: Host one of
     `hosts`, Origin (if any) one of `origins`, JSON bodies within a size that the context bounds. `docs`
     serves FastAPI's /docs pages.
     """
-    context = model.config.max_position_embeddings
+    slots = Slots([model] if isinstance(model, Model) else model)
+    context = slots.models[0].config.max_position_embeddings
     guard = Guard(hosts, origins, BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * context)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-generate")
+    executor = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="edgelm-generate")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,9 +130,9 @@ def create_app(
 
     app.state.guard = guard
     _add_error_handlers(app)
-    _add_model_list(app, model, model_name)
-    _add_completions(app, model, model_name, executor)
-    _add_chat_completions(app, model, model_name, executor)
+    _add_model_list(app, slots.models[0], model_name)
+    _add_completions(app, slots, model_name, executor)
+    _add_chat_completions(app, slots, model_name, executor)
     return app
 
 
@@ -159,7 +164,7 @@ def _add_model_list(app: FastAPI, model: Model, model_name: str) -> None:
         return {"object": "list", "data": [{**entry, "context_length": context}]}
 
 
-def _add_completions(app: FastAPI, model: Model, model_name: str, executor: ThreadPoolExecutor) -> None:
+def _add_completions(app: FastAPI, slots: Slots, model_name: str, executor: ThreadPoolExecutor) -> None:
     """POST /v1/completions: a text prompt continued, as JSON or server-sent events."""
 
     @app.post("/v1/completions")
@@ -171,8 +176,13 @@ def _add_completions(app: FastAPI, model: Model, model_name: str, executor: Thre
             raise RequestError("'prompt' must be a string", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         # tokenizing a long prompt takes a while: in a thread, so that other requests are answered meanwhile
-        stream, options = await asyncio.to_thread(
-            _open, model, body, COMPLETION_MAX_TOKENS, lambda **kw: model.stream(prompt, **kw)
+        stream, options, model = await asyncio.to_thread(
+            _open,
+            slots,
+            body,
+            COMPLETION_MAX_TOKENS,
+            lambda model: model.tokenize(prompt, add_bos=True),
+            lambda model, **kw: model.stream(prompt, **kw),
         )
         head = _head(rid, "text_completion", body, model_name)
         if options["stream"]:
@@ -183,7 +193,7 @@ def _add_completions(app: FastAPI, model: Model, model_name: str, executor: Thre
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
 
-def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor: ThreadPoolExecutor) -> None:
+def _add_chat_completions(app: FastAPI, slots: Slots, model_name: str, executor: ThreadPoolExecutor) -> None:
     """POST /v1/chat/completions: the messages rendered with the chat template and answered."""
 
     @app.post("/v1/chat/completions")
@@ -192,9 +202,14 @@ def _add_chat_completions(app: FastAPI, model: Model, model_name: str, executor:
         _check_fields(body, CHAT_FIELDS)
         messages = _messages(body.get("messages"))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        context = model.config.max_position_embeddings
-        stream, options = await asyncio.to_thread(
-            _open, model, body, context, lambda **kw: model.chat_stream(messages, **kw)
+        context = slots.models[0].config.max_position_embeddings
+        stream, options, model = await asyncio.to_thread(
+            _open,
+            slots,
+            body,
+            context,
+            lambda model: model.chat_ids(messages),
+            lambda model, **kw: model.chat_stream(messages, **kw),
         )
         if options["stream"]:
             head = _head(rid, "chat.completion.chunk", body, model_name)
@@ -216,10 +231,11 @@ def serve(
     log_level: str = "info",
     origins: Collection[str] = (),
     docs: bool = False,
+    slots: int = 1,
     **options: Any,
 ) -> None:
-    """Load the artifact at `path` (with the runtime's `options`, e.g. `context`) and serve it on
-    http://host:port/v1 until interrupted (Ctrl-C).
+    """Load the artifact at `path` (with the runtime's `options`, e.g. `context`), once per slot, and serve
+    it on http://host:port/v1 until interrupted (Ctrl-C).
 
     Only this machine can connect unless `host` says otherwise (0.0.0.0: every interface, when any Host
     name is answered); browser pages only from `origins` ("*": any); `docs` serves /docs.
@@ -228,16 +244,34 @@ def serve(
         import uvicorn
     except ModuleNotFoundError as e:
         raise missing_dependency(e.name or "uvicorn", "serve") from None
+    if not is_int(slots) or slots < 1:
+        raise EdgelmError(f"slots={slots!r} must be a positive number of conversations")
     sock = listen(host, port)  # before loading, so that a taken port fails fast
-    with sock, load(path, runtime=runtime, device=device, **options) as model:
+    with sock, ExitStack() as models:
+        loaded = [models.enter_context(model) for model in _load_slots(path, slots, runtime, device, options)]
         hosts = (ANY,) if host in ("0.0.0.0", "::") else (*LOOPBACK_NAMES, host)
-        app = create_app(model, Path(path).name, hosts, origins, docs)
+        app = create_app(loaded, Path(path).name, hosts, origins, docs)
+        runtime_used = loaded[0].runtime
         print(
-            f"edgelm: serving {path} ({model.runtime.name} on {model.runtime.device}) "
+            f"edgelm: serving {path} ({runtime_used.name} on {runtime_used.device}) "
             f"at http://{host}:{sock.getsockname()[1]}/v1",
             file=sys.stderr,
         )
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+def _load_slots(
+    path: str | Path, slots: int, runtime: str, device: str, options: dict[str, Any]
+) -> Iterator[Model]:
+    """The artifact loaded once per slot, each load's memory said (this process's PSS before and after:
+    pages a second load maps again, such as llama.cpp's memory-mapped weights, count once)."""
+    for slot in range(slots):
+        before = proportional_memory()
+        model = load(path, runtime=runtime, device=device, **options)
+        after = proportional_memory()
+        if slots > 1 and before is not None and after is not None:
+            print(f"edgelm: slot {slot + 1} of {slots}: {(after - before) / 2**20:.0f} MiB", file=sys.stderr)
+        yield model
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -280,13 +314,21 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def _open(
-    model: Model, body: dict[str, Any], default_max_tokens: int, start: Callable[..., TextStream]
-) -> tuple[TextStream, dict[str, Any]]:
-    """Check the request's generation fields and make its (not yet started) stream."""
+    slots: Slots,
+    body: dict[str, Any],
+    default_max_tokens: int,
+    prompt_ids: Callable[[Model], list[int]],
+    start: Callable[..., TextStream],
+) -> tuple[TextStream, dict[str, Any], Model]:
+    """Check the request's generation fields, choose its slot (by `prompt_ids`, where there are several)
+    and make its (not yet started) stream there with `start(model, **options)`."""
     options = _options(body)
     requested = options.pop("max_tokens")
     try:
-        stream = start(max_new_tokens=default_max_tokens if requested is None else requested, **options)
+        model = slots.choose(prompt_ids(slots.models[0])) if len(slots) > 1 else slots.models[0]
+        stream = start(
+            model, max_new_tokens=default_max_tokens if requested is None else requested, **options
+        )
     except EdgelmError as e:
         raise RequestError(str(e)) from None
     context = model.config.max_position_embeddings
@@ -297,7 +339,7 @@ def _open(
             f"context of {context} tokens; ask for at most {max(context - stream.prompt_tokens, 0)}",
             "max_tokens",
         )
-    return stream, {"stream": body.get("stream") or False}
+    return stream, {"stream": body.get("stream") or False}, model
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,6 +105,22 @@ class Served:
     log: LogWatch
 
 
+@contextmanager
+def running(app: Any) -> Iterator[int]:
+    """`app` served by uvicorn in a thread of this process, on a free port of this machine."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not server.started:
+        assert thread.is_alive() and not started.wait(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer) -> Iterator[Served]:
     from edgelm.runtimes.torch import TorchRuntime
@@ -117,17 +134,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer)
     logger = logging.getLogger("edgelm.serve")
     logger.addHandler(watch)
     level, logger.level = logger.level, logging.INFO
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    started = threading.Event()
-    while not server.started:
-        assert thread.is_alive() and not started.wait(0.01)
-    yield Served(sock.getsockname()[1], model, runtime, watch)
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with running(create_app(model, "tiny")) as port:
+        yield Served(port, model, runtime, watch)
     model.close()
     logger.removeHandler(watch)
     logger.level = level
@@ -448,6 +456,53 @@ def test_concurrent_requests_queue(served: Served) -> None:
     assert results == expected
 
 
+def test_slots_run_at_once_and_keep_each_conversation(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Two slots: a request runs while the other slot is held up mid-generation, and a conversation's next
+    turn goes to the slot that holds its last one, which prefills only what the turn adds."""
+    from edgelm.runtimes.torch import TorchRuntime
+
+    path = make_checkpoint(tmp_path / "ckpt", small_tokenizer)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    runtimes = [GatedRuntime(TorchRuntime(path, device="cpu")) for _ in range(2)]
+    models = [Model(r) for r in runtimes]  # type: ignore[arg-type]
+    reference = Model(TorchRuntime(path, device="cpu"))
+    greedy = {"max_tokens": 6, "temperature": 0}
+    with running(create_app(models, "tiny")) as port:
+        first = runtimes[0]
+        first.pause_at = first.calls + 2  # the first request takes slot 1, and stops after its prefill
+        held_up: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: held_up.append(
+                request(port, "POST", "/v1/completions", {"prompt": "a", **greedy})
+            ),
+            daemon=True,
+        )
+        thread.start()
+        assert first.reached.wait(60)
+        status, out, _ = request(port, "POST", "/v1/completions", {"prompt": "b", **greedy})
+        assert status == 200 and out["choices"][0]["text"] == reference.generate("b", 6, 0)
+        assert not held_up  # slot 2 answered while slot 1 was still held up
+        first.gate.set()
+        thread.join(60)
+        assert held_up[0][1]["choices"][0]["text"] == reference.generate("a", 6, 0)
+
+        turn = [{"role": "user", "content": "def fibonacci(n):"}]
+        out = request(port, "POST", "/v1/chat/completions", {"messages": turn, **greedy})[1]
+        answer = out["choices"][0]["message"]["content"]
+        slot = max(range(2), key=lambda i: models[i].reusable(models[i].chat_ids(turn)))
+        request(port, "POST", "/v1/completions", {"prompt": "class", **greedy})  # to the other slot
+        turn += [{"role": "assistant", "content": answer}, {"role": "user", "content": "and again"}]
+        calls = [r.calls for r in runtimes]
+        reusable = models[slot].reusable(models[slot].chat_ids(turn))
+        out = request(port, "POST", "/v1/chat/completions", {"messages": turn, **greedy})[1]
+        assert runtimes[1 - slot].calls == calls[1 - slot] and runtimes[slot].calls > calls[slot]
+        assert reusable > len(reference.chat_ids(turn[:1])) - 2
+        assert out["choices"][0]["message"]["content"] == reference.chat(turn, 6, 0)
+    for model in [*models, reference]:
+        model.close()
+
+
 def open_stream(served: Served, body: dict[str, Any]) -> http.client.HTTPConnection:
     """Start a streamed completion and return once its response headers have arrived."""
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
@@ -562,15 +617,15 @@ def exported_artifact(kind: str, directory: Path, tokenizer: Tokenizer) -> Path:
 def test_serve_command_on_an_exported_artifact(
     tmp_path: Path, small_tokenizer: Tokenizer, kind: str, runtime: str
 ) -> None:
-    """`edgelm serve` in its own process answers with the text the artifact's runtime generates in this one,
-    and stops on Ctrl-C with a line and the shell's code for it."""
+    """`edgelm serve --slots 2` in its own process says each slot's memory, answers with the text the
+    artifact's runtime generates in this one, and stops on Ctrl-C with a line and the shell's code for it."""
     artifact = exported_artifact(kind, tmp_path, small_tokenizer)
     messages = [{"role": "user", "content": "def"}]
     with edgelm.load(artifact) as model:
         assert model.runtime.name == runtime
         completion = model.generate("def", max_new_tokens=10, temperature=0)
         chat = model.chat(messages, max_new_tokens=10, temperature=0)
-    command = [sys.executable, "-m", "edgelm", "serve", str(artifact), "--port", "0"]
+    command = [sys.executable, "-m", "edgelm", "serve", str(artifact), "--port", "0", "--slots", "2"]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
@@ -584,6 +639,7 @@ def test_serve_command_on_an_exported_artifact(
             assert line, "".join(lines)  # the server ended without saying where it listens
             lines.append(line)
         assert match[1] == runtime, line
+        assert any(re.match(r"edgelm: slot 2 of 2: -?\d+ MiB", line) for line in lines), lines
         port = int(match[2])
         body = {"prompt": "def", "max_tokens": 10, "temperature": 0}
         status, payload, _ = request(port, "POST", "/v1/completions", body)

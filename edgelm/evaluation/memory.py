@@ -1,5 +1,5 @@
-"""This process's memory: its resident set size now (`edgelm info --load`) and its high-water mark (the
-check's peak RSS)."""
+"""This process's memory: its resident set size now (`edgelm info --load`), its proportional set size
+(`edgelm serve --slots`) and its high-water mark (the check's peak RSS)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ def resident_memory() -> int | None:
         except (OSError, ValueError, IndexError, AttributeError):
             return None
     return int(psutil.Process().memory_info().rss)
+
+
+def proportional_memory() -> int | None:
+    """This process's memory with pages it maps twice counted once (Linux's PSS, as a second mapping of
+    the same file shares its pages), in bytes; the resident set size where the OS does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resident_memory()
 
 
 def reset_peak_rss() -> None:

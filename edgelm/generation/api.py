@@ -30,6 +30,7 @@ from edgelm.generation.generate import (
     TextStream,
     check_stop,
     generate_ids,
+    shared_prefix,
     stop_token_ids,
 )
 from edgelm.generation.logprobs import TokenLogprob, check_top_logprobs, token_logprob
@@ -134,10 +135,7 @@ class Model:
         logprobs: int | None = None,
     ) -> TextStream:
         """The assistant's reply to `messages` as a `TextStream` (see `stream`)."""
-        prompt = self.chat_prompt(messages)
-        bos = self._special_text(self.tokenizer.bos_id)
-        # the template writes BOS itself when it uses bos_token; otherwise it goes in front as for any prompt
-        prompt_ids = self.tokenizer.encode(prompt, add_bos=not (bos and prompt.startswith(bos)))
+        prompt_ids = self.chat_ids(messages)
         return self._stream(
             prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs
         )
@@ -158,6 +156,23 @@ class Model:
             bos_token=self._special_text(self.tokenizer.bos_id),
             eos_token=self._special_text(eos_ids[0] if eos_ids else None),
         )
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The token ids `chat_stream` runs for `messages`: `chat_prompt`'s text, with BOS in front unless
+        the template writes it."""
+        prompt = self.chat_prompt(messages)
+        bos = self._special_text(self.tokenizer.bos_id)
+        return self.tokenizer.encode(prompt, add_bos=not (bos and prompt.startswith(bos)))
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """How many of `prompt_ids` the runtime holds from earlier generations: what a generation of them
+        would not prefill again (if the runtime can keep them)."""
+        return min(shared_prefix(self._held, prompt_ids), max(len(prompt_ids) - 1, 0))
+
+    @property
+    def busy(self) -> bool:
+        """Whether a generation holds the model now (others wait for their turn)."""
+        return self._lock.locked()
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` (the text of a special token becomes that token); `add_bos` puts the BOS id in
