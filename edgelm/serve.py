@@ -58,7 +58,7 @@ log = logging.getLogger("edgelm.serve")
 
 # the fields each endpoint takes (`user`, `metadata` and `store` are taken and have no effect here)
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k"}
-_COMMON_FIELDS |= {"seed", "stop", "n", "logprobs", "user", "metadata", "store"}
+_COMMON_FIELDS |= {"seed", "stop", "n", "logprobs", "response_format", "user", "metadata", "store"}
 COMPLETION_FIELDS = frozenset({*_COMMON_FIELDS, "prompt"})
 CHAT_FIELDS = frozenset({*_COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"})
 # OpenAI's fields edgelm does not support, and the values that mean they are off
@@ -72,7 +72,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
 }
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
@@ -372,6 +371,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
         raise RequestError("'stop' must be a string or a list of strings", "stop")
     return {
         "logprobs": _logprobs(body),
+        "json_schema": _json_schema(body.get("response_format")),
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_k": SamplingParams.top_k if top_k is None else top_k,
@@ -396,6 +396,24 @@ def _logprobs(body: dict[str, Any]) -> int | None:
     if not is_int(count) or not 0 <= count <= MAX_TOP_LOGPROBS:
         raise RequestError(f"'{key}' must be an integer in [0, {MAX_TOP_LOGPROBS}]", key)
     return int(count)
+
+
+def _json_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the text to follow: None for {"type": "text"}, any object
+    for {"type": "json_object"}, and json_schema.schema for {"type": "json_schema", ...}."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if response_format is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+        return spec["schema"]
+    raise RequestError(
+        """'response_format' must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", """
+        """"json_schema": {"name": ..., "schema": {...}}}""",
+        "response_format",
+    )
 
 
 def _check_fields(body: dict[str, Any], supported: frozenset[str]) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jsonschema
 import numpy as np
 import pytest
 import uvicorn
@@ -293,6 +294,26 @@ def test_logprobs_in_both_shapes_whole_and_streamed(served: Served) -> None:
     )
 
 
+def test_response_format_gives_json(served: Served) -> None:
+    from test_json_mode import SCHEMA
+
+    spec = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    body = {"messages": MESSAGES, "max_tokens": 70, "temperature": 0.7, "seed": 2, "response_format": spec}
+    status, out, _ = request(served.port, "POST", "/v1/chat/completions", body)
+    assert status == 200 and out["choices"][0]["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), SCHEMA)
+    chunks = events(served, "/v1/chat/completions", body)
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        == out["choices"][0]["message"]["content"]
+    )
+    body = {"prompt": "x", "max_tokens": 40, "temperature": 0, "response_format": {"type": "json_object"}}
+    text = request(served.port, "POST", "/v1/completions", body)[1]["choices"][0]["text"]
+    assert text.startswith("{")
+    body["response_format"] = {"type": "text"}
+    assert request(served.port, "POST", "/v1/completions", body)[0] == 200
+
+
 def test_models(served: Served) -> None:
     status, out, _ = request(served.port, "GET", "/v1/models")
     assert status == 200 and out["object"] == "list"
@@ -344,6 +365,24 @@ def test_models(served: Served) -> None:
         ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"messages": MESSAGES, "cache_prompt": True}, "cache_prompt"),
         ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "response_format": {"type": "xml"}},
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "response_format": {"type": "json_schema"}},
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": MESSAGES,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}},
+            },
+            None,
+        ),
         ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs"),
         (
             "/v1/chat/completions",

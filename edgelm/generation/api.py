@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.generation.constraint import JsonConstraint
 from edgelm.generation.generate import (
     MAX_NEW_TOKENS,
     FinishReason,
@@ -46,9 +47,11 @@ class Model:
     0 is greedy), `top_k` (>= 0; 0 = all tokens), `top_p` (in (0, 1]; 1 = off), `seed` (int >= 0: the same
     seed gives the same text; None: random), `stop` (strings that end the generation and are never part of
     its text), `stop_ids` (token ids that end it, besides the EOS ids of the tokenizer and the generation
-    config). Bad values raise EdgelmError when the call is made. `stream` and `chat_stream` also take
-    `logprobs` (None: off; k in [0, 20]: the stream's `logprobs` lists each generated token's
-    log-probability and the k most likely tokens of its step, see `generation.logprobs`).
+    config), `json_schema` (None: free text; a JSON schema, {"type": "object"} for any JSON object: the
+    text is JSON that follows it, by constrained decoding, see `generation.constraint`). Bad values raise
+    EdgelmError when the call is made. `stream` and `chat_stream` also take `logprobs` (None: off; k in
+    [0, 20]: the stream's `logprobs` lists each generated token's log-probability and the k most likely
+    tokens of its step, see `generation.logprobs`).
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -72,10 +75,19 @@ class Model:
         stop: Sequence[str] | str = (),
         *,
         stop_ids: Sequence[int] = (),
+        json_schema: Mapping[str, Any] | None = None,
     ) -> str:
         """The continuation of `prompt` (without the prompt)."""
         with self.stream(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids=stop_ids
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            stop_ids=stop_ids,
+            json_schema=json_schema,
         ) as stream:
             return "".join(stream)
 
@@ -91,6 +103,7 @@ class Model:
         *,
         stop_ids: Sequence[int] = (),
         logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> TextStream:
         """The continuation of `prompt` as a `TextStream`: text pieces as they are generated (whole
         characters only), then `finish_reason` and the token counts. The generation starts, and takes the
@@ -99,7 +112,7 @@ class Model:
             raise EdgelmError(f"prompt must be a str, not {type(prompt).__name__}")
         prompt_ids = self.tokenizer.encode(prompt, add_bos=True)
         return self._stream(
-            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs
+            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs, json_schema
         )
 
     def chat(
@@ -113,11 +126,20 @@ class Model:
         stop: Sequence[str] | str = (),
         *,
         stop_ids: Sequence[int] = (),
+        json_schema: Mapping[str, Any] | None = None,
     ) -> str:
         """The assistant's reply to `messages` ([{"role": "user", "content": "..."}, ...]), through the
         model's chat template (see `chat_prompt`)."""
         with self.chat_stream(
-            messages, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids=stop_ids
+            messages,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            stop_ids=stop_ids,
+            json_schema=json_schema,
         ) as stream:
             return "".join(stream)
 
@@ -133,11 +155,12 @@ class Model:
         *,
         stop_ids: Sequence[int] = (),
         logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> TextStream:
         """The assistant's reply to `messages` as a `TextStream` (see `stream`)."""
         prompt_ids = self.chat_ids(messages)
         return self._stream(
-            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs
+            prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, logprobs, json_schema
         )
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -215,10 +238,12 @@ class Model:
         stop: Sequence[str] | str,
         stop_ids: Sequence[int],
         logprobs: int | None,
+        json_schema: Mapping[str, Any] | None,
     ) -> TextStream:
         params = SamplingParams(temperature, top_k, top_p)
         stop = check_stop(stop)
         eos_ids = stop_token_ids(self.runtime, stop_ids)
+        constraint = None if json_schema is None else JsonConstraint(self.tokenizer, json_schema, eos_ids)
         event = threading.Event()  # this generation's own cancel flag
         top = None if logprobs is None else check_top_logprobs(logprobs)
         recorded: list[TokenLogprob] = []
@@ -237,6 +262,7 @@ class Model:
             event.is_set,
             held=self._held,
             observe=observe,
+            constraint=constraint,
         )
         locked = self._locked(ids, event)
         entries = None if top is None else recorded

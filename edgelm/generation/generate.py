@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 
 from edgelm.errors import EdgelmError
+from edgelm.generation.constraint import JsonConstraint
 from edgelm.generation.logprobs import TokenLogprob
 from edgelm.generation.sampling import SamplingParams, make_rng, sample
 from edgelm.runtimes.base import Runtime
@@ -38,6 +39,7 @@ def generate_ids(
     prefill_chunk: int = PREFILL_CHUNK,
     held: list[int] | None = None,
     observe: Callable[[np.ndarray, int], None] | None = None,
+    constraint: JsonConstraint | None = None,
 ) -> Generator[int, None, FinishReason]:
     """Yield new token ids until an EOS id (not yielded), `max_new_tokens`, the end of the context, or
     `cancelled()` turning true; the generator's return value (StopIteration.value) says which.
@@ -51,7 +53,8 @@ def generate_ids(
     updated in place as ids go through the runtime, so that the next generation can do the same.
 
     `observe(logits, token)` sees each step's logits (vocab,) and the token chosen from them, before the
-    token is yielded (an EOS that ends the generation is not).
+    token is yielded (an EOS that ends the generation is not). `constraint` masks the logits before each
+    token is sampled and follows the tokens chosen (constrained decoding).
     """
     check_max_new_tokens(max_new_tokens)
     prompt = check_prompt(prompt_ids, runtime.config.vocab_size, runtime.config.max_position_embeddings)
@@ -69,6 +72,7 @@ def generate_ids(
         prefill_chunk,
         [] if held is None else held,
         observe or _ignore,
+        constraint,
     )
 
 
@@ -83,6 +87,7 @@ def _generate(
     prefill_chunk: int,
     held: list[int],
     observe: Callable[[np.ndarray, int], None],
+    constraint: JsonConstraint | None,
 ) -> Generator[int, None, FinishReason]:
     context = runtime.config.max_position_embeddings
     if max_new_tokens == 0:
@@ -98,10 +103,12 @@ def _generate(
         held.extend(chunk)
     position = len(prompt)
     for produced in range(1, max_new_tokens + 1):
-        token = sample(logits[-1], params, rng)
+        token = sample(logits[-1] if constraint is None else constraint.mask(logits[-1]), params, rng)
         if token in eos_ids:
             return "stop"
         observe(logits[-1], token)
+        if constraint is not None:
+            constraint.accept(token)
         yield token
         position += 1
         if produced == max_new_tokens or position >= context:
