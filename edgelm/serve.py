@@ -22,9 +22,11 @@ import socket
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -84,14 +86,13 @@ def create_app(
     serves FastAPI's /docs pages.
     """
     slots = Slots([model] if isinstance(model, Model) else model)
-    context = slots.models[0].config.max_position_embeddings
+    context = slots.first.config.max_position_embeddings
     guard = Guard(hosts, origins, BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * context)
-    executor = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="edgelm-generate")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        executor.shutdown(wait=False, cancel_futures=True)
+        slots.shutdown()
 
     app = FastAPI(
         title="edgelm",
@@ -110,9 +111,9 @@ def create_app(
 
     app.state.guard = guard
     _add_error_handlers(app)
-    _add_model_list(app, slots.models[0], model_name)
-    _add_completions(app, slots, model_name, executor)
-    _add_chat_completions(app, slots, model_name, executor)
+    _add_model_list(app, slots.first, model_name)
+    _add_completions(app, slots, model_name)
+    _add_chat_completions(app, slots, model_name)
     return app
 
 
@@ -144,7 +145,7 @@ def _add_model_list(app: FastAPI, model: Model, model_name: str) -> None:
         return {"object": "list", "data": [{**entry, "context_length": context}]}
 
 
-def _add_completions(app: FastAPI, slots: Slots, model_name: str, executor: ThreadPoolExecutor) -> None:
+def _add_completions(app: FastAPI, slots: Slots, model_name: str) -> None:
     """POST /v1/completions: a text prompt continued, as JSON or server-sent events."""
 
     @app.post("/v1/completions")
@@ -156,7 +157,7 @@ def _add_completions(app: FastAPI, slots: Slots, model_name: str, executor: Thre
             raise RequestError("'prompt' must be a string", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         # tokenizing a long prompt takes a while: in a thread, so that other requests are answered meanwhile
-        stream, options, model = await asyncio.to_thread(
+        generation = await asyncio.to_thread(
             _open,
             slots,
             body,
@@ -165,15 +166,16 @@ def _add_completions(app: FastAPI, slots: Slots, model_name: str, executor: Thre
             lambda model, **kw: model.stream(prompt, **kw),
         )
         head = _head(rid, "text_completion", body, model_name)
-        if options["stream"]:
-            return _sse(_completion_events(head, stream, _pieces(stream, executor, rid), model))
-        text = await _complete(stream, executor, rid, request)
-        logprobs = _completion_logprobs(model, stream.logprobs)
+        if body.get("stream"):
+            return _sse(_completion_events(head, generation, rid))
+        text = await _complete(generation, rid, request)
+        stream = generation.stream
+        logprobs = _completion_logprobs(generation.model, stream.logprobs)
         choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
 
-def _add_chat_completions(app: FastAPI, slots: Slots, model_name: str, executor: ThreadPoolExecutor) -> None:
+def _add_chat_completions(app: FastAPI, slots: Slots, model_name: str) -> None:
     """POST /v1/chat/completions: the messages rendered with the chat template and answered."""
 
     @app.post("/v1/chat/completions")
@@ -182,22 +184,22 @@ def _add_chat_completions(app: FastAPI, slots: Slots, model_name: str, executor:
         check_fields(body, CHAT_FIELDS)
         messages = chat_messages(body.get("messages"))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        context = slots.models[0].config.max_position_embeddings
-        stream, options, model = await asyncio.to_thread(
+        generation = await asyncio.to_thread(
             _open,
             slots,
             body,
-            context,
+            slots.first.config.max_position_embeddings,
             lambda model: model.chat_ids(messages),
             lambda model, **kw: model.chat_stream(messages, **kw),
         )
-        if options["stream"]:
+        if body.get("stream"):
             head = _head(rid, "chat.completion.chunk", body, model_name)
-            return _sse(_chat_events(head, stream, _pieces(stream, executor, rid), model))
+            return _sse(_chat_events(head, generation, rid))
         head = _head(rid, "chat.completion", body, model_name)
-        text = await _complete(stream, executor, rid, request)
+        text = await _complete(generation, rid, request)
+        stream = generation.stream
         message = {"role": "assistant", "content": text}
-        logprobs = _chat_logprobs(model, stream.logprobs)
+        logprobs = _chat_logprobs(generation.model, stream.logprobs)
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": stream.finish_reason}
         return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
@@ -293,44 +295,60 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+@dataclass
+class _Generation:
+    """A request's stream, the model (slot) it runs on, that slot's worker thread, and the call that says
+    the request has ended."""
+
+    stream: TextStream
+    model: Model
+    worker: ThreadPoolExecutor
+    ended: Callable[[], None]
+
+
 def _open(
     slots: Slots,
     body: dict[str, Any],
     default_max_tokens: int,
     prompt_ids: Callable[[Model], list[int]],
     start: Callable[..., TextStream],
-) -> tuple[TextStream, dict[str, Any], Model]:
+) -> _Generation:
     """Check the request's generation fields, choose its slot (by `prompt_ids`, where there are several)
     and make its (not yet started) stream there with `start(model, **options)`."""
-    options = request_options(body)
+    options = request_options(body, chat="messages" in body)  # check_fields let messages in chat only
     requested = options.pop("max_tokens")
     try:
-        model = slots.choose(prompt_ids(slots.models[0])) if len(slots) > 1 else slots.models[0]
-        stream = start(
-            model, max_new_tokens=default_max_tokens if requested is None else requested, **options
-        )
+        slot, ended = slots.choose(prompt_ids(slots.first) if len(slots) > 1 else ())
     except EdgelmError as e:
         raise RequestError(str(e)) from None
-    context = model.config.max_position_embeddings
+    try:
+        stream = start(
+            slot.model, max_new_tokens=default_max_tokens if requested is None else requested, **options
+        )
+    except EdgelmError as e:
+        ended()
+        raise RequestError(str(e)) from None
+    context = slot.model.config.max_position_embeddings
     if requested is not None and stream.prompt_tokens + requested > context:
         stream.close()
+        ended()
         raise RequestError(
             f"max_tokens={requested} and the prompt's {stream.prompt_tokens} tokens exceed the model's "
             f"context of {context} tokens; ask for at most {max(context - stream.prompt_tokens, 0)}",
             "max_tokens",
         )
-    return stream, {"stream": body.get("stream") or False}, model
+    weakref.finalize(stream, ended)  # a stream that never runs (its client left first) ends here
+    return _Generation(stream, slot.model, slot.worker, ended)
 
 
 # ---- generation ------------------------------------------------------------------------------------------
 
 
-async def _pieces(
-    stream: TextStream, executor: ThreadPoolExecutor, rid: str
-) -> AsyncIterator[tuple[str, int]]:
-    """Run `stream` in the worker thread and hand its pieces to the event loop as they come, each with the
-    number of `stream.logprobs` entries there were when it came. Leaving early (the client went away, the
-    task was cancelled) cancels the generation, running or queued."""
+async def _pieces(generation: _Generation, rid: str) -> AsyncIterator[tuple[str, int]]:
+    """Run the generation's stream in its slot's worker thread and hand its pieces to the event loop as
+    they come, each with the number of `stream.logprobs` entries there were when it came. Leaving early
+    (the client went away, the task was cancelled) cancels the generation, running or queued."""
+    stream = generation.stream
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -350,6 +368,7 @@ async def _pieces(
             put(_END)
         finally:
             stream.close()
+            generation.ended()
         log.info(
             "%s: %d prompt + %d completion tokens, finish_reason %s",
             rid,
@@ -358,7 +377,7 @@ async def _pieces(
             stream.finish_reason,
         )
 
-    loop.run_in_executor(executor, work)
+    loop.run_in_executor(generation.worker, work)
     finished = False
     try:
         while (item := await queue.get()) is not _END:
@@ -373,18 +392,18 @@ async def _pieces(
             log.info("%s: the client went away; generation cancelled", rid)
 
 
-async def _complete(stream: TextStream, executor: ThreadPoolExecutor, rid: str, request: Request) -> str:
-    """The whole text of `stream`; a client that disconnects meanwhile cancels it."""
+async def _complete(generation: _Generation, rid: str, request: Request) -> str:
+    """The generation's whole text; a client that disconnects meanwhile cancels it."""
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        stream.cancel()
+        generation.stream.cancel()
         log.info("%s: the client went away; generation cancelled", rid)
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return "".join([piece async for piece, _ in _pieces(stream, executor, rid)])
+        return "".join([piece async for piece, _ in _pieces(generation, rid)])
     finally:
         watcher.cancel()
 
@@ -406,19 +425,20 @@ def _usage(stream: TextStream) -> dict[str, int]:
 
 
 async def _completion_events(
-    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[tuple[str, int]], model: Model
+    head: dict[str, Any], generation: _Generation, rid: str
 ) -> AsyncIterator[dict[str, Any]]:
-    sent = 0
-    async for piece, count in pieces:
-        logprobs = _completion_logprobs(model, stream.logprobs and stream.logprobs[sent:count])
-        sent = count
+    stream, sent, shown = generation.stream, 0, 0
+    async for piece, count in _pieces(generation, rid):
+        entries = stream.logprobs and stream.logprobs[sent:count]
+        logprobs = _completion_logprobs(generation.model, entries, shown)
+        sent, shown = count, shown + len(piece)
         yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": logprobs, "finish_reason": None}]}
     last = {"text": "", "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
     yield {**head, "choices": [last], "usage": _usage(stream)}
 
 
 async def _chat_events(
-    head: dict[str, Any], stream: TextStream, pieces: AsyncIterator[tuple[str, int]], model: Model
+    head: dict[str, Any], generation: _Generation, rid: str
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(
         delta: dict[str, str], finish_reason: str | None = None, logprobs: Any = None
@@ -426,10 +446,10 @@ async def _chat_events(
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "choices": [choice]}
 
+    stream, sent = generation.stream, 0
     yield chunk({"role": "assistant", "content": ""})
-    sent = 0
-    async for piece, count in pieces:
-        logprobs = _chat_logprobs(model, stream.logprobs and stream.logprobs[sent:count])
+    async for piece, count in _pieces(generation, rid):
+        logprobs = _chat_logprobs(generation.model, stream.logprobs and stream.logprobs[sent:count])
         sent = count
         yield chunk({"content": piece}, logprobs=logprobs)
     yield {**chunk({}, stream.finish_reason), "usage": _usage(stream)}
@@ -441,7 +461,7 @@ def _chat_logprobs(model: Model, entries: list[TokenLogprob] | None) -> dict[str
         return None
 
     def token(token_id: int, logprob: float) -> dict[str, Any]:
-        data = model.tokenizer.token_bytes[token_id]
+        data = _token_bytes(model, token_id)
         return {"token": _text(data), "logprob": logprob, "bytes": list(data)}
 
     content = [
@@ -450,28 +470,35 @@ def _chat_logprobs(model: Model, entries: list[TokenLogprob] | None) -> dict[str
     return {"content": content}
 
 
-def _completion_logprobs(model: Model, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+def _completion_logprobs(
+    model: Model, entries: list[TokenLogprob] | None, offset: int = 0
+) -> dict[str, Any] | None:
     """Completions' logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob} per step) and
-    text_offset (each token's offset in the completion's text)."""
+    text_offset (each token's offset in the completion's text; the entries begin at `offset`)."""
     if entries is None:
         return None
-    pieces = model.tokenizer.token_bytes
-    texts = [_text(pieces[e.token]) for e in entries]
+    texts = [_text(_token_bytes(model, e.token)) for e in entries]
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [_by_text(pieces, e.top) for e in entries],
-        "text_offset": list(accumulate((len(t) for t in texts[:-1]), initial=0)),
+        "top_logprobs": [_by_text(model, e.top) for e in entries],
+        "text_offset": list(accumulate((len(t) for t in texts[:-1]), initial=offset)),
     }
 
 
-def _by_text(pieces: list[bytes], top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+def _by_text(model: Model, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
     """{text: logprob} of a step's alternatives, most likely first; where two tokens show the same text
     (say, both U+FFFD), the more likely one's."""
     shown: dict[str, float] = {}
     for token_id, logprob in top:
-        shown.setdefault(_text(pieces[token_id]), logprob)
+        shown.setdefault(_text(_token_bytes(model, token_id)), logprob)
     return shown
+
+
+def _token_bytes(model: Model, token_id: int) -> bytes:
+    """A token's bytes; none for the rows a model has past its tokenizer's vocabulary (padding)."""
+    pieces = model.tokenizer.token_bytes
+    return pieces[token_id] if token_id < len(pieces) else b""
 
 
 def _text(data: bytes) -> str:

@@ -12,7 +12,8 @@ from edgelm.generation.logprobs import MAX_TOP_LOGPROBS
 from edgelm.generation.sampling import SamplingParams
 from edgelm.values import is_int, is_number
 
-# the fields each endpoint takes (`user`, `metadata` and `store` are taken and have no effect here)
+# the fields each endpoint takes (`user`, `metadata`, `store` and `stream_options` are taken and have no
+# effect here: a stream's last chunk always carries `usage`)
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k"}
 _COMMON_FIELDS |= {"seed", "stop", "n", "logprobs", "response_format", "user", "metadata", "store"}
 COMPLETION_FIELDS = frozenset({*_COMMON_FIELDS, "prompt"})
@@ -28,6 +29,12 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "modalities": (None, ["text"]),
+    "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,),
+    "prediction": (None,),
 }
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 
@@ -40,8 +47,9 @@ class RequestError(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def request_options(body: dict[str, Any]) -> dict[str, Any]:
-    """The sampling fields of a request as Model.stream's arguments; null is the same as absent."""
+def request_options(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """The generation fields of a request (to /v1/chat/completions where `chat`, else /v1/completions) as
+    Model.stream's arguments; null is the same as absent."""
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise RequestError("'stream' must be true or false", "stream")
     n = body.get("n")
@@ -69,7 +77,7 @@ def request_options(body: dict[str, Any]) -> dict[str, Any]:
     ):
         raise RequestError("'stop' must be a string or a list of strings", "stop")
     return {
-        "logprobs": _logprobs(body),
+        "logprobs": _logprobs(body, chat),
         "json_schema": _json_schema(body.get("response_format")),
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -80,18 +88,22 @@ def request_options(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _logprobs(body: dict[str, Any]) -> int | None:
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     """The alternatives a request asks for at each token, or None for no logprobs: chat's `logprobs`
-    (true/false) with `top_logprobs`, or completions' `logprobs` (a count)."""
-    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
-    chat = "messages" in body
-    if chat and not isinstance(logprobs, (bool, type(None))):
-        raise RequestError("'logprobs' must be true or false", "logprobs")
-    if top is not None and not logprobs:
-        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    key, count = ("top_logprobs", top or 0) if chat else ("logprobs", logprobs)
-    if not logprobs:
-        return None
+    (true/false) with `top_logprobs`, or completions' `logprobs` (a count; 0: the chosen tokens' only)."""
+    if chat:
+        logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+        if not isinstance(logprobs, (bool, type(None))):
+            raise RequestError("'logprobs' must be true or false", "logprobs")
+        if top is not None and not logprobs:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if not logprobs:
+            return None
+        key, count = "top_logprobs", top or 0
+    else:
+        key, count = "logprobs", body.get("logprobs")
+        if count is None:
+            return None
     if not is_int(count) or not 0 <= count <= MAX_TOP_LOGPROBS:
         raise RequestError(f"'{key}' must be an integer in [0, {MAX_TOP_LOGPROBS}]", key)
     return int(count)

@@ -2,8 +2,8 @@
 
 A plugin adds a runtime through the entry-point group `edgelm.runtimes` (name = "module:Class"); the
 class follows `Runtime`, declaring its optional capabilities (`options`, `threads`, `provider`; an empty
-set and None say it has none; `keep` returning 0 says it cannot reuse a prefix), and is constructed as
-`Class(path, device=..., **options)`.
+set and None say it has none; `held` empty and `keep` resetting say it cannot reuse a prefix), and is
+constructed as `Class(path, device=..., **options)`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Runtime(Protocol):
     Its optional capabilities are declared, not discovered: `options` (the keyword options the constructor
     takes besides `path` and `device`, e.g. "threads"; empty for none), `threads` (the CPU threads it
     computes with, None where it does not say), `provider` (the execution provider that runs it, ONNX
-    Runtime's; None elsewhere) and `keep` (prefix reuse: a runtime without it resets and returns 0).
+    Runtime's; None elsewhere) and prefix reuse (`held` and `keep`: a runtime that cannot keep part of
+    its sequence holds () and resets in `keep`, returning 0).
     """
 
     name: ClassVar[str]  # "torch", "onnxruntime", "llamacpp"
@@ -41,6 +42,11 @@ class Runtime(Protocol):
     device: str  # resolved: "cpu", "cuda", "mps", ...
     threads: int | None
     provider: str | None
+
+    @property
+    def held(self) -> tuple[int, ...]:
+        """The ids the sequence holds, whose keys and values are cached (a copy)."""
+        ...
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
@@ -128,8 +134,8 @@ def open_runtime(path: Path, runtime: str = "auto", device: str = "auto", **opti
     if not isinstance(loaded, Runtime):
         raise EdgelmError(
             f"the {runtime} runtime does not follow the Runtime protocol (edgelm.runtimes.base.Runtime): "
-            "it needs name, artifacts, options, config, tokenizer, device, threads, provider, reset, "
-            "keep, forward and close"
+            "it needs name, artifacts, options, config, tokenizer, device, threads, provider, held, "
+            "reset, keep, forward and close"
         )
     return loaded
 

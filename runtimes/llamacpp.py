@@ -101,7 +101,17 @@ class LlamaCppRuntime:
         self._n_batch = min(512, self.context)
         self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama.model))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self.position = 0
+        self._held: list[int] = []  # the sequence's ids, whose keys and values llama.cpp's cache holds
+
+    @property
+    def position(self) -> int:
+        """The number of tokens in the sequence."""
+        return len(self._held)
+
+    @property
+    def held(self) -> tuple[int, ...]:
+        """The ids the sequence holds."""
+        return tuple(self._held)
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
@@ -114,7 +124,7 @@ class LlamaCppRuntime:
         with self._lock:
             if self._llama is None:
                 raise EdgelmError("this runtime has been closed; load the model again")
-            kept = max(0, min(n, self.position))
+            kept = max(0, min(n, len(self._held)))
             memory = llama_cpp.llama_get_memory(self._llama.ctx)
             if kept and (
                 not llama_cpp.llama_memory_seq_rm(memory, 0, kept, -1)
@@ -123,7 +133,7 @@ class LlamaCppRuntime:
                 kept = 0
             if not kept:
                 llama_cpp.llama_memory_clear(memory, True)
-            self.position = kept
+            del self._held[kept:]
             return kept
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -166,7 +176,7 @@ class LlamaCppRuntime:
         status = llama_cpp.llama_decode(llama.ctx, batch)
         if status != 0:
             raise EdgelmError(f"llama.cpp failed to decode (status {status})")
-        self.position += n
+        self._held.extend(chunk.tolist())
         wanted = range(n) if all_logits else [n - 1] if last_chunk else []
         out = np.empty((len(wanted), self._vocab), dtype=np.float32)
         for row, i in enumerate(wanted):

@@ -143,9 +143,14 @@ class OnnxRuntime:
         """The number of tokens in the sequence."""
         return len(self._held)
 
+    @property
+    def held(self) -> tuple[int, ...]:
+        """The ids the sequence holds."""
+        return tuple(self._held)
+
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
-        self._held = []
+        self.keep(0)
 
     def keep(self, n: int) -> int:
         """Keep the first `n` tokens of the sequence and forget the rest; returns how many it kept. The
@@ -153,7 +158,7 @@ class OnnxRuntime:
         past tensors are cut to the kept length."""
         with self._lock:
             kept = keepable(self.config, len(self._held), n)
-            if not self._shared_kv and 0 < kept < len(self._held):
+            if not self._shared_kv and kept and self._kv and self._kv[0].shape()[2] != kept:
                 self._kv = [
                     ort.OrtValue.ortvalue_from_numpy(
                         np.ascontiguousarray(value.numpy()[:, :, :kept]), self._ort_device, self._device_id
@@ -191,30 +196,35 @@ class OnnxRuntime:
         binding.bind_cpu_input("attention_mask", self._mask[:, : start + n])
         if self._position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
-        if not self._shared_kv:
-            self._bind_growing_past(start, n)
+        present = None if self._shared_kv else self._bind_growing_past(start, n)
         self.session.run_with_iobinding(binding)
+        if present is not None:  # only once the step has run: a failed one leaves the past as it was
+            self._kv = present
         return np.array(logits.numpy()[0], dtype=np.float32)  # a copy: the decode buffer is reused
 
     def _new_logits(self, n: int) -> ort.OrtValue:
         shape = (1, n, self.config.vocab_size)
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, "cpu")
 
-    def _bind_growing_past(self, start: int, n: int) -> None:
+    def _bind_growing_past(self, start: int, n: int) -> list[ort.OrtValue]:
         """Plain attention: the last step's present tensors are this step's past (empty at the start), and
-        new buffers one step longer receive this step's present tensors."""
+        new buffers one step longer, returned, receive this step's present tensors."""
         c = self.config
         shape = (1, c.num_key_value_heads, start + n, c.head_dim)
+        buffers = []
         for i, (past, present) in enumerate(zip(self._past, self._present, strict=True)):
             if start == 0:
                 empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), self._kv_dtype)
                 self._binding.bind_cpu_input(past, empty)
             else:
                 self._binding.bind_ortvalue_input(past, self._kv[i])
-            self._kv[i] = ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, self._kv_dtype, self._ort_device, self._device_id
+            buffers.append(
+                ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, self._kv_dtype, self._ort_device, self._device_id
+                )
             )
-            self._binding.bind_ortvalue_output(present, self._kv[i])
+            self._binding.bind_ortvalue_output(present, buffers[-1])
+        return buffers
 
     def close(self) -> None:
         """Release the session and the KV buffers."""

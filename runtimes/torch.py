@@ -58,9 +58,14 @@ class TorchRuntime:
         """The number of tokens in the sequence."""
         return len(self._held)
 
+    @property
+    def held(self) -> tuple[int, ...]:
+        """The ids the sequence holds."""
+        return tuple(self._held)
+
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
-        self._held = []
+        self.keep(0)
 
     def keep(self, n: int) -> int:
         """Keep the first `n` tokens of the sequence and forget the rest; returns how many it kept (the

@@ -54,8 +54,10 @@ class ScriptedRuntime:
         self.length = 0
         self.prompt_length: int | None = None
 
+    held: tuple[int, ...] = ()  # no prefix reuse: every prompt comes whole
+
     def keep(self, n: int) -> int:
-        self.reset()  # no prefix reuse: every prompt comes whole
+        self.reset()
         return 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -380,9 +382,23 @@ def test_logprobs_are_the_models_log_softmax(checkpoint: Path) -> None:
         want = torch.log_softmax(logits, dim=-1)[len(ids) - 9 : -1]
         for entry, row in zip(entries, want, strict=True):
             assert abs(entry.logprob - row[entry.token].item()) <= 1e-4
-            values, indices = torch.topk(row, 5)
-            assert [i for i, _ in entry.top] == indices.tolist()
-            assert np.allclose([lp for _, lp in entry.top], values.numpy(), atol=1e-4)
+            ids, values = [i for i, _ in entry.top], [lp for _, lp in entry.top]
+            assert np.allclose(values, torch.topk(row, 5).values.numpy(), atol=1e-4)  # the five likeliest
+            assert np.allclose(
+                values, row[ids].numpy(), atol=1e-4
+            )  # each its own figure (near-ties may swap)
         assert model.stream("x").logprobs is None
         with pytest.raises(EdgelmError, match="logprobs=21 must be an integer in"):
             model.stream("x", logprobs=21)
+
+
+def test_logprobs_leave_out_a_stop_strings_tokens(small_tokenizer: Tokenizer) -> None:
+    """One entry per token whose text was shown: the tokens of a stop string (and of a tail held back
+    for it) are generated and counted, but not reported."""
+    model = scripted(small_tokenizer, "ab<ENx<END>z")
+    with model.stream("x", max_new_tokens=50, temperature=0, stop="<END>", logprobs=0) as stream:
+        assert "".join(stream) == "ab<ENx"
+    assert stream.completion_tokens == len("ab<ENx<END>")
+    assert stream.logprobs is not None
+    assert [e.token for e in stream.logprobs] == byte_tokens(small_tokenizer, "ab<ENx")
+    assert all(e.top == () and e.logprob <= 0 for e in stream.logprobs)

@@ -119,7 +119,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(
 ) -> None:
     config = dataclasses.replace(SMALL, max_position_embeddings=8192)
     model = with_template(make_checkpoint(tmp_path / "long", small_tokenizer, config))
-    command = [sys.executable, "-m", "edgelm", "chat", str(model), "--max-new-tokens", "6000", "--top-k", "0"]
+    command = [sys.executable, "-m", "edgelm", "chat", str(model), "--max-new-tokens", "6000", "--seed", "0"]
     process = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -132,4 +132,4 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(
     out = first + rest
     assert process.returncode == 0, err
     assert "(stopped)" in err and "interrupted" not in err
-    assert len(out) > 1 and out.endswith("\n") and out.count("\n") == 1  # what was shown, then a newline
+    assert len(out) > 1 and out.endswith("\n")  # what was shown, then a newline

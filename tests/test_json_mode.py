@@ -3,15 +3,19 @@ sampling, the text is JSON that `jsonschema` (the oracle) finds valid against th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import SMALL
 from test_chat import TEMPLATE, with_template
 
 import edgelm
 from edgelm.errors import EdgelmError
+from edgelm.tokenizer import Tokenizer
+from edgelm.training.random_checkpoint import random_checkpoint
 
 SCHEMA = {
     "type": "object",
@@ -77,3 +81,15 @@ def _is_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_a_model_with_more_rows_than_tokens(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Hub models pad their vocabulary (Qwen2.5: 151,936 rows for 151,665 tokens): the rows past the
+    tokenizer's are never allowed."""
+    config = dataclasses.replace(SMALL, vocab_size=small_tokenizer.vocab_size + 24)
+    checkpoint = random_checkpoint(tmp_path / "padded", config, small_tokenizer, seed=1)
+    with edgelm.load(checkpoint, device="cpu") as model:
+        assert model.config.vocab_size > model.tokenizer.vocab_size
+        with model.stream("x", 80, 1.0, seed=3, json_schema=SCHEMA, logprobs=20) as stream:
+            text = "".join(stream)
+        jsonschema.validate(json.loads(text), SCHEMA)

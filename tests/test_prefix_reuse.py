@@ -12,7 +12,7 @@ from conftest import kept_prefix_error, make_checkpoint
 
 import edgelm
 from edgelm.generation.api import Model
-from edgelm.generation.generate import generate_ids, shared_prefix
+from edgelm.generation.generate import generate_ids, reusable_prefix
 from edgelm.generation.sampling import SamplingParams
 from edgelm.runtimes.base import Runtime
 from edgelm.tokenizer import Tokenizer
@@ -85,7 +85,7 @@ def test_a_conversation_prefills_only_what_each_turn_adds(artifacts: dict[str, P
             if turn == "other":  # a prompt that leaves the conversation at once runs whole
                 prompt, previous = "class Stack:\n    def push(self, item):", None
             ids = model.tokenize(prompt, add_bos=True)
-            shared = min(shared_prefix(model._held, ids), len(ids) - 1)
+            shared = reusable_prefix(model.runtime.held, ids)
             sizes.clear()
             answer = model.generate(prompt, max_new_tokens=6, temperature=0)
             assert sizes[0] == len(ids) - shared and sum(sizes) <= sizes[0] + 5, (turn, sizes)
@@ -103,16 +103,17 @@ def test_a_cancelled_prefill_keeps_the_chunks_that_ran(artifacts: dict[str, Path
     rest only and gives the tokens a fresh sequence gives."""
     greedy = SamplingParams(temperature=0)
     with edgelm.load(artifacts["torch"], device="cpu") as model:
+        runtime = model.runtime
         ids = model.tokenize("def fibonacci(n: int) -> int:\n    a, b = 0, 1\n", add_bos=True)
-        held: list[int] = []
-        run = generate_ids(
-            model.runtime, ids, 4, greedy, cancelled=lambda: len(held) >= 8, prefill_chunk=8, held=held
-        )
+        run = generate_ids(runtime, ids, 4, greedy, cancelled=lambda: len(runtime.held) >= 8, prefill_chunk=8)
         with pytest.raises(StopIteration) as end:
             next(run)
-        assert end.value.value == "cancelled" and held == ids[:8]
+        assert end.value.value == "cancelled" and runtime.held == tuple(ids[:8])
         sizes = _counting(model)
-        tokens = list(generate_ids(model.runtime, ids, 6, greedy, prefill_chunk=8, held=held))
-        assert sizes[0] == 8 and sum(sizes[: -(len(tokens) - 1) or None]) == len(ids) - 8
-        assert held == ids + tokens[:-1]  # the last token was never run
-        assert list(generate_ids(model.runtime, ids, 6, greedy)) == tokens  # held=None: from scratch
+        tokens = list(generate_ids(runtime, ids, 6, greedy, prefill_chunk=8))
+        assert sizes[0] == 8 and sum(sizes) == len(ids) - 8 + len(tokens) - 1
+        assert runtime.held == (*ids, *tokens[:-1])  # the last token was never run
+        runtime.forward([5, 6, 7])  # the runtime used directly: the next generation sees what it holds
+        assert list(generate_ids(runtime, ids, 6, greedy)) == tokens
+        runtime.reset()
+        assert list(generate_ids(runtime, ids, 6, greedy)) == tokens

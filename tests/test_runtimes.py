@@ -39,8 +39,10 @@ class ReplayRuntime:
     def reset(self) -> None:
         self.seen = []
 
+    held: tuple[int, ...] = ()  # a runtime without prefix reuse
+
     def keep(self, n: int) -> int:
-        self.reset()  # a runtime without prefix reuse
+        self.reset()
         return 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:

@@ -60,6 +60,10 @@ class GatedRuntime:
     def reset(self) -> None:
         self.inner.reset()
 
+    @property
+    def held(self) -> tuple[int, ...]:
+        return self.inner.held
+
     def keep(self, n: int) -> int:
         return self.inner.keep(n)
 
@@ -262,13 +266,12 @@ def test_logprobs_in_both_shapes_whole_and_streamed(served: Served) -> None:
     (choice,) = out["choices"]
     assert choice["message"]["content"] == text
     content = choice["logprobs"]["content"]
-    assert [e["logprob"] for e in content] == [e.logprob for e in stream.logprobs]
+    # within the runtime's tolerance: the server's request reuses the prefix this call left
+    assert [e["logprob"] for e in content] == pytest.approx([e.logprob for e in stream.logprobs], abs=1e-4)
     pieces = served.model.tokenizer.token_bytes
     assert [bytes(e["bytes"]) for e in content] == [pieces[e.token] for e in stream.logprobs]
-    assert all(
-        [t["logprob"] for t in e["top_logprobs"]] == [lp for _, lp in w.top]
-        for e, w in zip(content, stream.logprobs, strict=True)
-    )
+    for e, w in zip(content, stream.logprobs, strict=True):
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx([lp for _, lp in w.top], abs=1e-4)
     chunks = events(served, "/v1/chat/completions", body)
     assert [
         e for c in chunks[1:] if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]
@@ -284,8 +287,12 @@ def test_logprobs_in_both_shapes_whole_and_streamed(served: Served) -> None:
     )
     assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
     chunks = events(served, "/v1/completions", body)
-    streamed = [t for c in chunks[:-1] for t in c["choices"][0]["logprobs"]["tokens"]]
-    assert streamed == logprobs["tokens"]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks[:-1]]
+    for key in ("tokens", "token_logprobs", "text_offset"):  # offsets run on across the chunks
+        assert [v for part in streamed for v in part[key]] == logprobs[key], key
+    chosen_only = request(served.port, "POST", "/v1/completions", {**body, "logprobs": 0})[1]["choices"][0]
+    assert chosen_only["logprobs"]["token_logprobs"] == logprobs["token_logprobs"]
+    assert chosen_only["logprobs"]["top_logprobs"] == [{}] * len(logprobs["tokens"])
     assert (
         request(served.port, "POST", "/v1/completions", {**body, "logprobs": None})[1]["choices"][0][
             "logprobs"

@@ -90,8 +90,11 @@ def _answer(conversation: Conversation, text: str, max_new_tokens: int, sampling
     except EdgelmError as e:
         say(f"error: {e}")
         return
+    except KeyboardInterrupt:  # while the prompt was being prepared: the message is not sent
+        say("(stopped)")
+        return
     if dropped:
-        say(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to stay within the context)")
+        say(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to stay within the context)")
 
     def stop(signum: int, frame: FrameType | None) -> None:
         stream.cancel()

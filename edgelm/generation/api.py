@@ -2,8 +2,8 @@
 
 Prefix reuse: the runtime's sequence stays after a generation, and the next one keeps the part its prompt
 begins with (`Runtime.keep`) and prefills only the rest, so that the turns of a chat, whose prompts each
-begin with the last, answer without prefilling the conversation again. `Model` records the ids it put
-through its runtime: use the runtime directly only through `keep`/`reset` or not at all meanwhile.
+begin with the last, answer without prefilling the conversation again. The runtime says what it holds
+(`Runtime.held`), so using it directly in between is safe.
 
 Concurrency: a runtime holds one sequence, so a model runs one generation at a time. Calls from several
 threads queue on the model's lock, each generation whole: a stream holds the lock from its first piece
@@ -18,6 +18,7 @@ import json
 import threading
 from collections.abc import Generator, Mapping, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from edgelm.generation.generate import (
     TextStream,
     check_stop,
     generate_ids,
-    shared_prefix,
+    reusable_prefix,
     stop_token_ids,
 )
 from edgelm.generation.logprobs import TokenLogprob, check_top_logprobs, token_logprob
@@ -62,7 +63,6 @@ class Model:
         self._owner: int | None = None  # the thread that holds _lock
         self._current: threading.Event | None = None  # the cancel flag of the generation holding _lock
         self._current_guard = threading.Lock()
-        self._held: list[int] = []  # the ids the runtime's sequence holds, for the next prompt to reuse
 
     def generate(
         self,
@@ -190,7 +190,7 @@ class Model:
     def reusable(self, prompt_ids: Sequence[int]) -> int:
         """How many of `prompt_ids` the runtime holds from earlier generations: what a generation of them
         would not prefill again (if the runtime can keep them)."""
-        return min(shared_prefix(self._held, prompt_ids), max(len(prompt_ids) - 1, 0))
+        return reusable_prefix(self.runtime.held, prompt_ids)
 
     @property
     def busy(self) -> bool:
@@ -245,13 +245,11 @@ class Model:
         eos_ids = stop_token_ids(self.runtime, stop_ids)
         constraint = None if json_schema is None else JsonConstraint(self.tokenizer, json_schema, eos_ids)
         event = threading.Event()  # this generation's own cancel flag
-        top = None if logprobs is None else check_top_logprobs(logprobs)
-        recorded: list[TokenLogprob] = []
-
-        def observe(logits: np.ndarray, token: int) -> None:
-            if top is not None:
-                recorded.append(token_logprob(logits, token, top))
-
+        recorded: list[TokenLogprob] | None = None
+        observe = None
+        if logprobs is not None:
+            top, recorded = check_top_logprobs(logprobs), []
+            observe = partial(_record_logprob, recorded, top)
         ids = generate_ids(
             self.runtime,
             prompt_ids,
@@ -260,13 +258,11 @@ class Model:
             seed,
             eos_ids,
             event.is_set,
-            held=self._held,
             observe=observe,
             constraint=constraint,
         )
         locked = self._locked(ids, event)
-        entries = None if top is None else recorded
-        return TextStream(self.tokenizer, locked, len(prompt_ids), stop, event, entries)
+        return TextStream(self.tokenizer, locked, len(prompt_ids), stop, event, recorded)
 
     def _locked(
         self, ids: Generator[int, None, FinishReason], event: threading.Event
@@ -292,6 +288,10 @@ class Model:
         if token_id is None:
             return ""
         return self.tokenizer.backend.id_to_token(token_id) or ""
+
+
+def _record_logprob(recorded: list[TokenLogprob], top: int, logits: np.ndarray, token: int) -> None:
+    recorded.append(token_logprob(logits, token, top))
 
 
 def render_chat(

@@ -46,12 +46,13 @@ class JsonConstraint:
             raise EdgelmError(f"json_schema: {e}") from None
         if self._matcher.is_error():
             raise EdgelmError(f"json_schema: {self._matcher.get_error()}")
-        self._vocab = tokenizer.vocab_size
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` (vocab,) with every token the schema does not allow next at -inf."""
-        bits = np.frombuffer(self._matcher.compute_bitmask(), np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[: logits.size].astype(bool)
+        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), np.uint8), bitorder="little")
+        allowed = np.zeros(logits.size, bool)  # rows past the tokenizer's vocabulary (padding) stay out
+        shared = min(bits.size, logits.size)
+        allowed[:shared] = bits[:shared]
         if not allowed.any():
             raise EdgelmError(f"constrained decoding: no token may follow ({self._matcher.get_error()})")
         return np.where(allowed, logits, -np.inf).astype(logits.dtype)

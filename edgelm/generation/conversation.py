@@ -1,9 +1,10 @@
 """A conversation kept within a model's context: its system message and turns, rendered through the
 model's chat template, or, for a model without one, one running text that each input continues.
 
-Turns are dropped oldest first (the system message stays) when the prompt and room for the answer would
-not fit the context; `Conversation.prompt_stream` says how many it dropped. Each prompt begins with the
-last one, so `Model`'s prefix reuse prefills only the new turn (until a turn is dropped).
+Exchanges (a user turn and its answer) are dropped oldest first (the system message stays) when the prompt
+and room for the answer would not fit the context; `Conversation.answer` says how many it dropped. Each
+prompt begins with the last one, so `Model`'s prefix reuse prefills only the new turn (until an exchange
+is dropped).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from edgelm.errors import EdgelmError
 from edgelm.generation.api import Model
 from edgelm.generation.generate import TextStream
 
-# the share of the context kept free for an answer, at most
-ANSWER_SHARE = 4
+# the most of the context kept free for an answer
+ANSWER_ROOM = 0.25
 
 
 class Conversation:
@@ -38,17 +39,17 @@ class Conversation:
 
     def answer(self, text: str, max_new_tokens: int, **sampling: Any) -> tuple[TextStream, int]:
         """The model's answer to the user's `text` as a stream (add it with `add_answer` once read), and
-        how many of the oldest turns were dropped to fit it in the context."""
+        how many of the oldest exchanges were dropped to fit it in the context."""
         message = {"role": "user", "content": text}
         self.turns.append(message)
-        reserve = min(max_new_tokens, self.model.config.max_position_embeddings // ANSWER_SHARE)
+        reserve = min(max_new_tokens, int(self.model.config.max_position_embeddings * ANSWER_ROOM))
         try:
             dropped = self._fit(reserve)
             if self.templated:
                 stream = self.model.chat_stream(self._messages(self.turns), max_new_tokens, **sampling)
             else:
                 stream = self.model.stream(self._text(self.turns), max_new_tokens, **sampling)
-        except EdgelmError:  # a message that does not fit, a template that refuses it, a bad argument
+        except BaseException:  # a message that does not fit, a template that refuses it, Ctrl-C
             if self.turns and self.turns[-1] is message:
                 self.turns.pop()
             raise
@@ -76,7 +77,7 @@ class Conversation:
 
     def _prompt_tokens(self, turns: list[dict[str, str]]) -> int:
         if self.templated:
-            return len(self.model.tokenize(self.model.chat_prompt(self._messages(turns))))
+            return len(self.model.chat_ids(self._messages(turns)))
         return len(self.model.tokenize(self._text(turns), add_bos=True))
 
     def _messages(self, turns: list[dict[str, str]]) -> list[Mapping[str, str]]:

@@ -37,7 +37,6 @@ def generate_ids(
     eos_ids: Sequence[int] = (),
     cancelled: Callable[[], bool] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
-    held: list[int] | None = None,
     observe: Callable[[np.ndarray, int], None] | None = None,
     constraint: JsonConstraint | None = None,
 ) -> Generator[int, None, FinishReason]:
@@ -48,9 +47,8 @@ def generate_ids(
     of `prefill_chunk` tokens, and `cancelled` is asked before every forward call (each prefill chunk and
     each decoded token), so a cancel request ends the generation within one token.
 
-    `held`: the ids the runtime's sequence holds from earlier generations (None: nothing is reused). The
-    part of the prompt they begin with is kept (`Runtime.keep`) and only the rest prefilled; the list is
-    updated in place as ids go through the runtime, so that the next generation can do the same.
+    Prefix reuse: the part of the prompt that the runtime's sequence already begins with (`Runtime.held`,
+    from earlier generations) is kept (`Runtime.keep`), and only the rest is prefilled.
 
     `observe(logits, token)` sees each step's logits (vocab,) and the token chosen from them, before the
     token is yielded (an EOS that ends the generation is not). `constraint` masks the logits before each
@@ -70,7 +68,6 @@ def generate_ids(
         frozenset(eos_ids),
         cancelled or _never,
         prefill_chunk,
-        [] if held is None else held,
         observe or _ignore,
         constraint,
     )
@@ -85,22 +82,17 @@ def _generate(
     eos_ids: frozenset[int],
     cancelled: Callable[[], bool],
     prefill_chunk: int,
-    held: list[int],
     observe: Callable[[np.ndarray, int], None],
     constraint: JsonConstraint | None,
 ) -> Generator[int, None, FinishReason]:
     context = runtime.config.max_position_embeddings
     if max_new_tokens == 0:
         return "length"
-    # the last prompt token always runs again: its logits choose the first new token
-    kept = runtime.keep(shared_prefix(held, prompt[:-1]))
-    del held[kept:]
+    kept = runtime.keep(reusable_prefix(runtime.held, prompt))
     for start in range(kept, len(prompt), prefill_chunk):
         if cancelled():
             return "cancelled"
-        chunk = prompt[start : start + prefill_chunk]
-        logits = runtime.forward(chunk)  # (1, vocab)
-        held.extend(chunk)
+        logits = runtime.forward(prompt[start : start + prefill_chunk])  # (1, vocab)
     position = len(prompt)
     for produced in range(1, max_new_tokens + 1):
         token = sample(logits[-1] if constraint is None else constraint.mask(logits[-1]), params, rng)
@@ -116,14 +108,14 @@ def _generate(
         if cancelled():
             return "cancelled"
         logits = runtime.forward([token])
-        held.append(token)
     return "length"
 
 
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The number of leading ids `a` and `b` share."""
-    n = min(len(a), len(b))
-    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+def reusable_prefix(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many of the `prompt`'s ids a sequence holding `held` need not prefill again: the ones they share
+    at the start, but never the prompt's last (its logits choose the first new token)."""
+    n = max(min(len(held), len(prompt) - 1), 0)
+    mismatch = np.flatnonzero(np.asarray(held[:n], np.int64) != np.asarray(prompt[:n], np.int64))
     return int(mismatch[0]) if mismatch.size else n
 
 
@@ -140,8 +132,9 @@ class TextStream:
     shows any part of a stop string (a tail that could still grow into one is held back until it cannot).
 
     `prompt_tokens` is known from the start; `completion_tokens` (tokens generated, an EOS excluded) grows
-    as pieces arrive, and so does `logprobs` (one `TokenLogprob` per generated token) where it was asked for
-    (else None); `finish_reason` is None until the end, then "stop", "length" or "cancelled".
+    as pieces arrive, and so does `logprobs` (one `TokenLogprob` per generated token whose text has been
+    shown: not those of a stop string; None where it was not asked for); `finish_reason` is None until the
+    end, then "stop", "length" or "cancelled".
     `cancel()` (any thread) ends this generation within one token, or before it starts if it is still
     waiting for its turn; what was generated until then is still yielded. `close()`, or leaving a `with`
     block, abandons the stream. Iterate it from one thread at a time.
@@ -159,11 +152,19 @@ class TextStream:
         """`ids`: a generator like `generate_ids`'s; `cancel_event`: the event its `cancelled` watches;
         `logprobs`: the list its `observe` fills, if any."""
         self.prompt_tokens = prompt_tokens
-        self.logprobs = logprobs
+        self._logprobs = logprobs
+        self._ends: list[int] = []  # where each generated token's text ends, in characters
+        self._shown_chars = 0  # characters shown so far
+        self._covered = 0  # tokens whose text has been shown whole
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self._cancel_event = cancel_event
         self._pieces = self._run(tokenizer, ids, check_stop(stop))
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The shown tokens' log-probabilities, where they were asked for."""
+        return None if self._logprobs is None else self._logprobs[: self._covered]
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -201,25 +202,36 @@ class TextStream:
                     break
                 self.completion_tokens += 1
                 pending += decoder.push(token)
+                self._ends.append(self._shown_chars + len(pending))
                 cut = _first_stop(pending, stop)
                 if cut is not None:
                     self.finish_reason = "stop"
                     if pending[:cut]:
-                        yield pending[:cut]
+                        yield self._shown(pending[:cut])
                     return
                 # hold back a tail that could still grow into a stop string
                 ready = len(pending) - _partial_stop_length(pending, stop)
                 if ready:
-                    yield pending[:ready]
+                    yield self._shown(pending[:ready])
                     pending = pending[ready:]
             pending += decoder.flush()
             cut = _first_stop(pending, stop)
             if cut is not None:
                 pending, self.finish_reason = pending[:cut], "stop"
+            self._shown(pending)
+            if cut is None:  # all of it shown, tokens without text of their own too
+                self._covered = len(self._ends)
             if pending:
                 yield pending
         finally:
             ids.close()
+
+    def _shown(self, text: str) -> str:
+        """`text`, counted as shown: the tokens whose text it completes count as covered."""
+        self._shown_chars += len(text)
+        while self._covered < len(self._ends) and self._ends[self._covered] <= self._shown_chars:
+            self._covered += 1
+        return text
 
 
 def stop_token_ids(runtime: Runtime, stop_ids: Sequence[int] = ()) -> list[int]:

@@ -37,5 +37,7 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     row = logits.astype(np.float64)
     shifted = row - row.max()
     logp = shifted - np.log(np.exp(shifted).sum())
-    best = np.lexsort((np.arange(logp.size), -logp))[:top] if top else np.empty(0, np.int64)
+    top = min(top, logp.size)
+    best = np.argpartition(-logp, top - 1)[:top] if top else np.empty(0, np.int64)
+    best = best[np.lexsort((best, -logp[best]))]  # most likely first, ties by id
     return TokenLogprob(int(token), float(logp[token]), tuple((int(i), float(logp[i])) for i in best))
