@@ -479,6 +479,38 @@ def tensor_reader(entries: Iterable[TensorEntry]) -> Callable[[str], np.ndarray]
     return read
 
 
+def row_reader(entries: Iterable[TensorEntry]) -> Callable[[str, np.ndarray], np.ndarray]:
+    """A function that reads some rows of one of the entries' matrices by name, as float32: only those
+    rows' bytes (an embedding table's rows for a few thousand tokens, not the table)."""
+    by_name = {entry.name: entry for entry in entries}
+
+    def read(name: str, rows: np.ndarray) -> np.ndarray:
+        entry = by_name[name]
+        with open(entry.path, "rb") as f:
+            return read_rows(f, entry, rows)
+
+    return read
+
+
+def read_rows(f: BinaryIO, entry: TensorEntry, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (ids into the first axis, in their order, repeats allowed) of a tensor from its open
+    file, as float32 (len(rows), *shape[1:])."""
+    wanted = np.unique(rows)
+    if wanted.size and not 0 <= wanted[0] <= wanted[-1] < entry.shape[0]:
+        raise EdgelmError(
+            f"rows {int(wanted[0])}..{int(wanted[-1])} of {entry.name}: it has {entry.shape[0]}"
+        )
+    stored = np.empty((wanted.size, *entry.shape[1:]), FLOAT_DTYPES[entry.dtype])
+    row_bytes = stored[0].nbytes if wanted.size else 0
+    for i, row in enumerate(wanted.tolist()):
+        f.seek(entry.start + row * row_bytes)
+        _read_into(f, stored[i], entry)
+    out = np.empty(stored.shape, np.float32)
+    _widen_into(stored.reshape(-1), out.reshape(-1), entry.dtype)
+    check_finite(out, entry.name, str(entry.path))
+    return out[np.searchsorted(wanted, rows)]
+
+
 def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
     """One tensor from its open file as float32. A 16-bit tensor is read and widened CONVERT_VALUES values
     at a time, so that it costs its float32 size in memory, not both sizes (BF16: its 16 bits put on top
@@ -493,14 +525,19 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> np.ndarray:
         for start in range(0, flat.size, CONVERT_VALUES):
             stored, target = piece[: flat.size - start], flat[start : start + CONVERT_VALUES]
             _read_into(f, stored, entry)
-            if entry.dtype == "BF16":
-                bits = target.view(np.uint32)
-                bits[:] = stored
-                bits <<= 16
-            else:
-                target[:] = stored
+            _widen_into(stored, target, entry.dtype)
     check_finite(out, entry.name, str(entry.path))
     return out
+
+
+def _widen_into(stored: np.ndarray, target: np.ndarray, dtype: str) -> None:
+    """Stored values of a safetensors dtype (BF16 as its uint16 bits) into a float32 array of their size."""
+    if dtype == "BF16":
+        bits = target.view(np.uint32)
+        bits[:] = stored
+        bits <<= 16
+    else:
+        target[:] = stored
 
 
 def _read_into(f: BinaryIO, array: np.ndarray, entry: TensorEntry) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import edgelm
@@ -128,3 +129,26 @@ def test_weights_stored_in_half_precision_round_as_torch_does(checkpoint: Path, 
             None,
             dict.fromkeys(tensors, "F64"),
         )
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_rows_read_alone_are_the_tables_rows(checkpoint: Path, dtype: str) -> None:
+    """`row_reader` reads only some rows of a matrix (calibration's embeddings): the values safetensors'
+    own reader gives for them, in the order asked, repeats too; rows past the table are refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgelm.checkpoint import row_reader, weight_entries, write_weights
+
+    config, tensors, _ = load_checkpoint(checkpoint)
+    shapes = {k: v.shape for k, v in tensors.items()}
+    write_weights(checkpoint, config, shapes, iter(tensors.items()), None, dict.fromkeys(tensors, dtype))
+    read = row_reader(weight_entries(checkpoint))
+    name = "model.embed_tokens.weight"
+    table = load_file(checkpoint / "model.safetensors")[name].to(torch.float32).numpy()
+    last = table.shape[0] - 1
+    rows = np.array([5, 0, last, 5, 17, 17, 3])
+    assert np.array_equal(read(name, rows), table[rows])
+    assert read(name, np.array([], np.int64)).shape == (0, config.hidden_size)
+    with pytest.raises(EdgelmError, match=f"it has {last + 1}"):
+        read(name, np.array([1, last + 1]))

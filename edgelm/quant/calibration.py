@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelm.checkpoint import checked_entries, tensor_reader, tensor_shapes
+from edgelm.checkpoint import checked_entries, row_reader, tensor_reader, tensor_shapes
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.files import read_text
 from edgelm.model.config import ModelConfig
@@ -139,7 +139,7 @@ def activation_covariance(
             "(give at least a few sentences; thousands of tokens are better)"
         )
     windows = calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
-    return ActivationCovariance(config, tensor_reader(entries), windows, through)
+    return ActivationCovariance(config, tensor_reader(entries), row_reader(entries), windows, through)
 
 
 class ActivationCovariance(Mapping[str, np.ndarray]):
@@ -165,6 +165,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         self,
         config: ModelConfig,
         weights: Callable[[str], np.ndarray],
+        rows: Callable[[str, np.ndarray], np.ndarray],
         windows: list[list[int]],
         through: str = "quantized",
     ):
@@ -175,6 +176,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         self.config = config
         self.through = through
         self._weights = weights
+        self._rows = rows
         self._windows = windows
         self._layer_of: dict[str, int | None] = {
             f"model.layers.{i}.{reader}.weight": i
@@ -234,9 +236,10 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         """The calibration windows' embeddings, (1, T, hidden) each."""
         import torch
 
-        table = self._weights("model.embed_tokens.weight")
-        scale = np.float32(self.config.embedding_multiplier)
-        return [torch.from_numpy(table[window] * scale)[None] for window in self._windows]
+        ids = np.concatenate([np.asarray(window, np.int64) for window in self._windows])
+        rows = self._rows("model.embed_tokens.weight", ids) * np.float32(self.config.embedding_multiplier)
+        ends = np.cumsum([len(window) for window in self._windows])[:-1]
+        return [torch.from_numpy(part)[None] for part in np.split(rows, ends)]
 
     def _layer(self, i: int, quantized: bool) -> Block:
         """Layer i as a torch module, from the checkpoint, its weights the recorded quantized values where
