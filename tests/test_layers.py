@@ -25,7 +25,15 @@ LAYERS = [
     ("edgelm.runtimes",),
     ("edgelm.generation",),
     ("edgelm.evaluation",),
-    ("edgelm.serve", "edgelm.serve_guard", "edgelm.info", "edgelm.cli", "edgelm.__main__"),
+    (
+        "edgelm.serve",
+        "edgelm.serve_guard",
+        "edgelm.serve_requests",
+        "edgelm.serve_slots",
+        "edgelm.info",
+        "edgelm.cli",
+        "edgelm.__main__",
+    ),
 ]
 SOURCES = {"edgelm": ROOT / "edgelm", "edgelm.export": ROOT / "export", "edgelm.runtimes": ROOT / "runtimes"}
 
