@@ -65,7 +65,9 @@ def server(artifact: Path, extra: list[str]) -> Iterator[tuple[str, int]]:
         "--port",
         "0",
     ]
-    process = subprocess.Popen([*command, *extra], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*command, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert process.stderr is not None
         for line in process.stderr:
