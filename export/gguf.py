@@ -15,14 +15,15 @@ import dataclasses
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import bfloat16_bits, checked_entries, checkpoint_sha256, read_entries
+from edgelm.checkpoint import TensorEntry, bfloat16_bits, checked_entries, checkpoint_sha256, read_entries
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
@@ -179,16 +180,8 @@ def export_gguf(
     config, entries = checked_entries(checkpoint)
     if refusal := llama_cpp_refusal(config):
         raise EdgelmError(f"{checkpoint}: {refusal}; export it to ONNX, or run the checkpoint itself")
-    tokenizer = Tokenizer.load(checkpoint)
     path = output_path(checkpoint, Path(out) if out is not None else None, quant)
-    mixture = MIXTURES[quant]
-
-    writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
-    _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, hessians is not None)
-    rope = rope_tensors(config)
-    for name, factors in rope.items():
-        writer.add_tensor_info(name, factors.shape, factors.dtype, factors.nbytes)
-    types = {e.name: _plan_tensor(writer, e.name, e.shape, config, mixture) for e in entries}
+    writer, rope, types = _planned_writer(checkpoint, config, entries, quant, hessians is not None)
     tmp = temporary_sibling(path)
     with new_folders(path.parent):  # a failed export leaves no empty folder
         try:
@@ -208,6 +201,42 @@ def export_gguf(
             writer.close()
             tmp.unlink(missing_ok=True)
     return path
+
+
+def planned_size(checkpoint: Path, quant: str) -> int:
+    """The size in bytes of the file `export_gguf(checkpoint, quant=quant)` writes (uncalibrated), from the
+    checkpoint's shapes and tokenizer alone: its header, metadata and tensor infos (written to a temporary
+    file, which is removed), then each tensor's bytes padded to the file's alignment."""
+    checkpoint = Path(checkpoint)
+    config, entries = checked_entries(checkpoint)
+    writer, rope, types = _planned_writer(checkpoint, config, entries, quant, calibrated=False)
+    with tempfile.TemporaryDirectory() as folder:
+        writer.write_header_to_file(Path(folder) / "header.gguf")
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = (Path(folder) / "header.gguf").stat().st_size
+    sizes = [factors.nbytes for factors in rope.values()]
+    for e in entries:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[types[e.name]]
+        sizes.append(math.prod(e.shape) // block * block_bytes)
+    return sum(gguf.GGUFWriter.ggml_pad(n, writer.data_alignment) for n in [header, *sizes])
+
+
+def _planned_writer(
+    checkpoint: Path, config: ModelConfig, entries: Sequence[TensorEntry], quant: str, calibrated: bool
+) -> tuple[Any, dict[str, np.ndarray], dict[str, T]]:
+    """A GGUFWriter with the file's metadata and every tensor's info declared, the RoPE factor tensors the
+    file holds besides the checkpoint's, and the GGUF type of each checkpoint tensor."""
+    mixture = MIXTURES[quant]
+    writer = gguf.GGUFWriter(None, arch=GGUF_ARCHITECTURES[config.architecture])
+    tokenizer = Tokenizer.load(checkpoint)
+    _write_metadata(writer, config, tokenizer, mixture, checkpoint, quant, calibrated)
+    rope = rope_tensors(config)
+    for name, factors in rope.items():
+        writer.add_tensor_info(name, factors.shape, factors.dtype, factors.nbytes)
+    types = {e.name: _plan_tensor(writer, e.name, e.shape, config, mixture) for e in entries}
+    return writer, rope, types
 
 
 def _plan_tensor(

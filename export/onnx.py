@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,7 @@ from edgelm._version import __version__
 from edgelm.checkpoint import checked_entries, checkpoint_sha256, tensor_reader
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export.onnx_graph import MS_DOMAIN, OPSET, build_model
-from edgelm.export.onnx_quant import DYNAMIC_BITS, PRECISIONS, Precision, QuantOptions
+from edgelm.export.onnx_quant import DYNAMIC_BITS, MIXED_SIZE_OF, PRECISIONS, Precision, QuantOptions
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
 from edgelm.model.config import ARCHITECTURES, DEFAULT_CONTEXT, ModelConfig
@@ -44,11 +45,46 @@ except ModuleNotFoundError as e:
     raise missing_dependency("onnx", "onnx") from e
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+BUILTIN_CALIBRATION_TOKENS = 8192  # int4_mixed without calibration text: this much of the built-in corpus
+BUILTIN_CALIBRATION = f"built-in corpus, training split, {BUILTIN_CALIBRATION_TOKENS} tokens"
+# model.onnx (its nodes and the initializers' places), genai_config.json and edgelm.json, which int4_mixed's
+# budget cannot measure before its matrices are chosen: at most this per layer (measured: 5-7 KB)
+GRAPH_BYTES_PER_LAYER = 10_000
 
 
 def output_folder(checkpoint: Path, out: Path | None, quant: str) -> Path:
     """`--out`, else `<checkpoint>-onnx-<quant>` beside the checkpoint."""
     return out if out is not None else checkpoint.with_name(f"{checkpoint.name}-onnx-{quant}")
+
+
+def builtin_calibration(checkpoint: Path) -> Mapping[str, np.ndarray]:
+    """The activation statistics of BUILTIN_CALIBRATION_TOKENS tokens of the built-in corpus's training
+    split on the checkpoint: what int4_mixed calibrates on when it is given no text."""
+    from edgelm.quant.calibration import activation_covariance
+    from edgelm.training.data import builtin_calibration_text
+
+    text = builtin_calibration_text(8 * BUILTIN_CALIBRATION_TOKENS)  # fewer than 8 characters per token
+    return activation_covariance(checkpoint, text, max_tokens=BUILTIN_CALIBRATION_TOKENS)
+
+
+def mixed_budget(checkpoint: Path, config: ModelConfig, folder: Path) -> int:
+    """int4_mixed's bytes for model.onnx.data: the size of the checkpoint's MIXED_SIZE_OF GGUF file, less
+    the files already in `folder` and GRAPH_BYTES_PER_LAYER for each layer."""
+    from edgelm.export.gguf import planned_size
+
+    copied = sum(f.stat().st_size for f in folder.iterdir())
+    graph = GRAPH_BYTES_PER_LAYER * (config.num_hidden_layers + 1)
+    return planned_size(checkpoint, MIXED_SIZE_OF) - copied - graph
+
+
+def _copy(source: Path, target: Path) -> None:
+    """A checkpoint file copied into the folder; JSON without the indentation that can double its size
+    (a tokenizer.json's vocabulary and merges), the same values."""
+    if source.suffix == ".json":
+        value = json.loads(source.read_text(encoding="utf-8"))
+        target.write_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    else:
+        shutil.copyfile(source, target)
 
 
 def export_onnx(
@@ -65,7 +101,8 @@ def export_onnx(
     terminal.
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`) make the int8/int4 quantizer minimize
-    each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF.
+    each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF. int4_mixed
+    without them calibrates on the built-in corpus (`builtin_calibration`).
     """
     if quant not in PRECISIONS:
         raise EdgelmError(f"unknown ONNX precision {quant!r}; choose one of {', '.join(PRECISIONS)}")
@@ -82,16 +119,25 @@ def export_onnx(
     if folder.exists() and not (folder / MODEL_FILE).is_file():
         raise EdgelmError(f"{folder} exists and is not an ONNX folder; choose another --out")
     precision = PRECISIONS[quant]
+    calibration = "given" if hessians else None
+    if precision.mixed and not hessians:
+        hessians, calibration = builtin_calibration(checkpoint), BUILTIN_CALIBRATION
 
     tmp = temporary_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        for name in COPIED_FILES:
+            if (checkpoint / name).is_file():
+                _copy(checkpoint / name, tmp / name)
+        budget = mixed_budget(checkpoint, config, tmp) if precision.mixed else None
         steps = config.num_hidden_layers * (2 if precision.mixed else 1)  # int4_mixed ranks them first
         label = f"{folder.name}{progress_label(hessians)}"
         with open(tmp / DATA_FILE, "wb") as data, progress_bar(label, steps, show_progress) as advance:
-            weights = tensor_reader(entries)
-            model = build_model(config, weights, precision, options, hessians or {}, data, threads, advance)
+            weights, statistics = tensor_reader(entries), hessians or {}
+            model = build_model(
+                config, weights, precision, options, statistics, data, threads, advance, budget
+            )
         # the graph takes its name last, so that a folder cut short by a kill never loads
         graph = tmp / f"{MODEL_FILE}.partial"
         onnx.save_model(model, str(graph))  # the weights are in model.onnx.data already
@@ -100,11 +146,8 @@ def export_onnx(
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
             raise EdgelmError(message) from None
-        for name in COPIED_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copyfile(checkpoint / name, tmp / name)
         write_json_atomic(tmp / GENAI_CONFIG, genai_config(config))
-        record = provenance(checkpoint, quant, precision, options, hessians, model)
+        record = provenance(checkpoint, quant, precision, options, calibration, model)
         write_json_atomic(tmp / PROVENANCE, record)
         graph.replace(tmp / MODEL_FILE)
         if folder.exists():
@@ -172,24 +215,27 @@ def provenance(
     quant: str,
     precision: Precision,
     options: QuantOptions,
-    hessians: Mapping[str, np.ndarray] | None,
+    calibration: str | None,
     model: onnx.ModelProto,
 ) -> dict[str, Any]:
-    """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and, for a
-    mixed precision, which matrices got 8 bits), the opsets and the tools' versions."""
+    """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and on what
+    text: "given" or the built-in corpus; for int4_mixed, each matrix's bits and block), the opsets and the
+    tools' versions."""
     quantization: dict[str, Any] = {"dtype": precision.dtype, "bits": precision.bits}
     if precision.bits is not None:
-        method = "gptq" if hessians else ("search" if options.search else "round-to-nearest")
+        method = "gptq" if calibration else ("search" if options.search else "round-to-nearest")
         quantization |= dataclasses.asdict(options) | {"method": method, "operator": "MatMulNBits"}
+        quantization["calibration"] = calibration
     if precision.dynamic:
         quantization |= {"bits": DYNAMIC_BITS, "block_size": "per output channel"}
         quantization |= {"operator": "DynamicQuantizeMatMul", "embedding": "GatherBlockQuantized 8-bit"}
     if precision.mixed:
-        quantization["eight_bit"] = [
-            node.name
+        quantization |= {"size_of": f"gguf {MIXED_SIZE_OF}", "bits": "mixed", "block_size": "mixed"}
+        quantization["matrices"] = {
+            node.name: [helper.get_node_attr_value(node, key) for key in ("bits", "block_size")]
             for node in model.graph.node
-            if node.op_type == "MatMulNBits" and helper.get_node_attr_value(node, "bits") == 8
-        ]
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
+        }
     return {
         "format": "onnx",
         "quant": quant,

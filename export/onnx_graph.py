@@ -16,6 +16,7 @@ a soft-capped head (`_head`); Phi-3's fused matrices are its checkpoint's own (`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -27,13 +28,14 @@ from edgelm.checkpoint import tensor_shapes
 from edgelm.errors import missing_dependency
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import (
-    MIXED_EIGHT_BIT_SHARE,
+    MIXED_FORMATS,
+    BlockFormat,
     Matrix,
     Precision,
     QuantOptions,
-    quantization_cost,
+    allocate,
+    output_error,
     quantized_blocks,
-    sensitive_matrices,
 )
 from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
@@ -128,18 +130,24 @@ def build_model(
     data: BinaryIO,
     threads: int | None = None,
     advance: Callable[[str], None] = lambda done: None,
+    budget: int | None = None,
 ) -> onnx.ModelProto:
     """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
     its initializers' bytes are written to `data` (model.onnx.data) as the graph is built, layer by layer,
     each matrix read, quantized (on `threads` threads, None: every core), packed, written and dropped.
-    `advance` is called with each layer's name when it is done (and, for int4_mixed, ranked)."""
+    `advance` is called with each layer's name when it is done (and, for int4_mixed, ranked). `budget`:
+    int4_mixed's bytes for the whole data file."""
     g = _Graph(precision.dtype, data)
     inputs, outputs = _graph_io(config, _ONNX_TYPES[precision.dtype])
     sequence = _sequence(g, config)
-    mixed = (
-        eight_bit_matrices(config, weights, options, hessians, threads, advance) if precision.mixed else ()
-    )
-    linear = _Linear(g, config, weights, precision, options, hessians, frozenset(mixed), threads)
+    formats: dict[str, BlockFormat] = {}
+    if precision.mixed:
+        assert budget is not None
+        norms = sum(math.prod(s) for s in tensor_shapes(config).values() if len(s) == 1)
+        left = budget - data.tell() - norms * np.dtype(g.dtype).itemsize  # the RoPE tables are written
+        scale_bytes = 2 if precision.half_scales else np.dtype(g.dtype).itemsize
+        formats = mixed_formats(config, weights, options, hessians, left, scale_bytes, threads, advance)
+    linear = _Linear(g, config, weights, precision, options, hessians, formats, threads)
     x = _embedding(g, config, weights, linear)
     if config.embedding_multiplier != 1.0:  # Gemma's √hidden
         scale = g.constant("/model/embed_tokens/scale", np.array(config.embedding_multiplier, g.dtype))
@@ -161,27 +169,42 @@ def build_model(
     return model
 
 
-def eight_bit_matrices(
+def mixed_formats(
     config: ModelConfig,
     weights: Weights,
     options: QuantOptions,
     hessians: Mapping[str, np.ndarray],
+    budget: int,
+    scale_bytes: int,
     threads: int | None,
     advance: Callable[[str], None],
-) -> list[str]:
-    """int4_mixed's matrices at 8 bits: each matrix quantized at 4 bits and its cost measured, one at a
-    time (the build quantizes them again), then `sensitive_matrices`' choice."""
-    four_bit = Precision("float32", 4)
-    costs, sizes = {}, {}
-    for name in matrix_names(config):
-        m = fused_matrix(config, weights, name)
+) -> dict[str, BlockFormat]:
+    """int4_mixed's format of every quantized matrix (the untied embedding table included, as
+    "model.embed_tokens"): each matrix's `output_error` measured in each of MIXED_FORMATS, one matrix at
+    a time (the build quantizes them again), then `allocate`'s choice within `budget` bytes, each scale
+    taking `scale_bytes`. The table the embedding gathers from (the head's, when tied) takes only blocks
+    that divide its rows."""
+    tables = {"lm_head" if config.tie_word_embeddings else "model.embed_tokens"}
+    names = matrix_names(config) + ([] if config.tie_word_embeddings else ["model.embed_tokens"])
+    choices = {}
+    for name in names:
+        if name == "model.embed_tokens":
+            m = Matrix(weights("model.embed_tokens.weight"), "")
+        else:
+            m = fused_matrix(config, weights, name)
         hessian = hessians.get(m.hessian_key)
-        q = quantized_blocks(name, m.w, four_bit, options, hessian, threads=threads)
-        costs[name] = quantization_cost(m.w, q, hessian)
-        sizes[name] = m.w.size
+        rows, cols = m.w.shape
+        usable = [f for f in MIXED_FORMATS if name not in tables or cols % f.block == 0]
+        choices[name] = {
+            f: (
+                f.packed_bytes(rows, cols, options.symmetric, scale_bytes),
+                output_error(m.w, f, options, hessian, threads),
+            )
+            for f in usable or [BlockFormat(4, options.block_size)]
+        }
         if name.endswith("down_proj"):  # the last matrix of a layer
             advance(f"ranked {name.removesuffix('.mlp.down_proj')}")
-    return sensitive_matrices(costs, sizes, MIXED_EIGHT_BIT_SHARE)
+    return allocate(choices, budget)
 
 
 def _graph_io(config: ModelConfig, ftype: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -506,7 +529,7 @@ class _Linear:
     precision: Precision
     options: QuantOptions
     hessians: Mapping[str, np.ndarray]
-    eight_bit: frozenset[str]  # int4_mixed's 8-bit matrices
+    formats: Mapping[str, BlockFormat]  # int4_mixed's choice per matrix
     threads: int | None  # the quantizer's
     packed: dict[str, _Packed] = field(default_factory=dict)  # blocks already written (a tied head's)
 
@@ -527,6 +550,8 @@ class _Linear:
             (y,) = self.g.node("DynamicQuantizeMatMul", [x, b, b_scale], node_name, ms=True)
             return y
         packed = self.blocks(matrix)
+        if self.precision.half_scales:  # MatMulNBits computes in its scales' type
+            (x,) = self.g.node("Cast", [x], node_name, to=TensorProto.FLOAT16)
         (y,) = self.g.node(
             "MatMulNBits",
             [x, *packed.names],
@@ -538,6 +563,13 @@ class _Linear:
             block_size=packed.block,
             accuracy_level=self.options.accuracy_level,
         )
+        return self.widened(y, node_name)
+
+    def widened(self, y: str, node_name: str) -> str:
+        """A quantized node's output in the graph's dtype: cast back from float16 with half scales."""
+        if not self.precision.half_scales:
+            return y
+        (y,) = self.g.node("Cast", [y], f"{node_name}/output", to=_ONNX_TYPES[self.g.dtype])
         return y
 
     def blocks(self, matrix: str) -> _Packed:
@@ -549,14 +581,16 @@ class _Linear:
             else:
                 m = fused_matrix(self.config, self.weights, matrix)
             hessian = self.hessians.get(m.hessian_key)
-            q = quantized_blocks(
-                matrix, m.w, self.precision, self.options, hessian, self.eight_bit, self.threads
-            )
+            chosen = self.formats.get(matrix)
+            q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, chosen, self.threads)
             self.record(matrix, m.w, q)
             names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
             packed, scales, zero_points = pack_matmul_nbits(q)
             self.g.weight(names[0], packed)
-            self.g.float_weight(names[1], scales)
+            if self.precision.half_scales:  # float16-exact already (`QuantizedBlocks`)
+                self.g.weight(names[1], scales.astype(np.float16))
+            else:
+                self.g.float_weight(names[1], scales)
             if zero_points is not None:
                 self.g.weight(names[2], zero_points)
             kept = names if q.zeros is not None else names[:2]
@@ -582,14 +616,15 @@ def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear
     """The token embeddings of input_ids: Gather of float rows, or GatherBlockQuantized of the quantized
     embedding (the head's own blocks when tied, so the file holds them once)."""
     name = "/model/embed_tokens"
-    padded = config.hidden_size % linear.options.block_size  # blocks padded past the row: not as a table
-    if linear.precision.bits is None or padded:
+    # its own blocks when it has them (untied, or int8_dynamic, whose head is per channel), else the head's
+    own = not config.tie_word_embeddings or linear.precision.dynamic
+    table = "model.embed_tokens" if own else "lm_head"
+    block = linear.formats[table].block if table in linear.formats else linear.options.block_size
+    if linear.precision.bits is None or config.hidden_size % block:  # blocks padded past a row: no table
         weight = g.float_weight("model.embed_tokens.weight", weights("model.embed_tokens.weight"))
         (x,) = g.node("Gather", [weight, "input_ids"], name)
         return x
-    # its own blocks when it has them (untied, or int8_dynamic, whose head is per channel), else the head's
-    own = not config.tie_word_embeddings or linear.precision.dynamic
-    blocks = linear.blocks("model.embed_tokens" if own else "lm_head")
+    blocks = linear.blocks(table)
     packed, scales, *zero_points = blocks.names
     rows = g.constant(f"{name}/rows_shape", np.array([config.vocab_size, -1], np.int64))
     (data,) = g.node("Reshape", [packed, rows], name)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
@@ -603,4 +638,4 @@ def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear
         block_size=blocks.block,
         bits=blocks.bits,
     )
-    return x
+    return linear.widened(x, name)

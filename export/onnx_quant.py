@@ -1,10 +1,13 @@
 """The precisions of an ONNX export and their weights: each matrix quantized by `edgelm.quant.blocks`
-(round-to-nearest with a scale search, GPTQ with calibration) and the int4_mixed choice of 8-bit matrices.
+(round-to-nearest with a scale search, GPTQ with calibration) and int4_mixed's choice of each matrix's bits
+and block size within a byte budget.
 Nothing here packs bytes (`export/onnx_pack.py` does) or builds a graph (`export/onnx_graph.py` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +22,9 @@ class Precision:
 
     dtype: str  # "float32" or "float16": activations, norms, embeddings, KV cache
     bits: int | None = None  # None: plain MatMul on float weights
-    mixed: bool = False  # the head and the most sensitive matrices at 8 bits, see `sensitive_matrices`
+    mixed: bool = False  # each matrix's bits and block chosen within llama.cpp Q4_K_M's size, see `allocate`
+    # MatMulNBits on float16 between Casts, so that its scales (float16-exact) take 2 bytes, not 4
+    half_scales: bool = False
     dynamic: bool = False  # int8 per output channel in DynamicQuantizeMatMul (activations quantized per call)
 
 
@@ -29,9 +34,9 @@ PRECISIONS = {
     "int8": Precision("float32", 8),
     "int8_dynamic": Precision("float32", 8, dynamic=True),
     "int4": Precision("float32", 4),
-    "int4_mixed": Precision("float32", 4, mixed=True),
+    "int4_mixed": Precision("float32", 4, mixed=True, half_scales=True),
 }
-MIXED_EIGHT_BIT_SHARE = 0.25  # int4_mixed: at most this share of the layers' weights is promoted to 8 bits
+MIXED_SIZE_OF = "q4_k_m"  # int4_mixed's folder is no larger than this GGUF mixture's file of the checkpoint
 # int8_dynamic: weights in [-64, 63]. On AVX2, ONNX Runtime multiplies uint8 activations by int8 weights with
 # instructions that add pairs of products in int16, which full-range weights overflow (ORT's reduce_range).
 DYNAMIC_BITS = 7
@@ -62,6 +67,31 @@ class QuantOptions:
 
 
 @dataclass(frozen=True)
+class BlockFormat:
+    """How one matrix is stored in MatMulNBits (or GatherBlockQuantized): bits per code, values per scale."""
+
+    bits: int
+    block: int
+
+    def packed_bytes(self, rows: int, cols: int, symmetric: bool, scale_bytes: int) -> int:
+        """The bytes of a (rows, cols) matrix in this format: codes of the rows padded to whole blocks, a
+        scale of `scale_bytes` per block and, unless symmetric, zero points packed as the codes are."""
+        blocks = -(-cols // self.block)
+        zero_points = 0 if symmetric else -(-blocks * self.bits // 8)
+        return rows * (blocks * (self.block * self.bits // 8 + scale_bytes) + zero_points)
+
+
+# int4_mixed's choices for a matrix, from the smallest; 8-bit blocks of 32 cost more than they return
+MIXED_FORMATS = (
+    BlockFormat(4, 128),
+    BlockFormat(4, 64),
+    BlockFormat(4, 32),
+    BlockFormat(8, 128),
+    BlockFormat(8, 64),
+)
+
+
+@dataclass(frozen=True)
 class Matrix:
     """A weight matrix as the graph multiplies by it: HF weights stacked along the output rows (q, k, v;
     gate, up), (out, in), with the key of the calibration hessian of its input."""
@@ -76,45 +106,66 @@ def quantized_blocks(
     precision: Precision,
     options: QuantOptions,
     hessian: np.ndarray | None,
-    eight_bit: frozenset[str] = frozenset(),
+    chosen: BlockFormat | None = None,
     threads: int | None = None,
 ) -> QuantizedBlocks:
     """One matrix of the graph (or "model.embed_tokens", the untied embedding table) at the precision's
-    bits: per output channel for int8_dynamic's matrices, 8 bits for the names in `eight_bit` (int4_mixed),
-    else in blocks of `options.block_size`. The embedding table is quantized without a hessian. threads: as
+    bits: per output channel for int8_dynamic's matrices, in the `chosen` format (int4_mixed's choice), else
+    in blocks of `options.block_size`. The embedding table is quantized without a hessian. threads: as
     for `quantize_blocks`."""
     bits = precision.bits
     assert bits is not None
+    if chosen is not None:
+        options = dataclasses.replace(options, block_size=chosen.block)
+        bits = chosen.bits
     if name == "model.embed_tokens":
         return quantize_matrix(w, bits, options, threads=threads)  # blocks, for GatherBlockQuantized
     if precision.dynamic:  # one block spanning each row
         return quantize_blocks(
             w, DYNAMIC_BITS, w.shape[1], True, search=options.search, hessian=hessian, threads=threads
         )
-    return quantize_matrix(w, 8 if name in eight_bit else bits, options, hessian, threads)
+    return quantize_matrix(w, bits, options, hessian, threads)
 
 
-def quantization_cost(w: np.ndarray, q: QuantizedBlocks, hessian: np.ndarray | None) -> float:
-    """What quantizing w to q costs per weight: with calibration, the expected squared error of the
-    matrix's output, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ]; without, the squared weight error ||E||²
-    (the output error for inputs of unit variance, which the RMS-normalized inputs of qkv and gate/up are
-    near)."""
+def output_error(
+    w: np.ndarray, chosen: BlockFormat, options: QuantOptions, hessian: np.ndarray | None, threads: int | None
+) -> float:
+    """What storing w (out, in) in a format costs: the expected squared error of the matrix's output per
+    token, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ] of its input; without H (a lookup table, which is
+    not multiplied), the mean squared error of a row, ||E||² / out. Q is the scale search weighted by H's
+    diagonal, without GPTQ's error feedback, which costs far more and ranks the formats alike."""
+    options = dataclasses.replace(options, block_size=chosen.block)
+    importance = None if hessian is None else np.diagonal(hessian)
+    q = quantize_matrix(w, chosen.bits, options, threads=threads, importance=importance)
     error = w - q.dequantize()[:, : w.shape[1]]
-    total = float(np.sum((error @ hessian) * error)) if hessian is not None else float(np.sum(error * error))
-    return total / w.size
+    if hessian is None:
+        return float(np.sum(error * error)) / w.shape[0]
+    return float(np.sum((error @ hessian) * error))
 
 
-def sensitive_matrices(costs: dict[str, float], sizes: dict[str, int], share: float) -> list[str]:
-    """The head, then the layer matrices whose quantization costs most per weight (`quantization_cost` at
-    4 bits), up to `share` of the layers' weights (`sizes`: values per matrix)."""
-    layers = [name for name in costs if name != "lm_head"]
-    budget = share * sum(sizes[name] for name in layers)
-    chosen = ["lm_head"]
-    for name in sorted(layers, key=costs.__getitem__, reverse=True):
-        if sizes[name] <= budget:
-            chosen.append(name)
-            budget -= sizes[name]
-    return chosen
+def allocate(
+    choices: Mapping[str, Mapping[BlockFormat, tuple[int, float]]], budget: int
+) -> dict[str, BlockFormat]:
+    """Each matrix's format, for the least error in all (`output_error`, summed over the matrices) within
+    `budget` bytes: every matrix starts at its smallest format, then the move from a matrix's format to a
+    larger one that removes the most error per added byte is taken while the bytes stay within the budget,
+    until none fits. `choices`: per matrix, per format, (bytes, error)."""
+    chosen = {name: min(formats, key=lambda f: formats[f][0]) for name, formats in choices.items()}
+    spent = sum(choices[name][f][0] for name, f in chosen.items())
+    while True:
+        best, best_gain = None, 0.0
+        for name, formats in choices.items():
+            size, error = formats[chosen[name]]
+            for fmt, (more, less) in formats.items():
+                if more > size and less < error and spent + more - size <= budget:
+                    gain = (error - less) / (more - size)
+                    if gain > best_gain:
+                        best, best_gain = (name, fmt), gain
+        if best is None:
+            return chosen
+        name, fmt = best
+        spent += choices[name][fmt][0] - choices[name][chosen[name]][0]
+        chosen[name] = fmt
 
 
 def quantize_matrix(
@@ -123,18 +174,19 @@ def quantize_matrix(
     options: QuantOptions,
     hessian: np.ndarray | None = None,
     threads: int | None = None,
+    importance: np.ndarray | None = None,
 ) -> QuantizedBlocks:
     """w (out, in) quantized along its rows in blocks of `options.block_size`, the rows zero-padded to a
-    whole number of blocks as MatMulNBits pads them (the padding's codes are never used)."""
+    whole number of blocks as MatMulNBits pads them (the padding's codes are never used). `importance`:
+    a weight per column for the scale search without a hessian (`quantize_blocks`)."""
     cols = w.shape[1]
     padded = -cols % options.block_size
     if padded:
         w = np.pad(w, ((0, 0), (0, padded)))
         if hessian is not None:
             hessian = np.pad(hessian, ((0, padded), (0, padded)))
-    importance = None
     if padded and hessian is None:
-        importance = np.concatenate([np.ones(cols), np.zeros(padded)])
+        importance = np.concatenate([np.ones(cols) if importance is None else importance, np.zeros(padded)])
     return quantize_blocks(
         w,
         bits,

@@ -21,10 +21,11 @@ import edgelm
 from edgelm.checkpoint import bfloat16_bits, load_checkpoint, weight_shapes
 from edgelm.errors import EdgelmError
 from edgelm.evaluation.metrics import kl_divergence, log_probs
-from edgelm.export.gguf import QUANTIZERS, export_gguf
+from edgelm.export.gguf import QUANTIZERS, export_gguf, planned_size
 from edgelm.export.gguf_types import MIXTURES, tensor_type
 from edgelm.formats.gguf import gguf_name, permute_for_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
+from edgelm.model.rope_scaling import Llama3RopeScaling
 from edgelm.tokenizer import Tokenizer
 from edgelm.training.data import load_tokens, validation_windows
 
@@ -389,3 +390,23 @@ def test_embedding_rows_past_the_tokenizer_get_padding_tokens(
         export_gguf(
             random_checkpoint(tmp_path / "small", smaller, small_tokenizer), tmp_path / "x.gguf", "f32"
         )
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_planned_size_is_the_written_size(
+    tmp_path: Path, small_tokenizer: Tokenizer, quant: str, tied: bool
+) -> None:
+    """The size a GGUF export will have, from shapes and the tokenizer alone, is the file's size; Llama 3's
+    RoPE factors (a tensor the checkpoint does not hold) included."""
+    config = dataclasses.replace(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        head_dim=64,
+        tie_word_embeddings=tied,
+        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 64),
+    )
+    checkpoint = make_checkpoint(tmp_path / "model", small_tokenizer, config)
+    path = export_gguf(checkpoint, tmp_path / f"{quant}.gguf", quant)
+    assert planned_size(checkpoint, quant) == path.stat().st_size

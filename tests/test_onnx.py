@@ -23,7 +23,7 @@ from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
 from edgelm.export.onnx_graph import fused_matrix, matrix_names
 from edgelm.export.onnx_pack import pack_matmul_nbits
-from edgelm.export.onnx_quant import QuantOptions, quantize_matrix
+from edgelm.export.onnx_quant import MIXED_FORMATS, BlockFormat, QuantOptions, allocate, quantize_matrix
 from edgelm.model.rope_scaling import Llama3RopeScaling
 from edgelm.runtimes.base import Runtime
 from edgelm.runtimes.torch import TorchRuntime
@@ -121,7 +121,8 @@ def test_export_holds_one_layer_at_a_time(
     tmp_path: Path, small_tokenizer: Tokenizer, live_tensors: LiveTensors, quant: str
 ) -> None:
     """A 12-layer model streams into model.onnx.data: the checkpoint tensors alive at once never weigh more
-    than one decoder layer (int4_mixed, which ranks every matrix first, included)."""
+    than one decoder layer; int4_mixed (which ranks every matrix first) calibrates on the built-in corpus,
+    whose layer is alive beside the exporter's: two."""
     config = dataclasses.replace(
         SMALL, hidden_size=256, intermediate_size=512, head_dim=64, num_hidden_layers=12
     )
@@ -129,7 +130,10 @@ def test_export_holds_one_layer_at_a_time(
     shapes = weight_shapes(checkpoint)
     layer = 4 * sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("model.layers.0."))
     export_onnx(checkpoint, tmp_path / "onnx", quant)
-    assert 0 < live_tensors.peak <= layer < 4 * sum(math.prod(shape) for shape in shapes.values()) / 10
+    layers = 2 if quant == "int4_mixed" else 1
+    assert (
+        0 < live_tensors.peak <= layers * layer < 4 * sum(math.prod(shape) for shape in shapes.values()) / 5
+    )
 
 
 def test_graph_is_fused_and_folder_complete(checkpoint: Path, tmp_path: Path) -> None:
@@ -563,3 +567,64 @@ def test_calibration_lowers_the_kl_divergence_of_int4(
         for name, folder in (("plain", trained_exports["int4"]), ("calibrated", out))
     }
     assert kld["calibrated"] < 0.85 * kld["plain"], kld
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero_points"])
+@pytest.mark.parametrize(("bits", "block", "cols"), [(4, 32, 128), (4, 64, 96), (8, 128, 200), (8, 16, 48)])
+def test_packed_bytes_are_the_packed_arrays(bits: int, block: int, cols: int, symmetric: bool) -> None:
+    """What int4_mixed's budget counts for a format is what MatMulNBits' arrays take (rows padded to whole
+    blocks, zero points packed), with float32 or float16 scales."""
+    w = np.random.default_rng(0).standard_normal((24, cols)).astype(np.float32)
+    q = quantize_matrix(w, bits, QuantOptions(block_size=block, symmetric=symmetric))
+    packed, scales, zero_points = pack_matmul_nbits(q)
+    stored = packed.nbytes + (0 if zero_points is None else zero_points.nbytes)
+    for scale_bytes in (4, 2):
+        want = stored + scales.size * scale_bytes
+        assert BlockFormat(bits, block).packed_bytes(24, cols, symmetric, scale_bytes) == want
+
+
+def test_allocation_spends_the_budget_where_it_removes_most_error() -> None:
+    """Within the budget; no single move to a larger format would still fit and lower the error; the
+    smallest formats below any budget, the least error above every one."""
+    rng = np.random.default_rng(1)
+    formats = MIXED_FORMATS[:3]
+    choices = {}
+    for name in "abcdef":
+        sizes = np.cumsum(rng.integers(10, 100, len(formats)))
+        errors = np.sort(rng.random(len(formats)))[::-1]
+        choices[name] = {f: (int(s), float(e)) for f, s, e in zip(formats, sizes, errors, strict=True)}
+    smallest = sum(min(c.values())[0] for c in choices.values())
+    largest = sum(max(c.values())[0] for c in choices.values())
+    for budget in range(smallest, largest + 1, 17):
+        chosen = allocate(choices, budget)
+        spent = sum(choices[name][f][0] for name, f in chosen.items())
+        assert spent <= budget
+        for name, current in chosen.items():
+            size, error = choices[name][current]
+            for size_then, error_then in choices[name].values():
+                assert not (size_then > size and error_then < error and spent + size_then - size <= budget)
+    assert all(f == formats[0] for f in allocate(choices, smallest - 1).values())
+    assert all(f == formats[-1] for f in allocate(choices, largest).values())
+
+
+def test_int4_mixed_beats_llama_cpp_q4_k_m_at_its_size(
+    trained_run: Path, trained_exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """int4_mixed on the trained tiny model (calibrated on the built-in corpus by itself): the folder no
+    larger than llama.cpp's own Q4_K_M file of the checkpoint, and a KLD no higher on held-out text, as
+    `edgelm check` measures both (measured: 0.00036 against 0.00066 on the README's tiny model)."""
+    from edgelm.evaluation.check import check
+    from edgelm.evaluation.reference import compute_reference, default_evaluation_text
+    from edgelm.export.gguf import export_gguf_via_llama_cpp
+
+    ours = trained_exports["int4_mixed"]
+    theirs = export_gguf_via_llama_cpp(trained_run, tmp_path / "q4_k_m.gguf", "q4_k_m")
+    reference = compute_reference(trained_run, default_evaluation_text(trained_run), windows=8)
+    results = {path.name: check(path, reference, repetitions=0) for path in (ours, theirs)}
+    kld = {name: r.accuracy.kld_mean.value for name, r in results.items() if r.accuracy is not None}
+    print(kld, {name: r.file_size for name, r in results.items()})
+    assert results[ours.name].file_size <= results[theirs.name].file_size
+    assert kld[ours.name] <= kld[theirs.name]
+    recorded = json.loads((ours / "edgelm.json").read_text())["quantization"]
+    assert recorded["calibration"].startswith("built-in corpus") and recorded["size_of"] == "gguf q4_k_m"
+    assert {tuple(f) for f in recorded["matrices"].values()} <= {(f.bits, f.block) for f in MIXED_FORMATS}

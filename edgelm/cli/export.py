@@ -78,11 +78,17 @@ def _add_onnx(formats: argparse._SubParsersAction) -> None:
     onnx.add_argument(
         "--quant",
         default="fp32",
-        help="fp32, fp16, int8, int8_dynamic (ORT's dynamic int8 path), int4, int4_mixed (int4 with the head "
-        "and the most error-prone matrices at 8 bits)",
+        help="fp32, fp16, int8, int8_dynamic (ORT's dynamic int8 path), int4, int4_mixed (4 and 8 bits per "
+        "matrix where they remove most error, in the size of llama.cpp's Q4_K_M; calibrated on the built-in "
+        "corpus unless --calibration)",
     )
     onnx.add_argument("--out", default=None, help="output folder (default: CHECKPOINT-onnx-QUANT beside it)")
-    onnx.add_argument("--block-size", type=int, default=32, help="int8/int4: values per scale (power of 2)")
+    onnx.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="int8/int4: values per scale (power of 2; int4_mixed chooses)",
+    )
     onnx.add_argument(
         "--zero-points", action="store_true", help="int8/int4: asymmetric blocks with uint8 zero points"
     )

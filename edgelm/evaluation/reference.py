@@ -22,7 +22,7 @@ from edgelm.formats.artifact import artifact_kind
 from edgelm.model.config import ModelConfig
 from edgelm.runtimes.base import DEFAULT_CONTEXT, DEFAULT_RUNTIME, Runtime, open_runtime, runtime_class
 from edgelm.tokenizer import Tokenizer
-from edgelm.training.data import spread_windows
+from edgelm.training.data import DEFAULT_VAL_FRACTION, spread_windows
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -60,7 +60,7 @@ class EvaluationText:
         return cls(text, str(path))
 
 
-def builtin_evaluation_text(val_fraction: float = 0.05) -> EvaluationText:
+def builtin_evaluation_text(val_fraction: float = DEFAULT_VAL_FRACTION) -> EvaluationText:
     """The held-out documents of the built-in corpus (the standard library), joined by blank lines."""
     from edgelm.training.data import builtin_corpus, read_documents, split_documents
 

@@ -19,6 +19,7 @@ from edgelm.tokenizer import Tokenizer, train_tokenizer
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 # test suites and bundled packages make the built-in corpus larger, not better
 _BUILTIN_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+DEFAULT_VAL_FRACTION = 0.05  # the share of documents held out for validation
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ def builtin_corpus() -> list[Path]:
     """The default corpus, present on every machine: the Python standard library's own source files."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in root.rglob("*.py") if not _BUILTIN_SKIP & set(p.relative_to(root).parts))
+
+
+def builtin_calibration_text(chars: int) -> str:
+    """About `chars` characters of the built-in corpus's training documents, never its held-out ones (on
+    which `edgelm check` evaluates by default), in the split's hash order so that they span the library."""
+    train, _ = split_documents(read_documents(builtin_corpus(), skip_undecodable=True), DEFAULT_VAL_FRACTION)
+    ranked = sorted(train, key=_rank)
+    taken: list[str] = []
+    while ranked and sum(map(len, taken)) < chars:
+        taken.append(ranked.pop(0).text)
+    return "\n\n".join(taken)[:chars]
 
 
 def find_corpus_files(sources: Sequence[str]) -> list[Path]:
@@ -114,10 +126,15 @@ def split_documents(
         cut = doc.text.find("\n", int(len(doc.text) * (1 - val_fraction)))
         cut = cut + 1 if 0 < cut < len(doc.text) - 1 else int(len(doc.text) * (1 - val_fraction))
         return [Document(doc.name, doc.text[:cut])], [Document(doc.name, doc.text[cut:])]
-    ranked = sorted(documents, key=lambda d: hashlib.blake2b(d.name.encode(), digest_size=8).digest())
+    ranked = sorted(documents, key=_rank)
     n_val = min(len(documents) - 1, max(1, round(len(documents) * val_fraction)))
     val_names = {d.name for d in ranked[:n_val]}
     return ([d for d in documents if d.name not in val_names], [d for d in documents if d.name in val_names])
+
+
+def _rank(document: Document) -> bytes:
+    """A document's place in the split's order: a hash of its name."""
+    return hashlib.blake2b(document.name.encode(), digest_size=8).digest()
 
 
 def corpus_fingerprint(files: Sequence[Path], vocab_size: int, val_fraction: float) -> str:

@@ -31,7 +31,14 @@ from edgelm.files import read_json, temporary_sibling, write_json_atomic
 from edgelm.model.config import ModelConfig, preset
 from edgelm.model.device import resolve_device
 from edgelm.model.transformer import Transformer, load_weights, weights_of
-from edgelm.training.data import TokenData, batch_windows, load_tokens, prepare_tokens, validation_windows
+from edgelm.training.data import (
+    DEFAULT_VAL_FRACTION,
+    TokenData,
+    batch_windows,
+    load_tokens,
+    prepare_tokens,
+    validation_windows,
+)
 
 STATE = "trainer_state.json"
 SAVING = "save"  # the staging folder of a save in progress: temporary_sibling(out / SAVING)
@@ -58,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_windows: int = 32
-    val_fraction: float = 0.05
+    val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = 1337
     device: str = "auto"
 
