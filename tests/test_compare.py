@@ -18,7 +18,7 @@ from edgelm.evaluation.check import CheckResult
 from edgelm.evaluation.compare import Comparison, compare, default_targets, export_target, parse_target
 from edgelm.evaluation.progress import ProgressDisplay
 from edgelm.evaluation.reference import EvaluationText, Reference, compute_reference
-from edgelm.evaluation.report import pareto_front, write_charts
+from edgelm.evaluation.report import pareto_front, place_labels, write_charts
 
 # the report.json schema, written out so that any change to it is a deliberate one
 TOP_KEYS = {
@@ -216,6 +216,30 @@ def checking_reference(checkpoint: Path, tmp_path: Path) -> Reference:
 def test_pareto_front() -> None:
     points = [(0.0, 10.0), (0.1, 30.0), (0.05, 20.0), (0.2, 25.0), (0.3, 40.0)]  # (KLD, tokens/s)
     assert pareto_front(points) == [0, 2, 1, 4]
+    sizes = [(5.0, -0.001), (1.2, -0.004), (1.1, -0.02), (1.3, -0.003), (2.0, -0.005)]  # (MB, -KLD)
+    assert pareto_front(sizes) == [2, 1, 3, 0]
+
+
+def test_labels_of_crowded_points_do_not_overlap() -> None:
+    """Eight targets of nearly one size and KLD (a compare of q4 levels): each label moves until it covers
+    no other label and no point, inside the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [1.0, 1.02, 1.04, 1.01, 1.03, 2.0, 2.01, 3.0]
+    ys = [0.5, 0.51, 0.49, 0.52, 0.5, 0.2, 0.21, 0.1]
+    ax.scatter(xs, ys)
+    ax.set_xlim(0.5, 3.5)
+    ax.set_ylim(0, 1)
+    notes = place_labels(ax, [f"gguf:q4_level_{i}" for i in range(len(xs))], xs, ys)
+    renderer = fig.canvas.get_renderer()
+    boxes = [note.get_window_extent(renderer) for note in notes]
+    assert len(notes) == len(xs)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    plt.close(fig)
 
 
 def test_command_line(checkpoint: Path, tmp_path: Path) -> None:

@@ -292,56 +292,95 @@ def write_charts(results: Sequence[CheckResult], out: Path) -> tuple[tuple[Path,
 
     kld = [max(r.accuracy.kld_mean.value, 0.0) for r in points if r.accuracy is not None]
     threshold = min([k for k in kld if k > 0], default=1e-6) / 2
-    palette = {"checkpoint": "tab:gray", "gguf": "tab:blue", "onnx": "tab:green"}
-    paths = []
-
-    def scatter(ax: Any, chosen: Sequence[CheckResult], xs: list[float], ys: list[float]) -> None:
-        """One color per format (legend), each point labelled with its target."""
-        for kind in dict.fromkeys(r.format for r in chosen):
-            mine = [i for i, r in enumerate(chosen) if r.format == kind]
-            label = "torch (reference)" if kind == "checkpoint" else kind
-            color = palette.get(kind or "", "tab:purple")
-            ax.scatter([xs[i] for i in mine], [ys[i] for i in mine], color=color, label=label, zorder=3)
-        for r, x, y in zip(chosen, xs, ys, strict=True):
-            ax.annotate(r.target, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.legend(fontsize=8)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sizes = [(r.file_size or 0) / 1e6 for r in points]
-    scatter(ax, points, sizes, kld)
-    ax.set_yscale("symlog", linthresh=threshold)
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("mean KLD (nats, lower is better)")
-    ax.set_title("accuracy against size")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "kld_vs_size.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
+    paths = [out / "kld_vs_size.png"]
+    axes = ("file size (MB)", "mean KLD (nats, lower is better)", "accuracy against size", "y", threshold)
+    front = pareto_front([(size, -k) for size, k in zip(sizes, kld, strict=True)])
+    _chart(plt, points, sizes, kld, front, paths[0], axes)
     timed = [(r, k) for r, k in zip(points, kld, strict=True) if r.latency is not None]
     if timed:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = [k for _, k in timed]
         latencies = [r.latency for r, _ in timed if r.latency is not None]
         ys = [latency.tg_tps.mean for latency in latencies]
-        front = pareto_front(list(zip(xs, ys, strict=True)))
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:orange", drawstyle="steps-post")
-        scatter(ax, [r for r, _ in timed], xs, ys)
-        ax.set_xscale("symlog", linthresh=threshold)
-        ax.set_xlabel("mean KLD (nats, lower is better)")
-        ax.set_ylabel(f"tg{latencies[0].tg_tokens} tokens/s (higher is better)")
-        ax.set_title("decode speed against accuracy (orange: the Pareto front)")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
         paths.append(out / "tg_vs_kld.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        tg = f"tg{latencies[0].tg_tokens} tokens/s (higher is better)"
+        axes = ("mean KLD (nats, lower is better)", tg, "decode speed against accuracy", "x", threshold)
+        front = pareto_front(list(zip(xs, ys, strict=True)))
+        _chart(plt, [r for r, _ in timed], xs, ys, front, paths[1], axes)
     return tuple(paths), None
 
 
+FORMAT_COLORS = {"checkpoint": "tab:gray", "gguf": "tab:blue", "onnx": "tab:green"}
+
+
+def _chart(
+    plt: Any,
+    chosen: Sequence[CheckResult],
+    xs: list[float],
+    ys: list[float],
+    front: list[int],
+    path: Path,
+    axes: tuple[str, str, str, str, float],
+) -> None:
+    """One scatter chart: a color per format (legend), the Pareto front joined in orange and its points
+    ringed, each point labelled with its target (`place_labels`). axes: the x and y labels, the title, the
+    axis on a symlog scale and its linear threshold."""
+    xlabel, ylabel, title, symlog, threshold = axes
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    getattr(ax, f"set_{symlog}scale")("symlog", linthresh=threshold)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (orange: the Pareto front)")
+    ax.grid(True, alpha=0.3)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:orange", drawstyle="steps-post")
+    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=160, facecolors="none", color="tab:orange")
+    for kind in dict.fromkeys(r.format for r in chosen):
+        mine = [i for i, r in enumerate(chosen) if r.format == kind]
+        label = "torch (reference)" if kind == "checkpoint" else kind
+        color = FORMAT_COLORS.get(kind or "", "tab:purple")
+        ax.scatter([xs[i] for i in mine], [ys[i] for i in mine], color=color, label=label, zorder=3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()  # before the labels are placed: it moves the axes
+    place_labels(ax, [r.target for r in chosen], xs, ys)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# where a label may sit beside its point, in points: right, above, left, below, the corners; then further out
+LABEL_OFFSETS = [
+    (dx * r, dy * r)
+    for r in (1, 2, 3)
+    for dx, dy in ((5, -3), (-3, 6), (-5, -3), (-3, -12), (5, 6), (-5, 6), (5, -12), (-5, -12))
+]
+
+
+def place_labels(ax: Any, labels: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> list[Any]:
+    """Annotate each point with its label at the first of LABEL_OFFSETS where the text stays inside the
+    axes and covers no label placed before it and no point (the last offset when none is free); return
+    the annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
+    placed: list[Any] = []
+    for label, x, y in zip(labels, xs, ys, strict=True):
+        for dx, dy in LABEL_OFFSETS:
+            ha = "left" if dx > 0 else "right"
+            note = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha)
+            box = note.get_window_extent(renderer).padded(1)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            covers = any(box.overlaps(p.get_window_extent(renderer)) for p in placed) or any(
+                box.contains(*dot) for dot in dots
+            )
+            if (inside and not covers) or (dx, dy) == LABEL_OFFSETS[-1]:
+                break
+            note.remove()
+        placed.append(note)
+    return placed
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (error, speed) that no other point beats on both, by increasing error."""
+    """Indices of the points (cost, value) that no other point beats on both (lower cost, higher value), by
+    increasing cost: (KLD, tokens/s), or (size, -KLD)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -math.inf
     for i in order:
