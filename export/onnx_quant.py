@@ -81,11 +81,12 @@ class BlockFormat:
         return rows * (blocks * (self.block * self.bits // 8 + scale_bytes) + zero_points)
 
 
-# int4_mixed's choices for a matrix, from the smallest; 8-bit blocks of 32 cost more than they return
+# int4_mixed's choices for a matrix (in float16 scales, 4 bits in blocks of 16 take 5 bits per weight)
 MIXED_FORMATS = (
     BlockFormat(4, 128),
     BlockFormat(4, 64),
     BlockFormat(4, 32),
+    BlockFormat(4, 16),
     BlockFormat(8, 128),
     BlockFormat(8, 64),
 )
