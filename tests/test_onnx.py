@@ -437,7 +437,7 @@ def test_int8_and_int4_on_a_trained_model(trained_run: Path, trained_exports: di
 
 
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(trained_exports: dict[str, Path]) -> None:
-    for quant in ("fp32", "int4"):
+    for quant in ("fp32", "int4", "int4_mixed"):
         folder = trained_exports[quant]
         with edgelm.load(folder) as model:
             prompt = model.tokenizer.encode("def read_config(path):\n", add_bos=True)
