@@ -10,8 +10,10 @@ import pytest
 
 from edgelm.errors import EdgelmError
 from edgelm.training.data import (
+    DEFAULT_VAL_FRACTION,
     Document,
     batch_windows,
+    builtin_calibration_text,
     builtin_corpus,
     find_corpus_files,
     prepare_tokens,
@@ -53,6 +55,17 @@ def test_builtin_corpus_is_the_standard_library() -> None:
     files = builtin_corpus()
     assert len(files) > 100 and any(f.name == "argparse.py" for f in files)
     assert not any("test" in f.parts or "site-packages" in f.parts for f in files)
+
+
+def test_builtin_calibration_text_leaves_the_held_out_documents_out() -> None:
+    """int4_mixed's default calibration text: the length asked for, from training documents of the built-in
+    corpus only (none of the split's held-out ones, on which `edgelm check` evaluates)."""
+    text = builtin_calibration_text(50_000)
+    _, held_out = split_documents(
+        read_documents(builtin_corpus(), skip_undecodable=True), DEFAULT_VAL_FRACTION
+    )
+    assert len(text) == 50_000
+    assert not any(d.text.strip()[:400] in text for d in held_out if len(d.text.strip()) >= 400)
 
 
 def test_bad_corpora(tmp_path: Path) -> None:

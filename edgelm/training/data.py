@@ -47,10 +47,12 @@ def builtin_calibration_text(chars: int) -> str:
     """About `chars` characters of the built-in corpus's training documents, never its held-out ones (on
     which `edgelm check` evaluates by default), in the split's hash order so that they span the library."""
     train, _ = split_documents(read_documents(builtin_corpus(), skip_undecodable=True), DEFAULT_VAL_FRACTION)
-    ranked = sorted(train, key=_rank)
-    taken: list[str] = []
-    while ranked and sum(map(len, taken)) < chars:
-        taken.append(ranked.pop(0).text)
+    taken, size = [], 0
+    for document in sorted(train, key=_rank):
+        if size >= chars:
+            break
+        taken.append(document.text)
+        size += len(document.text)
     return "\n\n".join(taken)[:chars]
 
 
