@@ -32,7 +32,7 @@ from typing import Any
 from edgelm._version import __version__
 from edgelm.checkpoint import checkpoint_sha256
 from edgelm.errors import EdgelmError, missing_dependency
-from edgelm.export.onnx import package_version
+from edgelm.export.onnx import COPIED_FILES, package_version
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, MODEL_FILE, PROVENANCE
 
@@ -45,7 +45,6 @@ PYTHON_VARIABLE = "EDGELM_OPTIMUM_PYTHON"
 DEFAULT_ENV = Path("~/.edgelm-optimum")
 TASK = "text-generation-with-past"
 # the source's own files win over optimum's re-saved ones, so that the folder reads like the checkpoint
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 # what the optimum environment installs beside this one's packages (it is made with --system-site-packages)
 ENVIRONMENT_REQUIREMENTS = ("optimum-onnx", "transformers<4.58")
 SETUP_HINT = (
