@@ -63,6 +63,23 @@ class Runtime(Protocol):
         """Release the model's memory; the runtime is not used afterwards."""
 
 
+class HeldIds:
+    """`Runtime.position` and `Runtime.held` from the list of ids a runtime keeps as its sequence grows and
+    cuts in `keep` (`_held`); the built-in runtimes share it, and a plugin may."""
+
+    _held: list[int]
+
+    @property
+    def position(self) -> int:
+        """The number of tokens in the sequence."""
+        return len(self._held)
+
+    @property
+    def held(self) -> tuple[int, ...]:
+        """The ids the sequence holds."""
+        return tuple(self._held)
+
+
 class RuntimeClass(Protocol):
     """A runtime's class: the artifact kinds it opens, and its constructor."""
 

@@ -25,7 +25,7 @@ from edgelm.errors import EdgelmError
 from edgelm.formats.gguf_config import config_from_gguf
 from edgelm.formats.gguf_reader import read_gguf
 from edgelm.formats.gguf_tokenizer import tokenizer_from_gguf
-from edgelm.runtimes.base import check_ids, checked_threads, reserved_context
+from edgelm.runtimes.base import HeldIds, check_ids, checked_threads, reserved_context
 from edgelm.runtimes.free_cores import FreeCores
 
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids
@@ -49,7 +49,7 @@ def resolve_device(device: str) -> str:
     raise EdgelmError(f"unknown device {device!r} for llama.cpp; use auto, cpu, cuda or metal")
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(HeldIds):
     """A GGUF file in llama.cpp, with its KV cache holding one sequence."""
 
     name: ClassVar[str] = "llamacpp"
@@ -102,16 +102,6 @@ class LlamaCppRuntime:
         self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama.model))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._held: list[int] = []  # the sequence's ids, whose keys and values llama.cpp's cache holds
-
-    @property
-    def position(self) -> int:
-        """The number of tokens in the sequence."""
-        return len(self._held)
-
-    @property
-    def held(self) -> tuple[int, ...]:
-        """The ids the sequence holds."""
-        return tuple(self._held)
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from edgelm.errors import EdgelmError
 from edgelm.formats.onnx import MODEL_FILE, read_onnx_folder
-from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, keepable, reserved_context
+from edgelm.runtimes.base import HeldIds, check_ids, checked_threads, ids_to_run, keepable, reserved_context
 from edgelm.tokenizer import Tokenizer
 
 # device → the execution providers to ask for, in order of preference (CPU last as ORT's own fallback)
@@ -54,7 +54,7 @@ def resolve_device(device: str) -> str:
     return device if kind == "cuda" else kind
 
 
-class OnnxRuntime:
+class OnnxRuntime(HeldIds):
     """An ONNX decoder in an ONNX Runtime session, with its KV cache holding one sequence."""
 
     name: ClassVar[str] = "onnxruntime"
@@ -137,16 +137,6 @@ class OnnxRuntime:
         self._token = np.zeros((1, 1), np.int64)  # ORT reads the decode step's token id from this array
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
         self._decode_bound = False
-
-    @property
-    def position(self) -> int:
-        """The number of tokens in the sequence."""
-        return len(self._held)
-
-    @property
-    def held(self) -> tuple[int, ...]:
-        """The ids the sequence holds."""
-        return tuple(self._held)
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""

@@ -14,12 +14,12 @@ from edgelm.checkpoint import load_checkpoint
 from edgelm.errors import EdgelmError
 from edgelm.model.device import resolve_device
 from edgelm.model.transformer import Transformer, load_weights
-from edgelm.runtimes.base import check_ids, checked_threads, ids_to_run, keepable, reserved_context
+from edgelm.runtimes.base import HeldIds, check_ids, checked_threads, ids_to_run, keepable, reserved_context
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TorchRuntime:
+class TorchRuntime(HeldIds):
     """edgelm's own model on torch, with a KV cache for one sequence."""
 
     name: ClassVar[str] = "torch"
@@ -52,16 +52,6 @@ class TorchRuntime:
         self.model: Transformer | None = model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.model.setup_cache(batch=1)
         self._held: list[int] = []  # the sequence's ids, whose keys and values the cache holds
-
-    @property
-    def position(self) -> int:
-        """The number of tokens in the sequence."""
-        return len(self._held)
-
-    @property
-    def held(self) -> tuple[int, ...]:
-        """The ids the sequence holds."""
-        return tuple(self._held)
 
     def reset(self) -> None:
         """Forget the sequence: the next `forward` starts at position 0."""
