@@ -43,6 +43,7 @@ from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_frequencies
 from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, LongRopeScaling
 from edgelm.progress import progress_bar
+from edgelm.quant import gptq
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
 from edgelm.quant.calibration import progress_label, record_quantized, wants_quantized
 from edgelm.tokenizer import Tokenizer
@@ -115,13 +116,14 @@ def encode_tensor(
     if qtype == T.BF16:
         return bfloat16_bits(w)
     quantize, pack = QUANTIZERS[qtype]
-    # rows are independent: a chunk at a time gives the same bytes with small temporaries (GPTQ's factor
-    # of the hessian serves every row, so that calls for all of them at once)
-    step = w.shape[0] if hessian is not None else max(1, ENCODE_VALUES // w.shape[1])
+    # rows are independent: a chunk at a time gives the same bytes with small temporaries; GPTQ's factor of
+    # the hessian, computed once, serves every chunk
+    factor = None if hessian is None else gptq.factor_of(hessian, w.shape[1])
+    step = max(1, ENCODE_VALUES // w.shape[1])
     packed: np.ndarray | None = None
     values = np.empty(w.shape, np.float32) if quantized is not None else None
     for start in range(0, w.shape[0], step):
-        blocks = quantize(w[start : start + step], hessian, threads)
+        blocks = quantize(w[start : start + step], factor, threads)
         chunk = pack(blocks)
         if packed is None:
             packed = np.empty((w.shape[0], chunk.shape[1]), np.uint8)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import llama_cpp  # the oracle: a missing one fails the suite
@@ -134,17 +134,27 @@ def _dequantized(w: np.ndarray, qtype: int) -> np.ndarray:
     return quantize(w, None).dequantize()
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["plain", "calibrated"])
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 def test_a_matrix_encoded_in_row_chunks_is_the_same_file(
-    tmp_path: Path, small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, quant: str
+    tmp_path: Path, small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, quant: str, calibrated: bool
 ) -> None:
-    """Large matrices are quantized and packed a few rows at a time: the bytes do not change."""
+    """Large matrices are quantized and packed a few rows at a time (with calibration, every chunk on one
+    factor of the hessian): the bytes do not change. (GPTQ's own chunks of rows are made as small, since
+    BLAS rounds a matrix product's sums differently as its shape changes.)"""
     import edgelm.export.gguf as gguf_export
+    import edgelm.quant.blocks
+    from edgelm.quant.calibration import activation_covariance
 
+    monkeypatch.setattr(edgelm.quant.blocks, "_GPTQ_CHUNK_VALUES", 3 * 256)
     checkpoint = make_checkpoint(tmp_path / "wide", small_tokenizer, WIDE)
-    whole = export_gguf(checkpoint, tmp_path / "whole.gguf", quant).read_bytes()
+
+    def statistics() -> Mapping[str, np.ndarray] | None:
+        return activation_covariance(checkpoint, VARIED * 4, context=64) if calibrated else None
+
+    whole = export_gguf(checkpoint, tmp_path / "whole.gguf", quant, statistics()).read_bytes()
     monkeypatch.setattr(gguf_export, "ENCODE_VALUES", 3 * 256)  # three rows of 256 at a time
-    assert export_gguf(checkpoint, tmp_path / "chunked.gguf", quant).read_bytes() == whole
+    assert export_gguf(checkpoint, tmp_path / "chunked.gguf", quant, statistics()).read_bytes() == whole
 
 
 def test_a_bf16_checkpoint_exports_to_bf16_exactly(tmp_path: Path, small_tokenizer: Tokenizer) -> None:

@@ -144,7 +144,7 @@ def quantize_blocks(
     symmetric: bool,
     importance: np.ndarray | None = None,
     search: bool = True,
-    hessian: np.ndarray | None = None,
+    hessian: np.ndarray | gptq.Factor | None = None,
     integer_zeros: bool = False,
     threads: int | None = None,
 ) -> QuantizedBlocks:
@@ -163,7 +163,8 @@ def quantize_blocks(
     importance: optional weight per column (cols,), e.g. mean squared activations; it only steers the search.
     hessian: optional (cols, cols) second moment of the inputs, E[x xᵀ]: GPTQ error feedback (module
       docstring). Each block's scale (and offset) is chosen from the error-updated weights as above, steered
-      by `importance` if given, else by diag(hessian); the codes are then rounded column by column.
+      by `importance` if given, else by diag(hessian); the codes are then rounded column by column. A
+      `gptq.Factor` of it stands for it, so that chunks of a matrix's rows share one factorization.
     threads: rows are quantized in chunks on this many threads (None: every core); the result does not
       depend on it.
     """
@@ -199,7 +200,7 @@ def quantize_q4_k(
     w: np.ndarray,
     importance: np.ndarray | None = None,
     search: bool = True,
-    hessian: np.ndarray | None = None,
+    hessian: np.ndarray | gptq.Factor | None = None,
     threads: int | None = None,
 ) -> Q4KBlocks:
     """Quantize w (rows, cols) to GGUF Q4_K; cols must be a multiple of 256.
@@ -234,7 +235,7 @@ def quantize_q6_k(
     w: np.ndarray,
     importance: np.ndarray | None = None,
     search: bool = True,
-    hessian: np.ndarray | None = None,
+    hessian: np.ndarray | gptq.Factor | None = None,
     threads: int | None = None,
 ) -> Q6KBlocks:
     """Quantize w (rows, cols) to GGUF Q6_K; cols must be a multiple of 256.
@@ -356,7 +357,7 @@ def _q6_k_finish(x: np.ndarray, scale: np.ndarray) -> Q6KBlocks:
 
 def _error_feedback_rows(
     x: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | gptq.Factor,
     importance: np.ndarray | None,
     group: int,
     lo: int,
@@ -368,12 +369,13 @@ def _error_feedback_rows(
     results by concat_rows). The groups' scales are steered by `importance` if given, else by
     diag(hessian), else (nothing measured) evenly."""
 
-    factor, diagonal = gptq.inverse_hessian_factor(hessian, x.shape[1])
+    factor = gptq.factor_of(hessian, x.shape[1])
+    diagonal = factor.diagonal
     weights = importance if importance is not None else diagonal if diagonal.any() else np.ones_like(diagonal)
     codes = np.empty(x.shape, np.uint8)
     chunk_fits = []
     for rows in row_chunks(x, _GPTQ_CHUNK_VALUES):
-        signed, fits = gptq.error_feedback(x[rows], factor, weights, group, lo, hi, fit)
+        signed, fits = gptq.error_feedback(x[rows], factor.u, weights, group, lo, hi, fit)
         codes[rows] = signed - lo
         chunk_fits.append(fits)
     fitted = []

@@ -9,6 +9,7 @@ the quantizer's own (`fit`), so the result has the same codes-and-scales form as
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,6 +60,20 @@ def error_feedback(
             raise EdgelmError("quantize: the error feedback diverged (check that the hessian is E[x xᵀ])")
         w[end:] -= factor[start:end, end:].T @ errors
     return np.ascontiguousarray(codes.T), fitted
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of a hessian, computed once for a matrix whose rows are quantized in chunks: U and
+    diag(H) (`inverse_hessian_factor`)."""
+
+    u: np.ndarray
+    diagonal: np.ndarray
+
+
+def factor_of(hessian: np.ndarray | Factor, cols: int) -> Factor:
+    """The hessian's `Factor` (given one, itself)."""
+    return hessian if isinstance(hessian, Factor) else Factor(*inverse_hessian_factor(hessian, cols))
 
 
 def inverse_hessian_factor(hessian: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
