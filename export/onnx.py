@@ -1,7 +1,8 @@
 """Checkpoint → ONNX folder on ONNX Runtime's fused operators, which onnxruntime-genai also runs unchanged.
 
-The export is in four modules, one per step: `onnx_quant` (the precisions: which matrices at which bits,
-quantized by `edgelm.quant.blocks`), `onnx_pack` (their bytes in MatMulNBits' layout), `onnx_graph` (the
+The export is in five modules, one per step: `onnx_quant` (the precisions: which matrices at which bits,
+quantized by `edgelm.quant.blocks`), `onnx_matrices` (the graph's matrices as read from the checkpoint, and
+int4_mixed's format for each), `onnx_pack` (their bytes in MatMulNBits' layout), `onnx_graph` (the
 graph, written node by node from the checkpoint's numpy arrays: no torch, no tracing), and this one (the
 folder).
 

@@ -26,17 +26,9 @@ import numpy as np
 from edgelm._version import __version__
 from edgelm.checkpoint import tensor_shapes
 from edgelm.errors import missing_dependency
+from edgelm.export.onnx_matrices import Weights, fused_matrix, fused_parts, mixed_formats
 from edgelm.export.onnx_pack import pack_matmul_nbits
-from edgelm.export.onnx_quant import (
-    MIXED_FORMATS,
-    BlockFormat,
-    Matrix,
-    Precision,
-    QuantOptions,
-    allocate,
-    output_error,
-    quantized_blocks,
-)
+from edgelm.export.onnx_quant import BlockFormat, Matrix, Precision, QuantOptions, quantized_blocks
 from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
 from edgelm.model.rope import rope_cos_sin
@@ -49,8 +41,6 @@ try:
     from onnx import TensorProto, helper
 except ModuleNotFoundError as e:
     raise missing_dependency("onnx", "onnx") from e
-
-Weights = Callable[[str], np.ndarray]  # a checkpoint tensor by its HF name, read when asked for
 
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
@@ -167,44 +157,6 @@ def build_model(
     )
     model.ir_version = IR_VERSION
     return model
-
-
-def mixed_formats(
-    config: ModelConfig,
-    weights: Weights,
-    options: QuantOptions,
-    hessians: Mapping[str, np.ndarray],
-    budget: int,
-    scale_bytes: int,
-    threads: int | None,
-    advance: Callable[[str], None],
-) -> dict[str, BlockFormat]:
-    """int4_mixed's format of every quantized matrix (the untied embedding table included, as
-    "model.embed_tokens"): each matrix's `output_error` measured in each of MIXED_FORMATS, one matrix at
-    a time (the build quantizes them again), then `allocate`'s choice within `budget` bytes, each scale
-    taking `scale_bytes`. The table the embedding gathers from (the head's, when tied) takes only blocks
-    that divide its rows."""
-    tables = {"lm_head" if config.tie_word_embeddings else "model.embed_tokens"}
-    names = matrix_names(config) + ([] if config.tie_word_embeddings else ["model.embed_tokens"])
-    choices = {}
-    for name in names:
-        if name == "model.embed_tokens":
-            m = Matrix(weights("model.embed_tokens.weight"), "")
-        else:
-            m = fused_matrix(config, weights, name)
-        hessian = hessians.get(m.hessian_key)
-        rows, cols = m.w.shape
-        usable = [f for f in MIXED_FORMATS if name not in tables or cols % f.block == 0]
-        choices[name] = {
-            f: (
-                f.packed_bytes(rows, cols, options.symmetric, scale_bytes),
-                output_error(m.w, f, options, hessian, threads),
-            )
-            for f in usable or [BlockFormat(4, options.block_size)]
-        }
-        if name.endswith("down_proj"):  # the last matrix of a layer
-            advance(f"ranked {name.removesuffix('.mlp.down_proj')}")
-    return allocate(choices, budget)
 
 
 def _graph_io(config: ModelConfig, ftype: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -471,39 +423,6 @@ def norm_weight(config: ModelConfig, weights: Weights, name: str) -> np.ndarray:
     """A norm's weight as ONNX Runtime's norms multiply by it: Gemma's 1 + w folded in (float32)."""
     w = weights(name)
     return w.astype(np.float32) + np.float32(1.0) if config.gemma_layout else w
-
-
-def matrix_names(config: ModelConfig) -> list[str]:
-    """Every matrix of the graph in its order: per layer qkv_proj, o_proj, gate_up_proj, down_proj; then
-    lm_head (the embedding matrix when tied)."""
-    layers = [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in _FUSED]
-    return [*layers, "lm_head"]
-
-
-_FUSED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
-
-
-def fused_parts(config: ModelConfig, fused: str) -> tuple[str, ...]:
-    """The checkpoint matrices a graph matrix ("self_attn.qkv_proj", ...) stacks: itself in a checkpoint
-    that stores it fused (Phi-3)."""
-    return (fused,) if config.fused_projections else _FUSED[fused]
-
-
-def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
-    """One matrix of `matrix_names`, read from the checkpoint: the HF weights it fuses stacked along the
-    output rows."""
-    if name == "lm_head":
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        return Matrix(weights(head), "lm_head.weight")
-    *layer_path, fused = name.split(".", 3)  # model.layers.N, self_attn.qkv_proj
-    layer = ".".join(layer_path) + "."
-    parts = fused_parts(config, fused)
-    return Matrix(np.concatenate([weights(f"{layer}{p}.weight") for p in parts]), f"{layer}{parts[0]}.weight")
 
 
 @dataclass(frozen=True)

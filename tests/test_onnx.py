@@ -21,7 +21,7 @@ import edgelm
 from edgelm.checkpoint import load_checkpoint, save_checkpoint, weight_shapes
 from edgelm.errors import EdgelmError
 from edgelm.export.onnx import export_onnx
-from edgelm.export.onnx_graph import fused_matrix, matrix_names
+from edgelm.export.onnx_matrices import fused_matrix, matrix_names
 from edgelm.export.onnx_pack import pack_matmul_nbits
 from edgelm.export.onnx_quant import MIXED_FORMATS, BlockFormat, QuantOptions, allocate, quantize_matrix
 from edgelm.model.rope_scaling import Llama3RopeScaling

@@ -1,0 +1,85 @@
+"""The matrices of the ONNX graph: which they are (q/k/v and gate/up fused, then the head), how each is read
+from the checkpoint, and int4_mixed's choice of a format for each. `onnx_graph` multiplies by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from edgelm.export.onnx_quant import MIXED_FORMATS, BlockFormat, Matrix, QuantOptions, allocate, output_error
+from edgelm.model.config import ModelConfig
+
+Weights = Callable[[str], np.ndarray]  # a checkpoint tensor by its HF name, read when asked for
+
+
+def matrix_names(config: ModelConfig) -> list[str]:
+    """Every matrix of the graph in its order: per layer qkv_proj, o_proj, gate_up_proj, down_proj; then
+    lm_head (the embedding matrix when tied)."""
+    layers = [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in _FUSED]
+    return [*layers, "lm_head"]
+
+
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def fused_parts(config: ModelConfig, fused: str) -> tuple[str, ...]:
+    """The checkpoint matrices a graph matrix ("self_attn.qkv_proj", ...) stacks: itself in a checkpoint
+    that stores it fused (Phi-3)."""
+    return (fused,) if config.fused_projections else _FUSED[fused]
+
+
+def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
+    """One matrix of `matrix_names`, read from the checkpoint: the HF weights it fuses stacked along the
+    output rows."""
+    if name == "lm_head":
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        return Matrix(weights(head), "lm_head.weight")
+    *layer_path, fused = name.split(".", 3)  # model.layers.N, self_attn.qkv_proj
+    layer = ".".join(layer_path) + "."
+    parts = fused_parts(config, fused)
+    return Matrix(np.concatenate([weights(f"{layer}{p}.weight") for p in parts]), f"{layer}{parts[0]}.weight")
+
+
+def mixed_formats(
+    config: ModelConfig,
+    weights: Weights,
+    options: QuantOptions,
+    hessians: Mapping[str, np.ndarray],
+    budget: int,
+    scale_bytes: int,
+    threads: int | None,
+    advance: Callable[[str], None],
+) -> dict[str, BlockFormat]:
+    """int4_mixed's format of every quantized matrix (the untied embedding table included, as
+    "model.embed_tokens"): each matrix's `output_error` measured in each of MIXED_FORMATS, one matrix at
+    a time (the build quantizes them again), then `allocate`'s choice within `budget` bytes, each scale
+    taking `scale_bytes`. The table the embedding gathers from (the head's, when tied) takes only blocks
+    that divide its rows."""
+    tables = {"lm_head" if config.tie_word_embeddings else "model.embed_tokens"}
+    names = matrix_names(config) + ([] if config.tie_word_embeddings else ["model.embed_tokens"])
+    choices = {}
+    for name in names:
+        if name == "model.embed_tokens":
+            m = Matrix(weights("model.embed_tokens.weight"), "")
+        else:
+            m = fused_matrix(config, weights, name)
+        hessian = hessians.get(m.hessian_key)
+        rows, cols = m.w.shape
+        usable = [f for f in MIXED_FORMATS if name not in tables or cols % f.block == 0]
+        choices[name] = {
+            f: (
+                f.packed_bytes(rows, cols, options.symmetric, scale_bytes),
+                output_error(m.w, f, options, hessian, threads),
+            )
+            for f in usable or [BlockFormat(4, options.block_size)]
+        }
+        if name.endswith("down_proj"):  # the last matrix of a layer
+            advance(f"ranked {name.removesuffix('.mlp.down_proj')}")
+    return allocate(choices, budget)
