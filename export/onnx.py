@@ -8,8 +8,9 @@ folder).
 
 `GroupQueryAttention` (domain com.microsoft) applies the rotary embedding itself from cos/sin tables and
 appends to the KV cache; q/k/v and gate/up are each one fused matrix. Quantized matrices are `MatMulNBits`
-(int8, int4, int4_mixed) or `DynamicQuantizeMatMul` (int8_dynamic), and the quantized embedding table is
-`GatherBlockQuantized`: `edgelm.quant.blocks` chooses the codes and scales, this module only packs them.
+(int8, int4, int4_mixed; a 6-bit matrix of int4_mixed is two of them, 4 and 2 bits, summed) or
+`DynamicQuantizeMatMul` (int8_dynamic), and the quantized embedding table is `GatherBlockQuantized`:
+`edgelm.quant.blocks` chooses the codes and scales, this module only packs them.
 
 The folder: model.onnx + model.onnx.data (every weight as external data, so no 2 GiB limit), config.json,
 the tokenizer files, genai_config.json (onnxruntime-genai) and edgelm.json (provenance). The data file is
@@ -32,22 +33,30 @@ from edgelm._version import __version__
 from edgelm.checkpoint import checked_entries, checkpoint_sha256, tensor_reader
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export.onnx_graph import MS_DOMAIN, OPSET, build_model
-from edgelm.export.onnx_quant import DYNAMIC_BITS, MIXED_SIZE_OF, PRECISIONS, Precision, QuantOptions
+from edgelm.export.onnx_quant import (
+    DYNAMIC_BITS,
+    MIXED_SIZE_OF,
+    PRECISIONS,
+    BlockFormat,
+    Precision,
+    QuantOptions,
+)
 from edgelm.files import temporary_sibling, write_json_atomic
 from edgelm.formats.onnx import DATA_FILE, GENAI_CONFIG, MODEL_FILE, PROVENANCE
 from edgelm.model.config import ARCHITECTURES, DEFAULT_CONTEXT, ModelConfig
 from edgelm.progress import progress_bar
 from edgelm.quant.calibration import progress_label
+from edgelm.quant.sensitivity import SENSITIVITY_TOKENS
 
 try:
     import onnx
-    from onnx import helper
 except ModuleNotFoundError as e:
     raise missing_dependency("onnx", "onnx") from e
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 BUILTIN_CALIBRATION_TOKENS = 8192  # int4_mixed without calibration text: this much of the built-in corpus
 BUILTIN_CALIBRATION = f"built-in corpus, training split, {BUILTIN_CALIBRATION_TOKENS} tokens"
+BUILTIN_SENSITIVITY = f"output sensitivity, built-in corpus, training split, {SENSITIVITY_TOKENS} tokens"
 # model.onnx (its nodes and the initializers' places), genai_config.json and edgelm.json, which int4_mixed's
 # budget cannot measure before its matrices are chosen: at most this per layer (measured: 6-7.5 KB)
 GRAPH_BYTES_PER_LAYER = 8_000
@@ -66,6 +75,17 @@ def builtin_calibration(checkpoint: Path) -> Mapping[str, np.ndarray]:
 
     text = builtin_calibration_text(8 * BUILTIN_CALIBRATION_TOKENS)  # fewer than 8 characters per token
     return activation_covariance(checkpoint, text, max_tokens=BUILTIN_CALIBRATION_TOKENS)
+
+
+def builtin_sensitivity(checkpoint: Path) -> dict[str, np.ndarray]:
+    """How much each output of each matrix matters to the prediction (`output_sensitivity`), on
+    SENSITIVITY_TOKENS tokens of the built-in corpus: what weighs int4_mixed's choice of formats."""
+    from edgelm.quant.sensitivity import output_sensitivity
+    from edgelm.training.data import builtin_calibration_text
+
+    return output_sensitivity(
+        checkpoint, builtin_calibration_text(8 * SENSITIVITY_TOKENS), SENSITIVITY_TOKENS
+    )
 
 
 def mixed_budget(checkpoint: Path, config: ModelConfig, folder: Path) -> int:
@@ -123,6 +143,7 @@ def export_onnx(
     calibration = "given" if hessians else None
     if precision.mixed and not hessians:
         hessians, calibration = builtin_calibration(checkpoint), BUILTIN_CALIBRATION
+    sensitivity = builtin_sensitivity(checkpoint) if precision.mixed else None
 
     tmp = temporary_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,8 +157,8 @@ def export_onnx(
         label = f"{folder.name}{progress_label(hessians)}"
         with open(tmp / DATA_FILE, "wb") as data, progress_bar(label, steps, show_progress) as advance:
             weights, statistics = tensor_reader(entries), hessians or {}
-            model = build_model(
-                config, weights, precision, options, statistics, data, threads, advance, budget
+            model, formats = build_model(
+                config, weights, precision, options, statistics, data, threads, advance, budget, sensitivity
             )
         # the graph takes its name last, so that a folder cut short by a kill never loads
         graph = tmp / f"{MODEL_FILE}.partial"
@@ -148,7 +169,7 @@ def export_onnx(
             message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
             raise EdgelmError(message) from None
         write_json_atomic(tmp / GENAI_CONFIG, genai_config(config))
-        record = provenance(checkpoint, quant, precision, options, calibration, model)
+        record = provenance(checkpoint, quant, precision, options, calibration, model, formats)
         write_json_atomic(tmp / PROVENANCE, record)
         graph.replace(tmp / MODEL_FILE)
         if folder.exists():
@@ -218,6 +239,7 @@ def provenance(
     options: QuantOptions,
     calibration: str | None,
     model: onnx.ModelProto,
+    formats: Mapping[str, BlockFormat],
 ) -> dict[str, Any]:
     """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and on what
     text: "given" or the built-in corpus; for int4_mixed, each matrix's bits and block), the opsets and the
@@ -232,11 +254,8 @@ def provenance(
         quantization |= {"operator": "DynamicQuantizeMatMul", "embedding": "GatherBlockQuantized 8-bit"}
     if precision.mixed:
         quantization |= {"size_of": f"gguf {MIXED_SIZE_OF}", "bits": "mixed", "block_size": "mixed"}
-        quantization["matrices"] = {
-            node.name: [helper.get_node_attr_value(node, key) for key in ("bits", "block_size")]
-            for node in model.graph.node
-            if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
-        }
+        quantization["matrices"] = {name: [f.bits, f.block] for name, f in formats.items()}
+        quantization["weighed_by"] = BUILTIN_SENSITIVITY
     return {
         "format": "onnx",
         "quant": quant,

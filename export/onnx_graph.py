@@ -27,7 +27,7 @@ from edgelm._version import __version__
 from edgelm.checkpoint import tensor_shapes
 from edgelm.errors import missing_dependency
 from edgelm.export.onnx_matrices import Weights, fused_matrix, fused_parts, mixed_formats
-from edgelm.export.onnx_pack import pack_matmul_nbits
+from edgelm.export.onnx_pack import matmul_nbits_parts, pack_matmul_nbits
 from edgelm.export.onnx_quant import BlockFormat, Matrix, Precision, QuantOptions, quantized_blocks
 from edgelm.formats.onnx import DATA_FILE
 from edgelm.model.config import ModelConfig
@@ -121,12 +121,14 @@ def build_model(
     threads: int | None = None,
     advance: Callable[[str], None] = lambda done: None,
     budget: int | None = None,
-) -> onnx.ModelProto:
+    sensitivity: Mapping[str, np.ndarray] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, BlockFormat]]:
     """The decoder as an ONNX model with past/present KV inputs and outputs, as onnxruntime-genai expects;
     its initializers' bytes are written to `data` (model.onnx.data) as the graph is built, layer by layer,
     each matrix read, quantized (on `threads` threads, None: every core), packed, written and dropped.
     `advance` is called with each layer's name when it is done (and, for int4_mixed, ranked). `budget`:
-    int4_mixed's bytes for the whole data file."""
+    int4_mixed's bytes for the whole data file; `sensitivity`: what weighs its choices (`mixed_formats`).
+    Returns the model and int4_mixed's format of each matrix (empty for the other precisions)."""
     g = _Graph(precision.dtype, data)
     inputs, outputs = _graph_io(config, _ONNX_TYPES[precision.dtype])
     sequence = _sequence(g, config)
@@ -136,7 +138,9 @@ def build_model(
         norms = sum(math.prod(s) for s in tensor_shapes(config).values() if len(s) == 1)
         left = budget - data.tell() - norms * np.dtype(g.dtype).itemsize  # the RoPE tables are written
         scale_bytes = 2 if precision.half_scales else np.dtype(g.dtype).itemsize
-        formats = mixed_formats(config, weights, options, hessians, left, scale_bytes, threads, advance)
+        formats = mixed_formats(
+            config, weights, options, hessians, sensitivity or {}, left, scale_bytes, threads, advance
+        )
     linear = _Linear(g, config, weights, precision, options, hessians, formats, threads)
     x = _embedding(g, config, weights, linear)
     if config.embedding_multiplier != 1.0:  # Gemma's √hidden
@@ -156,7 +160,7 @@ def build_model(
         producer_version=__version__,
     )
     model.ir_version = IR_VERSION
-    return model
+    return model, formats
 
 
 def _graph_io(config: ModelConfig, ftype: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -427,10 +431,10 @@ def norm_weight(config: ModelConfig, weights: Weights, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Packed:
-    """A matrix whose quantized blocks are in the graph already: their initializers and attributes."""
+    """A matrix whose quantized blocks are in the graph already: per part (one, or two for 6 bits: see
+    `matmul_nbits_parts`) its initializers and bits; the blocks' size and the matrix's shape."""
 
-    names: list[str]
-    bits: int
+    parts: list[tuple[list[str], int]]
     block: int
     rows: int
     cols: int
@@ -471,18 +475,21 @@ class _Linear:
         packed = self.blocks(matrix)
         if self.precision.half_scales:  # MatMulNBits computes in its scales' type
             (x,) = self.g.node("Cast", [x], node_name, to=TensorProto.FLOAT16)
-        (y,) = self.g.node(
-            "MatMulNBits",
-            [x, *packed.names],
-            node_name,
-            ms=True,
-            K=packed.cols,
-            N=packed.rows,
-            bits=packed.bits,
-            block_size=packed.block,
-            accuracy_level=self.options.accuracy_level,
-        )
-        return self.widened(y, node_name)
+        ys = []
+        for i, (names, bits) in enumerate(packed.parts):
+            (y,) = self.g.node(
+                "MatMulNBits",
+                [x, *names],
+                node_name + ("/low" if i else ""),
+                ms=True,
+                K=packed.cols,
+                N=packed.rows,
+                bits=bits,
+                block_size=packed.block,
+                accuracy_level=self.options.accuracy_level,
+            )
+            ys.append(y)
+        return self.widened(_summed(self.g, ys, node_name), node_name)
 
     def widened(self, y: str, node_name: str) -> str:
         """A quantized node's output in the graph's dtype: cast back from float16 with half scales."""
@@ -503,18 +510,24 @@ class _Linear:
             chosen = self.formats.get(matrix)
             q = quantized_blocks(matrix, m.w, self.precision, self.options, hessian, chosen, self.threads)
             self.record(matrix, m.w, q)
-            names = [f"{matrix}.weight.packed", f"{matrix}.weight.scales", f"{matrix}.weight.zero_points"]
-            packed, scales, zero_points = pack_matmul_nbits(q)
-            self.g.weight(names[0], packed)
-            if self.precision.half_scales:  # float16-exact already (`QuantizedBlocks`)
-                self.g.weight(names[1], scales.astype(np.float16))
-            else:
-                self.g.float_weight(names[1], scales)
-            if zero_points is not None:
-                self.g.weight(names[2], zero_points)
-            kept = names if q.zeros is not None else names[:2]
-            self.packed[matrix] = _Packed(kept, q.bits, q.block, *m.w.shape)
+            parts = [
+                (self._packed_part(f"{matrix}.weight{'.low' if i else ''}", part), part.bits)
+                for i, part in enumerate(matmul_nbits_parts(q))
+            ]
+            self.packed[matrix] = _Packed(parts, q.block, *m.w.shape)
         return self.packed[matrix]
+
+    def _packed_part(self, name: str, q: QuantizedBlocks) -> list[str]:
+        """Write one part's initializers (packed codes, scales, zero points if any); return their names."""
+        packed, scales, zero_points = pack_matmul_nbits(q)
+        names = [self.g.weight(f"{name}.packed", packed)]
+        if self.precision.half_scales:  # float16-exact already (`QuantizedBlocks`)
+            names.append(self.g.weight(f"{name}.scales", scales.astype(np.float16)))
+        else:
+            names.append(self.g.float_weight(f"{name}.scales", scales))
+        if zero_points is not None:
+            names.append(self.g.weight(f"{name}.zero_points", zero_points))
+        return names
 
     def record(self, matrix: str, w: np.ndarray, q: QuantizedBlocks) -> None:
         """Hand a layer matrix's quantized values, split into the HF weights it fuses, to calibration
@@ -544,17 +557,28 @@ def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear
         (x,) = g.node("Gather", [weight, "input_ids"], name)
         return x
     blocks = linear.blocks(table)
-    packed, scales, *zero_points = blocks.names
     rows = g.constant(f"{name}/rows_shape", np.array([config.vocab_size, -1], np.int64))
-    (data,) = g.node("Reshape", [packed, rows], name)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
-    (x,) = g.node(
-        "GatherBlockQuantized",
-        [data, "input_ids", scales, *zero_points],
-        name,
-        ms=True,
-        gather_axis=0,
-        quantize_axis=1,
-        block_size=blocks.block,
-        bits=blocks.bits,
-    )
-    return linear.widened(x, name)
+    xs = []
+    for i, ((packed, scales, *zero_points), bits) in enumerate(blocks.parts):
+        part = name + ("/low" if i else "")
+        (data,) = g.node("Reshape", [packed, rows], part)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
+        (x,) = g.node(
+            "GatherBlockQuantized",
+            [data, "input_ids", scales, *zero_points],
+            part,
+            ms=True,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=blocks.block,
+            bits=bits,
+        )
+        xs.append(x)
+    return linear.widened(_summed(g, xs, name), name)
+
+
+def _summed(g: _Graph, parts: list[str], name: str) -> str:
+    """One part's output, or the sum of a 6-bit matrix's two (`matmul_nbits_parts`), `name/low/Add`."""
+    if len(parts) == 1:
+        return parts[0]
+    (y,) = g.node("Add", parts, f"{name}/low")
+    return y

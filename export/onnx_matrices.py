@@ -10,8 +10,11 @@ import numpy as np
 
 from edgelm.export.onnx_quant import MIXED_FORMATS, BlockFormat, Matrix, QuantOptions, allocate, output_error
 from edgelm.model.config import ModelConfig
+from edgelm.quant.sensitivity import EMBEDDING, HEAD
 
 Weights = Callable[[str], np.ndarray]  # a checkpoint tensor by its HF name, read when asked for
+# model.onnx's bytes for a 6-bit matrix's second MatMulNBits, its Add and three initializers (measured ~910)
+SPLIT_GRAPH_BYTES = 1024
 
 
 def matrix_names(config: ModelConfig) -> list[str]:
@@ -52,17 +55,19 @@ def mixed_formats(
     weights: Weights,
     options: QuantOptions,
     hessians: Mapping[str, np.ndarray],
+    sensitivity: Mapping[str, np.ndarray],
     budget: int,
     scale_bytes: int,
     threads: int | None,
     advance: Callable[[str], None],
 ) -> dict[str, BlockFormat]:
     """int4_mixed's format of every quantized matrix (the untied embedding table included, as
-    "model.embed_tokens"): each matrix's `output_error` measured in each of MIXED_FORMATS, one matrix at
-    a time (the build quantizes them again), then `allocate`'s choice within `budget` bytes, each scale
-    taking `scale_bytes`. The table the embedding gathers from (the head's, when tied) takes only blocks
-    that divide its rows."""
-    tables = {"lm_head" if config.tie_word_embeddings else "model.embed_tokens"}
+    "model.embed_tokens"): each matrix's `output_error` in each of MIXED_FORMATS, weighed by its outputs'
+    `sensitivity` (`edgelm.quant.sensitivity.output_sensitivity`), measured one matrix at a time (the build
+    quantizes them again), then `allocate`'s choice within `budget` bytes, each scale taking `scale_bytes`
+    and a 6-bit matrix's second node SPLIT_GRAPH_BYTES more. The table the embedding gathers from (the
+    head's, when tied) takes only blocks that divide its rows."""
+    table = "lm_head" if config.tie_word_embeddings else "model.embed_tokens"
     names = matrix_names(config) + ([] if config.tie_word_embeddings else ["model.embed_tokens"])
     choices = {}
     for name in names:
@@ -71,15 +76,33 @@ def mixed_formats(
         else:
             m = fused_matrix(config, weights, name)
         hessian = hessians.get(m.hessian_key)
+        output_weights = _output_sensitivity(config, sensitivity, name)
+        table_weights = sensitivity.get(EMBEDDING) if name == table else None
         rows, cols = m.w.shape
-        usable = [f for f in MIXED_FORMATS if name not in tables or cols % f.block == 0]
+        usable = [f for f in MIXED_FORMATS if name != table or cols % f.block == 0]
         choices[name] = {
             f: (
-                f.packed_bytes(rows, cols, options.symmetric, scale_bytes),
-                output_error(m.w, f, options, hessian, threads),
+                f.packed_bytes(rows, cols, options.symmetric, scale_bytes)
+                + (SPLIT_GRAPH_BYTES if f.bits == 6 else 0),
+                output_error(m.w, f, options, threads, hessian, output_weights, table_weights),
             )
             for f in usable or [BlockFormat(4, options.block_size)]
         }
         if name.endswith("down_proj"):  # the last matrix of a layer
             advance(f"ranked {name.removesuffix('.mlp.down_proj')}")
     return allocate(choices, budget)
+
+
+def _output_sensitivity(
+    config: ModelConfig, sensitivity: Mapping[str, np.ndarray], name: str
+) -> np.ndarray | None:
+    """The E[g²] of each output row of a graph matrix (the HF weights it fuses, in its order), or None when
+    not measured (or for the untied embedding table, which has no output rows of its own)."""
+    if name == "lm_head":
+        return sensitivity.get(HEAD)
+    if name == "model.embed_tokens":
+        return None
+    *layer_path, fused = name.split(".", 3)
+    layer = ".".join(layer_path) + "."
+    parts = [sensitivity.get(f"{layer}{p}.weight") for p in fused_parts(config, fused)]
+    return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]

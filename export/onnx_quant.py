@@ -75,18 +75,27 @@ class BlockFormat:
 
     def packed_bytes(self, rows: int, cols: int, symmetric: bool, scale_bytes: int) -> int:
         """The bytes of a (rows, cols) matrix in this format: codes of the rows padded to whole blocks, a
-        scale of `scale_bytes` per block and, unless symmetric, zero points packed as the codes are."""
+        scale of `scale_bytes` per block and, unless symmetric, zero points packed as the codes are; 6 bits
+        as the 4-bit and the 2-bit matrix (with zero points) that stand for them (`matmul_nbits_parts`)."""
+        if self.bits == 6:
+            high = BlockFormat(4, self.block).packed_bytes(rows, cols, symmetric, scale_bytes)
+            return high + BlockFormat(2, self.block).packed_bytes(rows, cols, False, scale_bytes)
         blocks = -(-cols // self.block)
         zero_points = 0 if symmetric else -(-blocks * self.bits // 8)
         return rows * (blocks * (self.block * self.bits // 8 + scale_bytes) + zero_points)
 
 
-# int4_mixed's choices for a matrix (in float16 scales, 4 bits in blocks of 16 take 5 bits per weight)
+# int4_mixed's choices for a matrix. Bits per weight with float16 scales: 4 bits in blocks of 128 take 4.125,
+# in blocks of 16 5; 6 bits (two MatMulNBits, 4 + 2 bits) in blocks of 128 6.27, of 32 7.06; 8 bits 8.125.
+# For the same bytes, 6 bits everywhere errs several times less than a mix of 4 and 8 bits would.
 MIXED_FORMATS = (
     BlockFormat(4, 128),
     BlockFormat(4, 64),
     BlockFormat(4, 32),
     BlockFormat(4, 16),
+    BlockFormat(6, 128),
+    BlockFormat(6, 64),
+    BlockFormat(6, 32),
     BlockFormat(8, 128),
     BlockFormat(8, 64),
 )
@@ -129,19 +138,31 @@ def quantized_blocks(
 
 
 def output_error(
-    w: np.ndarray, chosen: BlockFormat, options: QuantOptions, hessian: np.ndarray | None, threads: int | None
+    w: np.ndarray,
+    chosen: BlockFormat,
+    options: QuantOptions,
+    threads: int | None,
+    hessian: np.ndarray | None = None,
+    output_weights: np.ndarray | None = None,
+    table_weights: np.ndarray | None = None,
 ) -> float:
-    """What storing w (out, in) in a format costs: the expected squared error of the matrix's output per
-    token, tr(E H Eᵀ) for E = W - Q(W) and H = E[x xᵀ] of its input; without H (a lookup table, which is
-    not multiplied), the mean squared error of a row, ||E||² / out. Q rounds to nearest, without the scale
-    search or GPTQ's error feedback: they cost far more and rank the formats alike (int4_mixed's KLD on the
-    tiny and a random 256-wide model was the same to 2 %)."""
+    """What storing w (out, in) in a format costs, to second order twice the KL divergence it adds per token
+    (`edgelm.quant.sensitivity`): with E = W - Q(W) and H = E[x xᵀ] of its input, Σ_r output_weights[r]
+    (E H Eᵀ)_rr for a matrix (each output's E[g²]; all 1 when not given: the output's squared error); for
+    a lookup table (`table_weights` given: the embedding output's E[g²]), Σ_c table_weights[c] Σ_r E_rc² /
+    out, the mean over rows; a tied head takes both. Q rounds to nearest, without the scale search or
+    GPTQ's error feedback: they cost far more and rank the formats alike (int4_mixed's KLD on the tiny
+    and a random 256-wide model was the same to 2 %)."""
     options = dataclasses.replace(options, block_size=chosen.block, search=False)
     q = quantize_matrix(w, chosen.bits, options, threads=threads)
     error = w - q.dequantize()[:, : w.shape[1]]
-    if hessian is None:
-        return float(np.sum(error * error)) / w.shape[0]
-    return float(np.sum((error @ hessian) * error))
+    cost = 0.0
+    if hessian is not None:
+        per_output = np.einsum("ri,ri->r", error @ hessian, error)
+        cost += float(per_output.sum() if output_weights is None else per_output @ output_weights)
+    if table_weights is not None:
+        cost += float(np.einsum("rc,rc->c", error, error) @ table_weights) / w.shape[0]
+    return cost
 
 
 def allocate(

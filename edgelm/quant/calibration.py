@@ -234,32 +234,20 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
 
     def _embeddings(self) -> list[torch.Tensor]:
         """The calibration windows' embeddings, (1, T, hidden) each."""
-        import torch
-
-        ids = np.concatenate([np.asarray(window, np.int64) for window in self._windows])
-        rows = self._rows("model.embed_tokens.weight", ids) * np.float32(self.config.embedding_multiplier)
-        ends = np.cumsum([len(window) for window in self._windows])[:-1]
-        return [torch.from_numpy(part)[None] for part in np.split(rows, ends)]
+        return window_embeddings(self.config, self._rows, self._windows)
 
     def _layer(self, i: int, quantized: bool) -> Block:
         """Layer i as a torch module, from the checkpoint, its weights the recorded quantized values where
         `quantized` and there are some."""
-        import torch
-
-        from edgelm.model.transformer import Block
-
         prefix = f"model.layers.{i}."
-        names = [name for name in tensor_shapes(self.config) if name.startswith(prefix)]
-        state = {}
-        for name in names:
-            kept = self._quantized.pop(name, None) if quantized else None
-            state[name.removeprefix(prefix)] = torch.from_numpy(
-                kept if kept is not None else self._weights(name)
-            )
-        with torch.device("meta"):  # no random initialisation: the parameters become the arrays read
-            block = Block(self.config, i)
-        block.load_state_dict(state, assign=True)
-        return block.eval()
+        kept = {
+            n: self._quantized.pop(n) for n in list(self._quantized) if quantized and n.startswith(prefix)
+        }
+
+        def weight(name: str) -> np.ndarray:
+            return kept[name] if name in kept else self._weights(name)
+
+        return layer_module(self.config, weight, i)
 
     def _measure_layer(self) -> None:
         """Measure the inputs of layer `_at`'s linear weights (keeping its float output for `_pass_layer`)."""
@@ -314,6 +302,34 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
                     _accumulate(sums, "lm_head", norm(x))
             self._head = _means(sums, self.tokens)["lm_head"]
         return self._head
+
+
+def window_embeddings(
+    config: ModelConfig, rows: Callable[[str, np.ndarray], np.ndarray], windows: list[list[int]]
+) -> list[torch.Tensor]:
+    """Each window's embeddings (1, T, hidden), Gemma's multiplier applied, the table's rows read by id."""
+    import torch
+
+    ids = np.concatenate([np.asarray(window, np.int64) for window in windows])
+    embedded = rows("model.embed_tokens.weight", ids) * np.float32(config.embedding_multiplier)
+    ends = np.cumsum([len(window) for window in windows])[:-1]
+    return [torch.from_numpy(part)[None] for part in np.split(embedded, ends)]
+
+
+def layer_module(config: ModelConfig, weights: Callable[[str], np.ndarray], i: int) -> Block:
+    """Decoder layer i as a torch module in eval mode, its parameters the arrays `weights` gives by HF
+    name (not copied)."""
+    import torch
+
+    from edgelm.model.transformer import Block
+
+    prefix = f"model.layers.{i}."
+    names = [name for name in tensor_shapes(config) if name.startswith(prefix)]
+    state = {name.removeprefix(prefix): torch.from_numpy(weights(name)) for name in names}
+    with torch.device("meta"):  # no random initialisation: the parameters become the arrays read
+        block = Block(config, i)
+    block.load_state_dict(state, assign=True)
+    return block.eval()
 
 
 def record_quantized(statistics: Mapping[str, np.ndarray] | None, name: str, values: np.ndarray) -> None:
