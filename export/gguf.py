@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgelm._version import __version__
-from edgelm.checkpoint import TensorEntry, bfloat16_bits, checked_entries, checkpoint_sha256, read_entries
+from edgelm.checkpoint import TensorEntry, bfloat16_bits, checked_entries, checkpoint_sha256, tensor_reader
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.export import gguf_blocks
 from edgelm.export.gguf_types import MIXTURES, Mixture, tensor_type
@@ -193,10 +193,16 @@ def export_gguf(
             for factors in rope.values():
                 writer.write_tensor_data(factors)
             label = f"{path.name}{progress_label(hessians)}"
+            read = tensor_reader(entries)
             with progress_bar(label, len(entries), show_progress) as advance:
-                for hf_name, w in read_entries(entries):  # one tensor in memory at a time
-                    writer.write_tensor_data(_encoded(hf_name, w, types[hf_name], config, hessians, threads))
-                    advance(hf_name)
+                for entry in entries:  # one tensor in memory at a time
+                    # the statistic first: the head's runs the model over the calibration text, which
+                    # should not find the head's float32 copy (2 GB for Llama-3's) waiting beside it
+                    hessian = _input_hessian(entry.name, config, hessians)
+                    w = read(entry.name)
+                    encoded = _encoded(entry.name, w, types[entry.name], config, hessian, hessians, threads)
+                    writer.write_tensor_data(encoded)
+                    advance(entry.name)
             writer.close()
             tmp.replace(path)
         finally:
@@ -252,17 +258,27 @@ def _plan_tensor(
     return qtype
 
 
+def _input_hessian(
+    hf_name: str, config: ModelConfig, hessians: Mapping[str, np.ndarray] | None
+) -> np.ndarray | None:
+    """The calibration statistic that steers a tensor's quantization: its input's, a tied embedding's the
+    head's; None without calibration or for a tensor without an input (norms, an untied embedding)."""
+    tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
+    return (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
+
+
 def _encoded(
     hf_name: str,
     w: np.ndarray,
     qtype: T,
     config: ModelConfig,
+    hessian: np.ndarray | None,
     hessians: Mapping[str, np.ndarray] | None,
     threads: int | None,
 ) -> np.ndarray:
     """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order for the
-    architecture, then encoded (steered by the hessian of its input, a tied embedding by the head's).
-    Calibration statistics that go on through the quantized model get the tensor's quantized values back."""
+    architecture, then encoded (steered by `hessian`, `_input_hessian`'s). Calibration statistics that go
+    on through the quantized model get the tensor's quantized values back."""
     heads = None
     arch = GGUF_ARCHITECTURES[config.architecture]
     if arch in NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
@@ -271,8 +287,6 @@ def _encoded(
     if paired and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
         heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
         w = permute_for_gguf(w, heads)
-    tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
-    hessian = (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
 
     def record(values: np.ndarray) -> None:
         record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
