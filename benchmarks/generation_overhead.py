@@ -1,8 +1,10 @@
 """What edgelm's generation loop costs above the engine it drives, and how fast a model starts.
 
     python benchmarks/generation_overhead.py [--presets tiny,small] [--tokens 128] [--threads 2]
+    python benchmarks/generation_overhead.py --presets /tmp/edgelm-bench/llama135m-30L/checkpoint
 
-For each preset (random weights: speed does not depend on them) it exports an int4 ONNX folder and a Q4_0
+For each preset (random weights: speed does not depend on them), or checkpoint folder (such as the model of
+SmolLM-135M's shape that benchmarks/onnx_speed.py writes), it exports an int4 ONNX folder and a Q4_0
 GGUF file, then times one decode step three ways, interleaved over rounds (median per token):
   engine   the bare engine call: ONNX Runtime's run_with_iobinding on edgelm's bound buffers; llama.cpp's
            llama_decode of one token (through llama-cpp-python's `Llama.eval`, its thinnest public call)
@@ -133,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", default="tiny,small")
+    parser.add_argument("--presets", default="tiny,small", help="preset names or checkpoint folders")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
@@ -141,9 +143,10 @@ def main() -> None:
     args = parser.parse_args()
     cache = Path(args.cache)
     header = ("preset", "artifact", "engine ms", "runtime ms", "generate ms", "overhead")
-    print("{:6} {:10} {:>9} {:>10} {:>11} {:>8}".format(*header))
+    print("{:24} {:10} {:>9} {:>10} {:>11} {:>8}".format(*header))
     for name in args.presets.split(","):
-        checkpoint = preset_checkpoint(name, cache)
+        checkpoint = Path(name) if Path(name).is_dir() else preset_checkpoint(name, cache)
+        name = "-".join(checkpoint.parts[-2:]) if Path(name).is_dir() else name
         onnx = export_onnx(checkpoint, cache / f"{name}-onnx-int4", "int4")
         gguf = export_gguf(checkpoint, cache, "q4_0")
         for kind, path in (("onnx int4", onnx), ("gguf q4_0", gguf)):
@@ -158,10 +161,10 @@ def main() -> None:
                 rows["engine"] = [llama_engine(path, args.threads, args.tokens) for _ in range(args.rounds)]
             engine, runtime, generate = (statistics.median(rows[k]) * 1e3 for k in rows)
             overhead = (generate - engine) / engine
-            print(f"{name:6} {kind:10} {engine:9.3f} {runtime:10.3f} {generate:11.3f} {overhead:8.1%}")
+            print(f"{name:24} {kind:10} {engine:9.3f} {runtime:10.3f} {generate:11.3f} {overhead:8.1%}")
         ours, theirs = time_to_first_token(gguf, args.threads)
         print(
-            f"{name:6} load + first token: edgelm {ours:.3f} s, llama-cpp-python {theirs:.3f} s "
+            f"{name:24} load + first token: edgelm {ours:.3f} s, llama-cpp-python {theirs:.3f} s "
             f"(ratio {ours / theirs:.2f})"
         )
 

@@ -1,12 +1,14 @@
 """ONNX prefill and decode speed on CPU: edgelm's exporter and runtime against onnxruntime-genai, optimum and
-PyTorch, on one ~135M-parameter Llama, in one run.
+PyTorch, on one Llama of a real model's shape, in one run.
 
-    python benchmarks/onnx_speed.py [--layers 30] [--threads 2] [--repeats 3] [--cache /tmp/edgelm-bench]
-                                    [--skip ROWS] [--accuracy RUN [--windows 32] [--no-speed]]
+    python benchmarks/onnx_speed.py [--shape 135m|1.7b] [--layers N] [--threads 2] [--repeats 3]
+                                    [--cache /tmp/edgelm-bench] [--skip ROWS] [--profile]
+                                    [--accuracy RUN [--windows 32] [--no-speed]]
 
 The model has SmolLM-135M's shape (30 layers, hidden 576, MLP 1536, 9 heads, 3 KV heads, vocabulary 49152,
-tied embeddings) and random weights (std 0.02); speed does not depend on what the weights say. It is written
-once as an edgelm checkpoint under --cache, and so is every export of it:
+tied embeddings) or, with --shape 1.7b, SmolLM2-1.7B's (24 layers, hidden 2048, MLP 8192, 32 heads and KV
+heads), and random weights (std 0.02); speed does not depend on what the weights say. It is written once as
+an edgelm checkpoint under --cache, and so is every export of it that a row not --skip'ped needs:
 
     edgelm fp32/int8/int4   edgelm.export.onnx.export_onnx            run by edgelm's OnnxRuntime.forward
     genai fp32/int8/int4    python -m onnxruntime_genai.models.builder  run by onnxruntime_genai.Generator
@@ -20,6 +22,10 @@ choice of the next token). The configurations take turns within each round (one 
 then --repeats timed ones), so that a drift in the machine's load affects them alike; the table shows the
 median and, in brackets, the spread (max - min) of the rounds, and each ratio is against onnxruntime-genai at
 the same precision (fp32 for optimum and torch), measured in the same rounds.
+
+--profile then runs each edgelm and genai graph alone in a plain ONNX Runtime session with its profiler on,
+and prints the kernel time per op type of a decode step: where the graphs differ, and how much of a step
+is ONNX Runtime's kernels (the rest of a row's tg128 is its generation loop).
 
 --accuracy RUN (an edgelm training run, which holds its validation tokens) exports RUN's checkpoint the same
 ways, plus optimum int8/int4 (ONNX Runtime's own quantizers), and prints each ONNX model's perplexity on
@@ -52,22 +58,28 @@ if TYPE_CHECKING:  # edgelm is imported where used: the optimum worker runs this
 PROMPTS = (128, 512)  # prefill lengths: pp128, pp512
 DECODE = 128  # tg128
 SEED = 0
+PROFILE_PAST, PROFILE_STEPS = 128, 32  # --profile: decode steps after this many positions
 
 
 # ------------------------------------------------------------------------------------------- the model
 
 
-def bench_config(layers: int) -> ModelConfig:
-    """SmolLM-135M's shape with `layers` layers."""
+# hidden, MLP, layers, heads, KV heads of each --shape (head_dim 64, vocabulary 49152, tied embeddings)
+SHAPES = {"135m": (576, 1536, 30, 9, 3), "1.7b": (2048, 8192, 24, 32, 32)}  # SmolLM-135M, SmolLM2-1.7B
+
+
+def bench_config(shape: str, layers: int | None) -> ModelConfig:
+    """SmolLM-135M's or SmolLM2-1.7B's shape, with `layers` layers (None: its own)."""
     from edgelm.model.config import ModelConfig
 
+    hidden, mlp, own_layers, heads, kv_heads = SHAPES[shape]
     return ModelConfig(
         vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers or own_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=64,
         max_position_embeddings=2048,
         rope_theta=10000.0,
@@ -75,13 +87,20 @@ def bench_config(layers: int) -> ModelConfig:
     )
 
 
-def bench_checkpoint(cache: Path, layers: int) -> Path:
-    """The random checkpoint of `layers` layers under `cache` (written once), with a BPE tokenizer trained on
+def bench_root(cache: Path, shape: str, layers: int | None) -> Path:
+    """Where the shape's checkpoint and exports are kept."""
+    config = bench_config(shape, layers)
+    name = "llama135m" if shape == "135m" else f"llama{shape}"
+    return cache / f"{name}-{config.num_hidden_layers}L"
+
+
+def bench_checkpoint(cache: Path, shape: str, layers: int | None) -> Path:
+    """The random checkpoint of the shape under `cache` (written once), with a BPE tokenizer trained on
     the built-in corpus (the model's vocabulary stays 49152 whatever the tokenizer reaches)."""
     from edgelm.tokenizer import Tokenizer
     from edgelm.training.random_checkpoint import random_checkpoint
 
-    directory = cache / f"llama135m-{layers}L" / "checkpoint"
+    directory = bench_root(cache, shape, layers) / "checkpoint"
     if (directory / "model.safetensors").is_file():
         return directory
     tokenizer_dir = cache / "tokenizer"
@@ -93,7 +112,7 @@ def bench_checkpoint(cache: Path, layers: int) -> Path:
         texts = [d.text for d in read_documents(builtin_corpus(), skip_undecodable=True)]
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         train_tokenizer(texts, 49152).save(tokenizer_dir, context_length=2048)
-    config = bench_config(layers)
+    config = bench_config(shape, layers)
     print(f"writing {directory} ({config.num_parameters / 1e6:.0f}M parameters) ...", flush=True)
     tokenizer = Tokenizer.load(tokenizer_dir)
     random_checkpoint(directory, config, tokenizer, SEED, std=0.02, vector_range=(1.0, 1.0))
@@ -130,28 +149,31 @@ def build_genai(checkpoint: Path, out: Path, precision: str) -> None:
 
 
 def exports(
-    checkpoint: Path, root: Path, optimum_python: Path | None, optimum_quants: tuple[str, ...] = ("fp32",)
+    checkpoint: Path,
+    root: Path,
+    optimum_python: Path | None,
+    optimum_quants: tuple[str, ...] = ("fp32",),
+    skipped: frozenset[str] = frozenset(),
 ) -> dict[str, Path]:
-    """Every ONNX folder of the benchmark, by row name, built under `root` when missing."""
+    """Every ONNX folder of the benchmark but the `skipped` rows, by row name, built under `root` when
+    missing."""
     from edgelm.export.onnx import export_onnx
 
-    folders = {}
+    builders: dict[str, Callable[[Path], object]] = {}
     for quant in ("fp32", "int8", "int4"):
-        folders[f"edgelm {quant}"] = built(
-            root / f"edgelm-{quant}", partial(export_onnx, checkpoint, quant=quant)
-        )
+        builders[f"edgelm {quant}"] = partial(export_onnx, checkpoint, quant=quant)
     for quant in ("fp32", "int8", "int4"):
-        folders[f"genai {quant}"] = built(
-            root / f"genai-{quant}", partial(build_genai, checkpoint, precision=quant)
-        )
+        builders[f"genai {quant}"] = partial(build_genai, checkpoint, precision=quant)
     if optimum_python is not None:
         from edgelm.export.optimum import export_via_optimum
 
         for quant in optimum_quants:
-            folders[f"optimum {quant}"] = built(
-                root / f"optimum-{quant}", partial(export_via_optimum, checkpoint, quant=quant)
-            )
-    return folders
+            builders[f"optimum {quant}"] = partial(export_via_optimum, checkpoint, quant=quant)
+    return {
+        name: built(root / name.replace(" ", "-"), build)
+        for name, build in builders.items()
+        if name not in skipped
+    }
 
 
 def find_optimum_python() -> tuple[Path | None, str]:
@@ -392,6 +414,70 @@ def print_table(rows: list[Row]) -> None:
         print(line)
 
 
+def decode_profile(folders: dict[str, Path], config: ModelConfig, threads: int, rounds: int) -> None:
+    """ONNX Runtime's profiler on each folder's graph alone (a plain session, no generation loop): the
+    kernel time of each op type in a decode step after PROFILE_PAST positions, median over rounds taken
+    in turns, and the step's wall time; so that where edgelm's graph and genai's differ is seen per op."""
+    import collections
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    per_op: dict[str, dict[str, list[float]]] = {name: collections.defaultdict(list) for name in folders}
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(rounds):
+            for name, folder in folders.items():
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.enable_profiling = True
+                options.profile_file_prefix = str(Path(work) / name.replace(" ", "-"))
+                session = ort.InferenceSession(str(folder / "model.onnx"), options)
+                feeds = decode_feeds(session, config, PROFILE_PAST)
+                for _ in range(4):  # warm-up steps
+                    session.run(None, feeds)
+                start = time.perf_counter()
+                for _ in range(PROFILE_STEPS):
+                    session.run(None, feeds)
+                per_op[name]["(wall)"].append((time.perf_counter() - start) / PROFILE_STEPS * 1e6)
+                totals: collections.Counter[str] = collections.Counter()
+                for event in json.loads(Path(session.end_profiling()).read_text()):
+                    if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                        totals[event["args"]["op_name"]] += event["dur"]
+                steps = PROFILE_STEPS + 4
+                for op, micros in totals.items():
+                    per_op[name][op].append(micros / steps)
+                per_op[name]["(kernels)"].append(sum(totals.values()) / steps)
+    ops = sorted(
+        {op for ops in per_op.values() for op in ops},
+        key=lambda op: -max(statistics.median(per_op[name].get(op, [0.0])) for name in folders),
+    )
+    print(f"\ndecode step after {PROFILE_PAST} positions, µs (median of {rounds}), ONNX Runtime's profiler")
+    print(f"{'op type':<36}" + "".join(f" {name:>14}" for name in folders))
+    for op in ops:
+        cells = [statistics.median(per_op[name][op]) if op in per_op[name] else 0.0 for name in folders]
+        print(f"{op:<36}" + "".join(f" {cell:14.0f}" for cell in cells))
+
+
+def decode_feeds(session: Any, config: ModelConfig, past: int) -> dict[str, np.ndarray]:
+    """Inputs of one decode step after `past` positions (zeros in the KV cache), by the graph's names."""
+    feeds: dict[str, np.ndarray] = {}
+    for value in session.get_inputs():
+        if value.name == "input_ids":
+            feeds[value.name] = np.array([[5]], np.int64)
+        elif value.name == "attention_mask":
+            feeds[value.name] = np.ones((1, past + 1), np.int64)
+        elif value.name == "position_ids":
+            feeds[value.name] = np.array([[past]], np.int64)
+        elif value.name.startswith("past_key_values."):
+            dtype = np.float16 if "float16" in value.type else np.float32
+            shape = (1, config.num_key_value_heads, past, config.head_dim)
+            feeds[value.name] = np.zeros(shape, dtype)
+        else:
+            raise SystemExit(f"{value.name}: an input the profile does not know how to feed")
+    return feeds
+
+
 # ------------------------------------------------------------------------------------------- accuracy
 
 
@@ -432,13 +518,14 @@ def perplexity(runtime: Runtime, windows: np.ndarray) -> float:
 
 def speed(args: argparse.Namespace, optimum_python: Path | None) -> None:
     """The speed table on the benchmark model."""
-    root = args.cache / f"llama135m-{args.layers}L"
+    root = bench_root(args.cache, args.shape, args.layers)
     if args.rebuild:
         for path in root.glob("*"):
             if path.name != "checkpoint":
                 shutil.rmtree(path)
-    checkpoint = bench_checkpoint(args.cache, args.layers)
-    folders = exports(checkpoint, root, optimum_python)
+    checkpoint = bench_checkpoint(args.cache, args.shape, args.layers)
+    skipped = frozenset(name.strip() for name in args.skip.split(",") if name.strip())
+    folders = exports(checkpoint, root, optimum_python, skipped=skipped)
 
     t = args.threads
     engines = {"edgelm": "edgelm OnnxRuntime", "genai": "onnxruntime-genai", "optimum": "ORTModelForCausalLM"}
@@ -456,7 +543,6 @@ def speed(args: argparse.Namespace, optimum_python: Path | None) -> None:
         rows.append(Row(name, engines[kind], folder, runner, None if kind == "genai" else f"genai {quant}"))
     torch_runner = partial(EdgelmRunner, checkpoint, "torch", t)
     rows.append(Row("torch fp32", "edgelm TorchRuntime", checkpoint, torch_runner, "genai fp32"))
-    skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
     rows = [row for row in rows if row.name not in skipped]
 
     from edgelm.model.config import ModelConfig
@@ -472,13 +558,17 @@ def speed(args: argparse.Namespace, optimum_python: Path | None) -> None:
     )
     measure(rows, args.repeats, config.vocab_size)
     print_table(rows)
+    if args.profile:
+        profiled = {row.name: row.folder for row in rows if row.name.split()[0] in ("edgelm", "genai")}
+        decode_profile(profiled, config, t, args.repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, default=30, help="layers of the model (30: SmolLM-135M)")
+    parser.add_argument("--shape", choices=SHAPES, default="135m", help="SmolLM-135M's or SmolLM2-1.7B's")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the model (default: the shape's)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every runtime")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/edgelm-bench"), help="models built here")
@@ -487,6 +577,7 @@ def main() -> None:
     parser.add_argument("--accuracy", type=Path, metavar="RUN", help="also: perplexity ratios on RUN")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows for --accuracy")
     parser.add_argument("--no-speed", action="store_true", help="only the accuracy section")
+    parser.add_argument("--profile", action="store_true", help="also: decode kernel time per op type")
     parser.add_argument("--optimum-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.optimum_worker:
