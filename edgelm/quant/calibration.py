@@ -262,7 +262,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             for module in shared_inputs(self.config)
         ]
         try:
-            self._float_out = _forward(block, self.config, self._x)
+            self._float_out = forward_windows(block, self.config, self._x)
         finally:
             for handle in handles:
                 handle.remove()
@@ -282,7 +282,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         if not quantized and self._measured == self._at and self._float_out is not None:
             self._x = self._float_out
         else:
-            self._x = _forward(self._layer(self._at, quantized), self.config, self._x)
+            self._x = forward_windows(self._layer(self._at, quantized), self.config, self._x)
         self._float_out = None
         self._at += 1
 
@@ -299,7 +299,7 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
             self._stats, self._measured, self._float_out = {}, -1, None
             xs = self._embeddings()
             for i in range(self.config.num_hidden_layers):
-                xs = _forward(self._layer(i, quantized=False), self.config, xs)
+                xs = forward_windows(self._layer(i, quantized=False), self.config, xs)
             norm = rms_norm(self.config, self.config.hidden_size)
             norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
             sums: dict[str, torch.Tensor] = {}
@@ -364,7 +364,7 @@ def wants_quantized(statistics: Mapping[str, np.ndarray] | None, name: str) -> b
     )
 
 
-def _forward(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def forward_windows(block: Block, config: ModelConfig, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """One decoder layer over each window's activations."""
     import torch
 

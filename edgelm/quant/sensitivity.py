@@ -28,7 +28,7 @@ import numpy as np
 
 from edgelm.checkpoint import checked_entries, row_reader, tensor_reader
 from edgelm.model.config import DEFAULT_CONTEXT, ModelConfig
-from edgelm.quant.calibration import calibration_windows, layer_module, window_embeddings
+from edgelm.quant.calibration import calibration_windows, forward_windows, layer_module, window_embeddings
 from edgelm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -60,23 +60,15 @@ def output_sensitivity(
     sums: dict[str, torch.Tensor] = {}
     xs = window_embeddings(config, row_reader(entries), windows)
     inputs = []
-    with torch.inference_mode():
-        for i in range(config.num_hidden_layers):
-            inputs.append(xs)
-            xs = _forward(layer_module(config, weights, i), config, xs)
+    for i in range(config.num_hidden_layers):
+        inputs.append(xs)
+        xs = forward_windows(layer_module(config, weights, i), config, xs)
     grads = _head_gradients(config, weights, xs, sums, torch.Generator().manual_seed(seed))
     for i in reversed(range(config.num_hidden_layers)):
         grads = _layer_gradients(config, weights, i, inputs.pop(), grads, sums)
     for grad in grads:  # an error of a table row reaches the embedding's output times the multiplier
         _add(sums, EMBEDDING, grad * config.embedding_multiplier)
     return {name: (total / tokens).float().numpy() for name, total in sums.items()}
-
-
-def _forward(block: torch.nn.Module, config: ModelConfig, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One decoder layer over each window's activations."""
-    from edgelm.model.transformer import rope_tables
-
-    return [block(x, rope_tables(config, 0, x.shape[1], x.device), 0) for x in xs]
 
 
 def _head_gradients(
@@ -136,6 +128,8 @@ def _layer_gradients(
     at its output; each linear weight's E[g²] added to sums."""
     import torch
 
+    from edgelm.model.transformer import rope_tables
+
     block = layer_module(config, weights, i)
     block.requires_grad_(False)
     outputs: dict[str, torch.Tensor] = {}
@@ -148,7 +142,7 @@ def _layer_gradients(
     try:
         for x, grad in zip(inputs, grads, strict=True):
             x = x.clone().requires_grad_(True)
-            (y,) = _forward(block, config, [x])
+            y = block(x, rope_tables(config, 0, x.shape[1], x.device), 0)
             y.backward(grad)
             for name, output in outputs.items():
                 assert output.grad is not None
