@@ -104,5 +104,5 @@ def _output_sensitivity(
         return None
     *layer_path, fused = name.split(".", 3)
     layer = ".".join(layer_path) + "."
-    parts = [sensitivity.get(f"{layer}{p}.weight") for p in fused_parts(config, fused)]
-    return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
+    names = [f"{layer}{p}.weight" for p in fused_parts(config, fused)]
+    return np.concatenate([sensitivity[n] for n in names]) if all(n in sensitivity for n in names) else None
