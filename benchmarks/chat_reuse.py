@@ -50,7 +50,7 @@ def chat_checkpoint(cache: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     from onnx_speed import bench_checkpoint
 
-    source = bench_checkpoint(cache, 30)
+    source = bench_checkpoint(cache, "135m", None)
     folder = source.parent / "chat"
     if not (folder / "tokenizer_config.json").is_file():
         folder.mkdir(exist_ok=True)

@@ -141,7 +141,7 @@ def artifacts(cache: Path) -> dict[str, Path]:
     from edgelm.export.gguf import export_gguf
     from edgelm.export.onnx import export_onnx
 
-    checkpoint = bench_checkpoint(cache, 30)
+    checkpoint = bench_checkpoint(cache, "135m", None)
     gguf, onnx = checkpoint.parent / "serve-q4_k_m.gguf", checkpoint.parent / "serve-onnx-int4"
     if not gguf.is_file():
         export_gguf(checkpoint, gguf, "q4_k_m")
