@@ -5,12 +5,13 @@
 
 For each preset (random weights: speed does not depend on them), or checkpoint folder (such as the model of
 SmolLM-135M's shape that benchmarks/onnx_speed.py writes), it exports an int4 ONNX folder and a Q4_0
-GGUF file, then times one decode step three ways, interleaved over rounds (median per token):
-  engine   the bare engine call: ONNX Runtime's run_with_iobinding on edgelm's bound buffers; llama.cpp's
-           llama_decode of one token (through llama-cpp-python's `Llama.eval`, its thinnest public call)
+GGUF file, then runs decode steps two ways, interleaved over rounds, and times each step's engine call
+inside those same steps (ONNX Runtime's run_with_iobinding; llama.cpp's llama_decode), so that the
+engine's own run-to-run noise, larger than the loop's cost, cancels:
   runtime  edgelm's Runtime.forward([token]) (id checks, binding, logits copy)
-  generate edgelm's Model.generate per new token (sampling, incremental decoding, stop checks)
-and prints generate's overhead above the engine as a share of the decode step (target: <= 5 %).
+  generate edgelm's Model.stream per new token (sampling, incremental decoding, stop checks)
+and prints, per token (median over rounds), the engine's time and each way's time outside it as a share of
+the engine's (target for generate: <= 5 %).
 Then the time from nothing to the first generated token: `edgelm.load` + generate(1 token) against
 llama-cpp-python's `Llama(...)` + create_completion(max_tokens=1), for the same GGUF file.
 """
@@ -18,19 +19,20 @@ llama-cpp-python's `Llama(...)` + create_completion(max_tokens=1), for the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 import edgelm
 from edgelm.export.gguf import export_gguf
 from edgelm.export.onnx import export_onnx
 from edgelm.model.config import preset
+from edgelm.runtimes import llamacpp
 from edgelm.runtimes.onnxruntime import OnnxRuntime
 from edgelm.tokenizer import train_tokenizer
 from edgelm.training.random_checkpoint import random_checkpoint
@@ -53,66 +55,73 @@ def preset_checkpoint(name: str, directory: Path) -> Path:
     return random_checkpoint(folder, config, tokenizer, std=0.02, vector_range=(1.0, 1.0))
 
 
-def per_token(step: Callable[[], object], tokens: int) -> float:
-    """Seconds per call of `step`, over `tokens` calls."""
-    start = time.perf_counter()
-    for _ in range(tokens):
-        step()
-    return (time.perf_counter() - start) / tokens
+def timed(call: Callable[..., Any], inside: list[float]) -> Callable[..., Any]:
+    """`call`, adding the seconds each call takes to inside[0]."""
+
+    def wrapper(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    return wrapper
 
 
-def onnx_engine(model: edgelm.Model, tokens: int) -> float:
-    """ONNX Runtime's own call on the runtime's bound inputs and outputs, one new position at a time."""
+class TimedSession:
+    """An ONNX Runtime session whose run_with_iobinding adds its seconds to inside[0]."""
+
+    def __init__(self, session: Any, inside: list[float]) -> None:
+        self.run_with_iobinding = timed(session.run_with_iobinding, inside)
+
+
+@contextlib.contextmanager
+def engine_time(model: edgelm.Model) -> Iterator[list[float]]:
+    """[seconds spent in the engine's own call] while the block runs."""
+    inside = [0.0]
     runtime = model.runtime
-    assert isinstance(runtime, OnnxRuntime)  # its bound buffers are this class's own, not the protocol's
+    if isinstance(runtime, OnnxRuntime):
+        session = runtime.session
+        runtime.session = TimedSession(session, inside)
+        try:
+            yield inside
+        finally:
+            runtime.session = session
+    else:
+        decode = llamacpp.llama_cpp.llama_decode
+        llamacpp.llama_cpp.llama_decode = timed(decode, inside)
+        try:
+            yield inside
+        finally:
+            llamacpp.llama_cpp.llama_decode = decode
+
+
+def runtime_steps(model: edgelm.Model, tokens: int) -> tuple[float, float]:
+    """(engine, outside) seconds per Runtime.forward of one token, over `tokens` of them."""
+    runtime = model.runtime
     runtime.reset()
     runtime.forward(model.tokenizer.encode(PROMPT, add_bos=True))
-    binding, session = runtime._binding, runtime.session
-    binding.bind_cpu_input("input_ids", np.array([[5]], np.int64))
-    binding.bind_ortvalue_output("logits", runtime._decode_logits)
-    position = runtime.position
-
-    def step() -> None:
-        nonlocal position
-        position += 1
-        binding.bind_cpu_input("attention_mask", runtime._mask[:, :position])
-        session.run_with_iobinding(binding)
-
-    return per_token(step, tokens)
+    with engine_time(model) as inside:
+        start = time.perf_counter()
+        for _ in range(tokens):
+            runtime.forward([5])
+        wall = time.perf_counter() - start
+    return inside[0] / tokens, (wall - inside[0]) / tokens
 
 
-def llama_engine(path: Path, threads: int, tokens: int) -> float:
-    """llama.cpp's decode of one token at a time through llama-cpp-python's `Llama.eval`."""
-    import llama_cpp
-
-    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, verbose=False)
-    llama.eval(llama.tokenize(PROMPT.encode()))
-    seconds = per_token(lambda: llama.eval([5]), tokens)
-    llama.close()
-    return seconds
-
-
-def runtime_step(model: edgelm.Model, tokens: int) -> float:
-    runtime = model.runtime
-    runtime.reset()
-    runtime.forward(model.tokenizer.encode(PROMPT, add_bos=True))
-    return per_token(lambda: runtime.forward([5]), tokens)
-
-
-def generate_step(model: edgelm.Model, tokens: int) -> float:
-    """Seconds per new token of a greedy generation that runs to `tokens` (EOS disabled by ignoring it);
-    both generations prefill the whole prompt (the runtime reset: no prefix reuse)."""
+def generate_steps(model: edgelm.Model, tokens: int) -> tuple[float, float]:
+    """(engine, outside) seconds per new token of a greedy generation of `tokens` + 1 (EOS ignored),
+    counted from the first token on (the prompt's prefill left out)."""
     model.runtime.reset()
-    prefill = time.perf_counter()
-    model.generate(PROMPT, max_new_tokens=1, temperature=0)
-    prefill = time.perf_counter() - prefill
-    model.runtime.reset()
-    start = time.perf_counter()
     stream = model.stream(PROMPT, max_new_tokens=tokens + 1, temperature=0)
-    with stream:
+    with stream, engine_time(model) as inside:
+        next(stream, "")
+        inside[0] = 0.0
+        start = time.perf_counter()
         "".join(stream)
-    produced = stream.completion_tokens
-    return (time.perf_counter() - start - prefill) / max(produced - 1, 1)
+        wall = time.perf_counter() - start
+    steps = max(stream.completion_tokens - 1, 1)
+    return inside[0] / steps, (wall - inside[0]) / steps
 
 
 def time_to_first_token(path: Path, threads: int) -> tuple[float, float]:
@@ -142,26 +151,24 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "edgelm-bench-overhead"))
     args = parser.parse_args()
     cache = Path(args.cache)
-    header = ("preset", "artifact", "engine ms", "runtime ms", "generate ms", "overhead")
-    print("{:24} {:10} {:>9} {:>10} {:>11} {:>8}".format(*header))
+    header = ("preset", "artifact", "engine ms", "runtime +ms", "generate +ms", "loop cost")
+    print("{:24} {:10} {:>9} {:>11} {:>12} {:>9}".format(*header))
     for name in args.presets.split(","):
         checkpoint = Path(name) if Path(name).is_dir() else preset_checkpoint(name, cache)
         name = "-".join(checkpoint.parts[-2:]) if Path(name).is_dir() else name
         onnx = export_onnx(checkpoint, cache / f"{name}-onnx-int4", "int4")
         gguf = export_gguf(checkpoint, cache, "q4_0")
         for kind, path in (("onnx int4", onnx), ("gguf q4_0", gguf)):
-            rows: dict[str, list[float]] = {"engine": [], "runtime": [], "generate": []}
+            engine, runtime, generate = [], [], []
             with edgelm.load(path, threads=args.threads) as model:
                 for _ in range(args.rounds):
-                    if kind.startswith("onnx"):
-                        rows["engine"].append(onnx_engine(model, args.tokens))
-                    rows["runtime"].append(runtime_step(model, args.tokens))
-                    rows["generate"].append(generate_step(model, args.tokens))
-            if kind.startswith("gguf"):
-                rows["engine"] = [llama_engine(path, args.threads, args.tokens) for _ in range(args.rounds)]
-            engine, runtime, generate = (statistics.median(rows[k]) * 1e3 for k in rows)
-            overhead = (generate - engine) / engine
-            print(f"{name:24} {kind:10} {engine:9.3f} {runtime:10.3f} {generate:11.3f} {overhead:8.1%}")
+                    runtime.append(runtime_steps(model, args.tokens)[1])
+                    inside, outside = generate_steps(model, args.tokens)
+                    engine.append(inside)
+                    generate.append(outside)
+            ms = [statistics.median(column) * 1e3 for column in (engine, runtime, generate)]
+            share = statistics.median(o / e for o, e in zip(generate, engine, strict=True))
+            print(f"{name:24} {kind:10} {ms[0]:9.3f} {ms[1]:11.3f} {ms[2]:12.3f} {share:9.1%}")
         ours, theirs = time_to_first_token(gguf, args.threads)
         print(
             f"{name:24} load + first token: edgelm {ours:.3f} s, llama-cpp-python {theirs:.3f} s "

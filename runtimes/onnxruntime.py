@@ -133,7 +133,9 @@ class OnnxRuntime(HeldIds):
             self._kv = [None] * len(self._past)  # the present tensors of the last step
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = _NUMPY_TYPES.get(logits_type, np.float32)
-        self._decode_logits = self._new_logits(1)
+        # numpy arrays the logits are bound to (ORT writes into them; numpy reads them without a call into ORT)
+        self._decode_array = np.empty((1, 1, c.vocab_size), self._logits_dtype)
+        self._decode_logits = ort.OrtValue.ortvalue_from_numpy(self._decode_array)
         self._token = np.zeros((1, 1), np.int64)  # ORT reads the decode step's token id from this array
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
         self._decode_bound = False
@@ -177,11 +179,11 @@ class OnnxRuntime(HeldIds):
                 binding.bind_ortvalue_input("input_ids", self._token_value)
                 binding.bind_ortvalue_output("logits", self._decode_logits)
                 self._decode_bound = True
-            logits = self._decode_logits
+            logits = self._decode_array
         else:
-            logits = self._new_logits(n)
+            logits = np.empty((1, n, self.config.vocab_size), self._logits_dtype)
             binding.bind_cpu_input("input_ids", array.reshape(1, n))
-            binding.bind_ortvalue_output("logits", logits)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
             self._decode_bound = False
         binding.bind_cpu_input("attention_mask", self._mask[:, : start + n])
         if self._position_ids:
@@ -190,11 +192,8 @@ class OnnxRuntime(HeldIds):
         self.session.run_with_iobinding(binding)
         if present is not None:  # only once the step has run: a failed one leaves the past as it was
             self._kv = present
-        return np.array(logits.numpy()[0], dtype=np.float32)  # a copy: the decode buffer is reused
-
-    def _new_logits(self, n: int) -> ort.OrtValue:
-        shape = (1, n, self.config.vocab_size)
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, "cpu")
+        # the decode buffer is reused, so its logits are copied; a prefill's buffer is the caller's to keep
+        return logits[0].astype(np.float32, copy=logits is self._decode_array)
 
     def _bind_growing_past(self, start: int, n: int) -> list[ort.OrtValue]:
         """Plain attention: the last step's present tensors are this step's past (empty at the start), and

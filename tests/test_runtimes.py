@@ -124,6 +124,41 @@ def test_every_runtime_takes_a_context_and_refuses_what_it_does_not_take(
             edgelm.load(artifact, context=0)
 
 
+def test_logits_are_the_callers_to_keep_and_one_bad_id_is_refused(
+    tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    """A runtime may reuse its buffers from step to step (ONNX Runtime's decode logits are), but the logits
+    it returns stay as they were when later steps run; and a decode step's single id is checked as a
+    prompt's are."""
+    from edgelm.export.gguf import export_gguf
+    from edgelm.export.onnx import export_onnx
+
+    checkpoint = make_checkpoint(tmp_path / "model", small_tokenizer, SMALL)
+    artifacts = [
+        checkpoint,
+        export_onnx(checkpoint, tmp_path / "onnx", "fp32"),
+        export_onnx(checkpoint, tmp_path / "onnx16", "fp16"),  # float16 logits, returned as float32
+        export_gguf(checkpoint, tmp_path / "model.gguf", "q8_0"),
+    ]
+    for artifact in artifacts:
+        with edgelm.load(artifact) as model:
+            prompt = model.runtime.forward([1, 2, 3], all_logits=True)
+            steps = [model.runtime.forward([token]) for token in (4, 5, 6)]
+            kept = [prompt.copy()] + [step.copy() for step in steps]
+            model.runtime.forward([7, 8])
+            for logits, copy in zip([prompt, *steps], kept, strict=True):
+                assert logits.dtype == np.float32
+                np.testing.assert_array_equal(logits, copy)
+            assert not np.array_equal(steps[0], steps[1])
+            vocab = model.config.vocab_size
+            for bad in (-1, vocab):
+                with pytest.raises(
+                    EdgelmError, match=rf"token ids must lie in \[0, {vocab}\); got {bad}\.\.{bad}"
+                ):
+                    model.runtime.forward([bad])
+            assert model.runtime.position == 8
+
+
 def test_builtin_runtimes_declare_the_options_their_constructors_take() -> None:
     import inspect
 
