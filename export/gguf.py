@@ -273,12 +273,12 @@ def _encoded(
     qtype: T,
     config: ModelConfig,
     hessian: np.ndarray | None,
-    hessians: Mapping[str, np.ndarray] | None,
+    statistics: Mapping[str, np.ndarray] | None,
     threads: int | None,
 ) -> np.ndarray:
     """One checkpoint tensor as the GGUF file stores it: q/k rows in llama.cpp's RoPE order for the
-    architecture, then encoded (steered by `hessian`, `_input_hessian`'s). Calibration statistics that go
-    on through the quantized model get the tensor's quantized values back."""
+    architecture, then encoded (steered by `hessian`, its input's E[x xᵀ] from `_input_hessian`). The
+    calibration `statistics`, where they go on through the quantized model, get its quantized values back."""
     heads = None
     arch = GGUF_ARCHITECTURES[config.architecture]
     if arch in NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
@@ -289,9 +289,9 @@ def _encoded(
         w = permute_for_gguf(w, heads)
 
     def record(values: np.ndarray) -> None:
-        record_quantized(hessians, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
+        record_quantized(statistics, hf_name, values if heads is None else unpermute_from_gguf(values, heads))
 
-    return encode_tensor(w, qtype, hessian, threads, record if wants_quantized(hessians, hf_name) else None)
+    return encode_tensor(w, qtype, hessian, threads, record if wants_quantized(statistics, hf_name) else None)
 
 
 def _write_metadata(

@@ -23,7 +23,7 @@ import dataclasses
 import importlib.metadata
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,15 @@ def builtin_calibration(checkpoint: Path) -> Mapping[str, np.ndarray]:
     return activation_covariance(checkpoint, text, max_tokens=BUILTIN_CALIBRATION_TOKENS)
 
 
-def builtin_sensitivity(checkpoint: Path) -> dict[str, np.ndarray]:
-    """How much each output of each matrix matters to the prediction (`output_sensitivity`), on
-    SENSITIVITY_TOKENS tokens of the built-in corpus: what weighs int4_mixed's choice of formats."""
+def builtin_sensitivity(checkpoint: Path, advance: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """How much each output of each matrix matters to the prediction (`output_sensitivity`, which calls
+    `advance` 2 × layers times), on SENSITIVITY_TOKENS tokens of the built-in corpus: what weighs
+    int4_mixed's choice of formats."""
     from edgelm.quant.sensitivity import output_sensitivity
     from edgelm.training.data import builtin_calibration_text
 
     return output_sensitivity(
-        checkpoint, builtin_calibration_text(8 * SENSITIVITY_TOKENS), SENSITIVITY_TOKENS
+        checkpoint, builtin_calibration_text(8 * SENSITIVITY_TOKENS), SENSITIVITY_TOKENS, advance=advance
     )
 
 
@@ -123,7 +124,8 @@ def export_onnx(
 
     `hessians` (from `edgelm.quant.calibration.activation_covariance`) make the int8/int4 quantizer minimize
     each layer's output error (activation-weighted scales and GPTQ error feedback), as for GGUF. int4_mixed
-    without them calibrates on the built-in corpus (`builtin_calibration`).
+    without them calibrates on the built-in corpus (`builtin_calibration`), and, with or without them, weighs
+    its choice of formats by each output's sensitivity on the built-in corpus (`builtin_sensitivity`).
     """
     if quant not in PRECISIONS:
         raise EdgelmError(f"unknown ONNX precision {quant!r}; choose one of {', '.join(PRECISIONS)}")
@@ -143,7 +145,6 @@ def export_onnx(
     calibration = "given" if hessians else None
     if precision.mixed and not hessians:
         hessians, calibration = builtin_calibration(checkpoint), BUILTIN_CALIBRATION
-    sensitivity = builtin_sensitivity(checkpoint) if precision.mixed else None
 
     tmp = temporary_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,23 +154,18 @@ def export_onnx(
             if (checkpoint / name).is_file():
                 _copy(checkpoint / name, tmp / name)
         budget = mixed_budget(checkpoint, config, tmp) if precision.mixed else None
-        steps = config.num_hidden_layers * (2 if precision.mixed else 1)  # int4_mixed ranks them first
+        # int4_mixed measures each layer's sensitivity forward and backward, and ranks the layers, first
+        steps = config.num_hidden_layers * (4 if precision.mixed else 1)
         label = f"{folder.name}{progress_label(hessians)}"
         with open(tmp / DATA_FILE, "wb") as data, progress_bar(label, steps, show_progress) as advance:
+            sensitivity = builtin_sensitivity(checkpoint, advance) if precision.mixed else None
             weights, statistics = tensor_reader(entries), hessians or {}
             model, formats = build_model(
                 config, weights, precision, options, statistics, data, threads, advance, budget, sensitivity
             )
-        # the graph takes its name last, so that a folder cut short by a kill never loads
-        graph = tmp / f"{MODEL_FILE}.partial"
-        onnx.save_model(model, str(graph))  # the weights are in model.onnx.data already
-        try:
-            onnx.checker.check_model(str(graph), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
-            raise EdgelmError(message) from None
+        graph = _checked_graph(model, tmp)
         write_json_atomic(tmp / GENAI_CONFIG, genai_config(config))
-        record = provenance(checkpoint, quant, precision, options, calibration, model, formats)
+        record = provenance(checkpoint, quant, precision, options, calibration, formats)
         write_json_atomic(tmp / PROVENANCE, record)
         graph.replace(tmp / MODEL_FILE)
         if folder.exists():
@@ -178,6 +174,19 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _checked_graph(model: onnx.ModelProto, folder: Path) -> Path:
+    """The graph saved in `folder` under a partial name, since it takes its name last so that a folder cut
+    short by a kill never loads (its weights are in model.onnx.data already), and passed by onnx.checker."""
+    graph = folder / f"{MODEL_FILE}.partial"
+    onnx.save_model(model, str(graph))
+    try:
+        onnx.checker.check_model(str(graph), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        message = f"the exported graph fails onnx.checker (a bug in edgelm; please report it): {e}"
+        raise EdgelmError(message) from None
+    return graph
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -238,12 +247,11 @@ def provenance(
     precision: Precision,
     options: QuantOptions,
     calibration: str | None,
-    model: onnx.ModelProto,
     formats: Mapping[str, BlockFormat],
 ) -> dict[str, Any]:
     """What edgelm.json records: the source checkpoint's hash, how the weights were quantized (and on what
-    text: "given" or the built-in corpus; for int4_mixed, each matrix's bits and block), the opsets and the
-    tools' versions."""
+    text: "given" or the built-in corpus; for int4_mixed, each matrix's bits and block by its name in
+    `matrix_names`, and what weighed their choice), the opsets and the tools' versions."""
     quantization: dict[str, Any] = {"dtype": precision.dtype, "bits": precision.bits}
     if precision.bits is not None:
         method = "gptq" if calibration else ("search" if options.search else "round-to-nearest")

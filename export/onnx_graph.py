@@ -11,7 +11,7 @@ from either reads the same in Netron. Each subgraph builder below draws its node
 The families differ in a few places, each drawn where it is built: q/k norms between the qkv MatMul and
 the attention (Qwen3, Gemma 3; `_normed_heads`), Gemma's √hidden Mul after the Gather, its norms after the
 attention and the MLP (`_layer`), GELU for SiLU, GroupQueryAttention's scale, soft-cap and local window, and
-a soft-capped head (`_head`); Phi-3's fused matrices are its checkpoint's own (`fused_parts`).
+a soft-capped head (`_head`); Phi-3's fused matrices are its checkpoint's own (`fused_weights`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from edgelm._version import __version__
 from edgelm.checkpoint import tensor_shapes
 from edgelm.errors import missing_dependency
-from edgelm.export.onnx_matrices import Weights, fused_matrix, fused_parts, mixed_formats
+from edgelm.export.onnx_matrices import Weights, fused_matrix, fused_weights, mixed_formats
 from edgelm.export.onnx_pack import matmul_nbits_parts, pack_matmul_nbits
 from edgelm.export.onnx_quant import BlockFormat, Matrix, Precision, QuantOptions, quantized_blocks
 from edgelm.formats.onnx import DATA_FILE
@@ -534,8 +534,7 @@ class _Linear:
         statistics that go on through the quantized model."""
         if not matrix.startswith("model.layers."):
             return
-        *layer_path, fused = matrix.split(".", 3)
-        names = [f"{'.'.join(layer_path)}.{part}.weight" for part in fused_parts(self.config, fused)]
+        names = fused_weights(self.config, matrix)
         if not wants_quantized(self.hessians, names[0]):
             return
         rows = [tensor_shapes(self.config)[name][0] for name in names]

@@ -10,7 +10,8 @@ import numpy as np
 
 from edgelm.export.onnx_quant import MIXED_FORMATS, BlockFormat, Matrix, QuantOptions, allocate, output_error
 from edgelm.model.config import ModelConfig
-from edgelm.quant.sensitivity import EMBEDDING, HEAD
+from edgelm.quant.calibration import HEAD
+from edgelm.quant.sensitivity import EMBEDDING
 
 Weights = Callable[[str], np.ndarray]  # a checkpoint tensor by its HF name, read when asked for
 # model.onnx's bytes for a 6-bit matrix's second MatMulNBits, its Add and three initializers (measured ~910)
@@ -32,10 +33,13 @@ _FUSED = {
 }
 
 
-def fused_parts(config: ModelConfig, fused: str) -> tuple[str, ...]:
-    """The checkpoint matrices a graph matrix ("self_attn.qkv_proj", ...) stacks: itself in a checkpoint
+def fused_weights(config: ModelConfig, matrix: str) -> list[str]:
+    """The checkpoint weights a layer's graph matrix ("model.layers.0.self_attn.qkv_proj") stacks, by HF
+    name: q, k and v ("model.layers.0.self_attn.q_proj.weight", ...), or the matrix itself in a checkpoint
     that stores it fused (Phi-3)."""
-    return (fused,) if config.fused_projections else _FUSED[fused]
+    *layer_path, fused = matrix.split(".", 3)  # model.layers.N, self_attn.qkv_proj
+    parts = (fused,) if config.fused_projections else _FUSED[fused]
+    return [f"{'.'.join(layer_path)}.{part}.weight" for part in parts]
 
 
 def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
@@ -44,10 +48,8 @@ def fused_matrix(config: ModelConfig, weights: Weights, name: str) -> Matrix:
     if name == "lm_head":
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         return Matrix(weights(head), "lm_head.weight")
-    *layer_path, fused = name.split(".", 3)  # model.layers.N, self_attn.qkv_proj
-    layer = ".".join(layer_path) + "."
-    parts = fused_parts(config, fused)
-    return Matrix(np.concatenate([weights(f"{layer}{p}.weight") for p in parts]), f"{layer}{parts[0]}.weight")
+    names = fused_weights(config, name)
+    return Matrix(np.concatenate([weights(n) for n in names]), names[0])
 
 
 def mixed_formats(
@@ -102,7 +104,5 @@ def _output_sensitivity(
         return sensitivity.get(HEAD)
     if name == "model.embed_tokens":
         return None
-    *layer_path, fused = name.split(".", 3)
-    layer = ".".join(layer_path) + "."
-    names = [f"{layer}{p}.weight" for p in fused_parts(config, fused)]
+    names = fused_weights(config, name)
     return np.concatenate([sensitivity[n] for n in names]) if all(n in sensitivity for n in names) else None

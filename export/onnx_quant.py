@@ -150,12 +150,14 @@ def output_error(
     (`edgelm.quant.sensitivity`): with E = W - Q(W) and H = E[x xᵀ] of its input, Σ_r output_weights[r]
     (E H Eᵀ)_rr for a matrix (each output's E[g²]; all 1 when not given: the output's squared error); for
     a lookup table (`table_weights` given: the embedding output's E[g²]), Σ_c table_weights[c] Σ_r E_rc² /
-    out, the mean over rows; a tied head takes both. Q rounds to nearest, without the scale search or
-    GPTQ's error feedback: they cost far more and rank the formats alike (int4_mixed's KLD on the tiny
-    and a random 256-wide model was the same to 2 %)."""
+    out, the mean over rows; a tied head takes both; with neither measured, Σ E² / out. Q rounds to
+    nearest, without the scale search or GPTQ's error feedback: they cost far more and rank the formats
+    alike (int4_mixed's KLD on the tiny and a random 256-wide model was the same to 2 %)."""
     options = dataclasses.replace(options, block_size=chosen.block, search=False)
     q = quantize_matrix(w, chosen.bits, options, threads=threads)
     error = w - q.dequantize()[:, : w.shape[1]]
+    if hessian is None and table_weights is None:
+        return float(np.einsum("rc,rc->", error, error)) / w.shape[0]
     cost = 0.0
     if hessian is not None:
         per_output = np.einsum("ri,ri->r", error @ hessian, error)

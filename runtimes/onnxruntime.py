@@ -133,7 +133,7 @@ class OnnxRuntime(HeldIds):
             self._kv = [None] * len(self._past)  # the present tensors of the last step
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = _NUMPY_TYPES.get(logits_type, np.float32)
-        # numpy arrays the logits are bound to (ORT writes into them; numpy reads them without a call into ORT)
+        # ORT writes the logits into these numpy arrays; numpy reads them without a call into ORT
         self._decode_array = np.empty((1, 1, c.vocab_size), self._logits_dtype)
         self._decode_logits = ort.OrtValue.ortvalue_from_numpy(self._decode_array)
         self._token = np.zeros((1, 1), np.int64)  # ORT reads the decode step's token id from this array

@@ -769,3 +769,29 @@ def assert_beats_llama_cpp_q4_k_m(checkpoint: Path, ours: Path, run: Path, tmp_p
     assert recorded["calibration"].startswith("built-in corpus") and recorded["size_of"] == "gguf q4_k_m"
     assert recorded["weighed_by"].startswith("output sensitivity, built-in corpus")
     assert {tuple(f) for f in recorded["matrices"].values()} <= {(f.bits, f.block) for f in MIXED_FORMATS}
+    in_graph = graph_formats(ours)
+    if "/model/embed_tokens" not in {_node_prefix(name) for name in recorded["matrices"]}:  # tied
+        assert in_graph.pop("/model/embed_tokens") == in_graph["/lm_head"]
+    assert in_graph == {_node_prefix(name): tuple(f) for name, f in recorded["matrices"].items()}
+
+
+def graph_formats(folder: Path) -> dict[str, tuple[int, int]]:
+    """(bits, block) of each quantized matrix of an ONNX folder's graph, read from its MatMulNBits and
+    GatherBlockQuantized nodes by node name: a 6-bit matrix is a 4-bit node and a 2-bit `…/low` one."""
+    parts: dict[str, list[tuple[int, int]]] = {}
+    for node in onnx.load(folder / "model.onnx", load_external_data=False).graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            prefix = node.name.removesuffix(f"/{node.op_type}").removesuffix("/low")
+            parts.setdefault(prefix, []).append((attributes["bits"], attributes["block_size"]))
+    six = {((4, block), (2, block)): (6, block) for block in (32, 64, 128)}
+    return {prefix: found[0] if len(found) == 1 else six[tuple(found)] for prefix, found in parts.items()}
+
+
+def _node_prefix(matrix: str) -> str:
+    """edgelm.json's name of a matrix → its node's name without the operator ("model.layers.0.self_attn
+    .qkv_proj" → "/model/layers.0/attn/qkv_proj"), as onnxruntime-genai's builders name them."""
+    if not matrix.startswith("model.layers."):
+        return "/" + matrix.replace(".", "/")
+    _, _, index, block, projection = matrix.split(".")
+    return f"/model/layers.{index}/{'attn' if block == 'self_attn' else block}/{projection}"

@@ -51,3 +51,23 @@ def test_a_calibrated_export_says_on_how_many_tokens(
     export_gguf(checkpoint, tmp_path / "out.gguf", "q4_0", statistics, show_progress=True)
     assert statistics.tokens == 100
     assert "calibrated on 100 tokens layer by layer through the quantized layers" in screen.getvalue()
+
+
+def test_int4_mixed_counts_its_sensitivity_pass(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4_mixed's bar counts four steps a layer, and reaches them all: the sensitivity pass forward and
+    backward through it, its ranking, its build."""
+    from edgelm.export.onnx import export_onnx
+    from edgelm.model.config import ModelConfig
+
+    screen = io.StringIO()
+    real = rich.console.Console
+    monkeypatch.setattr(
+        rich.console,
+        "Console",
+        lambda **_: real(file=screen, force_terminal=True, width=200, color_system=None),
+    )
+    export_onnx(checkpoint, tmp_path / "mixed", "int4_mixed", show_progress=True)
+    steps = 4 * ModelConfig.load(checkpoint).num_hidden_layers
+    assert f" {steps}/{steps} " in screen.getvalue()

@@ -13,9 +13,10 @@ import torch
 from conftest import GEMMA2, SAMPLE_TEXT, SMALL, make_checkpoint
 from transformers import AutoModelForCausalLM
 
-from edgelm.model.config import DEFAULT_CONTEXT, ModelConfig
+from edgelm.errors import EdgelmError
+from edgelm.model.config import ModelConfig
 from edgelm.quant import sensitivity
-from edgelm.quant.calibration import calibration_windows
+from edgelm.quant.calibration import DEFAULT_CONTEXT, calibration_windows
 from edgelm.quant.sensitivity import EMBEDDING, HEAD, drawn_tokens
 from edgelm.tokenizer import Tokenizer
 
@@ -80,3 +81,21 @@ def test_sensitivity_is_transformers_whole_model_gradient(
     for name, want in theirs.items():
         np.testing.assert_allclose(ours[name], want, rtol=2e-3, atol=1e-6 * want.max(), err_msg=name)
         assert want.max() > 0, name
+
+
+def test_drawn_tokens_follow_the_distribution() -> None:
+    """Drawn at n evenly spread uniform numbers, each token comes up n × its probability times, to within one
+    draw (a token of probability 0 never)."""
+    probs = torch.tensor([0.1, 0.0, 0.45, 0.05, 0.4])
+    n = 1000
+    drawn = drawn_tokens(probs.log().expand(n, -1), (torch.arange(n) + 0.5) / n)
+    counts = torch.bincount(drawn[:, 0], minlength=len(probs))
+    assert (counts - probs * n).abs().max() <= 1 and counts[1] == 0
+
+
+def test_sensitivity_refuses_what_it_cannot_measure(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Its text and token count are checked as calibration's are, with a clear error before any work."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", small_tokenizer, SMALL)
+    for text, tokens, message in (("  ", 100, "calibration text is empty"), (SAMPLE_TEXT, 1, "max_tokens")):
+        with pytest.raises(EdgelmError, match=message):
+            sensitivity.output_sensitivity(checkpoint, text, max_tokens=tokens)

@@ -80,7 +80,7 @@ def _add_onnx(formats: argparse._SubParsersAction) -> None:
         default="fp32",
         help="fp32, fp16, int8, int8_dynamic (ORT's dynamic int8 path), int4, int4_mixed (4, 6 or 8 bits "
         "per matrix where they matter most to the prediction, in the size of llama.cpp's Q4_K_M; calibrated "
-        "on the built-in corpus unless --calibration)",
+        "on the built-in corpus unless --calibration; where they matter is always measured on it)",
     )
     onnx.add_argument("--out", default=None, help="output folder (default: CHECKPOINT-onnx-QUANT beside it)")
     onnx.add_argument(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelm.checkpoint import checked_entries, row_reader, tensor_reader, tensor_shapes
+from edgelm.checkpoint import TensorEntry, checked_entries, row_reader, tensor_reader, tensor_shapes
 from edgelm.errors import EdgelmError, missing_dependency
 from edgelm.files import read_text
 from edgelm.model.config import ModelConfig
@@ -117,6 +117,16 @@ def activation_covariance(
     says whether the activations go on through each layer's quantized values, which the exporter hands
     back (GPTQ's sequential scheme), or through the float model.
     """
+    config, entries, windows = calibration_input(checkpoint, text, context, max_tokens)
+    return ActivationCovariance(config, tensor_reader(entries), row_reader(entries), windows, through)
+
+
+def calibration_input(
+    checkpoint: Path, text: str, context: int | None, max_tokens: int
+) -> tuple[ModelConfig, list[TensorEntry], list[list[int]]]:
+    """The checkpoint's config and weight entries, and `text`'s windows (`calibration_windows`) of `context`
+    tokens (None: the model's context, at most DEFAULT_CONTEXT), at most `max_tokens` in all; every argument
+    checked, with torch, first."""
     if context is not None:
         _check_at_least_two("context", context)
     _check_at_least_two("max_tokens", max_tokens)
@@ -139,8 +149,7 @@ def activation_covariance(
             f"calibration text is only {len(ids)} token(s): too short to measure activations "
             "(give at least a few sentences; thousands of tokens are better)"
         )
-    windows = calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
-    return ActivationCovariance(config, tensor_reader(entries), row_reader(entries), windows, through)
+    return config, entries, calibration_windows(ids, tokenizer.bos_id, context, max_tokens)
 
 
 class ActivationCovariance(Mapping[str, np.ndarray]):
@@ -292,22 +301,30 @@ class ActivationCovariance(Mapping[str, np.ndarray]):
         if self._head is None:
             import torch
 
-            from edgelm.model.transformer import rms_norm
-
             # the exporters ask for the head before the layers or after the last: a measured layer's
             # statistics (a GB for Llama-3-8B's, its MLP input 14336 wide) are not asked for again
             self._stats, self._measured, self._float_out = {}, -1, None
             xs = self._embeddings()
             for i in range(self.config.num_hidden_layers):
                 xs = forward_windows(self._layer(i, quantized=False), self.config, xs)
-            norm = rms_norm(self.config, self.config.hidden_size)
-            norm.load_state_dict({"weight": torch.from_numpy(self._weights("model.norm.weight"))})
+            norm = final_norm(self.config, self._weights)
             sums: dict[str, torch.Tensor] = {}
             with torch.inference_mode():
                 for x in xs:
                     _accumulate(sums, "lm_head", norm(x))
             self._head = _means(sums, self.tokens)["lm_head"]
         return self._head
+
+
+def final_norm(config: ModelConfig, weights: Callable[[str], np.ndarray]) -> torch.nn.Module:
+    """The model's final norm, the head's input, read from the checkpoint."""
+    import torch
+
+    from edgelm.model.transformer import rms_norm
+
+    norm = rms_norm(config, config.hidden_size)
+    norm.load_state_dict({"weight": torch.from_numpy(weights("model.norm.weight"))})
+    return norm
 
 
 def window_embeddings(

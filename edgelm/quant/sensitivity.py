@@ -26,10 +26,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelm.checkpoint import checked_entries, row_reader, tensor_reader
-from edgelm.model.config import DEFAULT_CONTEXT, ModelConfig
-from edgelm.quant.calibration import calibration_windows, forward_windows, layer_module, window_embeddings
-from edgelm.tokenizer import Tokenizer
+from edgelm.checkpoint import row_reader, tensor_reader
+from edgelm.model.config import ModelConfig
+from edgelm.quant.calibration import (
+    HEAD,
+    calibration_input,
+    final_norm,
+    forward_windows,
+    layer_module,
+    window_embeddings,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,25 +43,26 @@ if TYPE_CHECKING:
 SENSITIVITY_TOKENS = 1024  # a mean of squared gradients per output: far fewer tokens than a hessian needs
 HEAD_CHUNK = 128  # positions whose logits (and their gradients) are held at once
 EMBEDDING = "model.embed_tokens.weight"
-HEAD = "lm_head.weight"
 
 
 def output_sensitivity(
-    checkpoint: Path, text: str, max_tokens: int = SENSITIVITY_TOKENS, seed: int = 0
+    checkpoint: Path,
+    text: str,
+    max_tokens: int = SENSITIVITY_TOKENS,
+    seed: int = 0,
+    advance: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """E[g_c²] per output c (module docstring) of every linear weight by HF name ("model.layers.0.self_attn
     .q_proj.weight" → (out_features,) float32; "lm_head.weight" → (vocab,)), and of the embedding's output
     (EMBEDDING → (hidden,), Gemma's multiplier folded in, so that it weighs an error of the table's rows),
     over windows of `text` (as `calibration_windows` cuts them, at most `max_tokens` tokens). The tokens
     ŷ are drawn by `drawn_tokens` from torch.rand(window length) per window, seeded with `seed`: the result
-    depends on nothing else."""
+    depends on nothing else. `advance` (a progress bar's) is called after each layer's forward and backward
+    pass: 2 × layers calls."""
     import torch
 
-    config, entries = checked_entries(checkpoint)
+    config, entries, windows = calibration_input(checkpoint, text, None, max_tokens)
     weights = tensor_reader(entries)
-    tokenizer = Tokenizer.load(checkpoint)
-    context = min(config.max_position_embeddings, DEFAULT_CONTEXT)
-    windows = calibration_windows(tokenizer.encode(text), tokenizer.bos_id, context, max_tokens)
     tokens = sum(len(w) for w in windows)
     sums: dict[str, torch.Tensor] = {}
     xs = window_embeddings(config, row_reader(entries), windows)
@@ -63,9 +70,13 @@ def output_sensitivity(
     for i in range(config.num_hidden_layers):
         inputs.append(xs)
         xs = forward_windows(layer_module(config, weights, i), config, xs)
+        if advance:
+            advance(f"sensitivity: forward through layer {i}")
     grads = _head_gradients(config, weights, xs, sums, torch.Generator().manual_seed(seed))
     for i in reversed(range(config.num_hidden_layers)):
         grads = _layer_gradients(config, weights, i, inputs.pop(), grads, sums)
+        if advance:
+            advance(f"sensitivity: backward through layer {i}")
     for grad in grads:  # an error of a table row reaches the embedding's output times the multiplier
         _add(sums, EMBEDDING, grad * config.embedding_multiplier)
     return {name: (total / tokens).float().numpy() for name, total in sums.items()}
@@ -82,10 +93,7 @@ def _head_gradients(
     E[g²] (of its logits before any soft-cap) added to sums[HEAD]."""
     import torch
 
-    from edgelm.model.transformer import rms_norm
-
-    norm = rms_norm(config, config.hidden_size)
-    norm.load_state_dict({"weight": torch.from_numpy(weights("model.norm.weight"))})
+    norm = final_norm(config, weights)
     head = torch.from_numpy(weights(EMBEDDING if config.tie_word_embeddings else HEAD))
     cap = config.final_logit_softcapping
     grads = []
