@@ -45,7 +45,7 @@ from edgelm.model.rope_scaling import LinearRopeScaling, Llama3RopeScaling, Long
 from edgelm.progress import progress_bar
 from edgelm.quant import gptq
 from edgelm.quant.blocks import quantize_blocks, quantize_q4_k, quantize_q6_k
-from edgelm.quant.calibration import progress_label, record_quantized, wants_quantized
+from edgelm.quant.calibration import HEAD, progress_label, record_quantized, wants_quantized
 from edgelm.tokenizer import Tokenizer
 
 try:
@@ -264,7 +264,7 @@ def _input_hessian(
     """The calibration statistic that steers a tensor's quantization: its input's, a tied embedding's the
     head's; None without calibration or for a tensor without an input (norms, an untied embedding)."""
     tied_embedding = config.tie_word_embeddings and hf_name == "model.embed_tokens.weight"
-    return (hessians or {}).get("lm_head.weight" if tied_embedding else hf_name)
+    return (hessians or {}).get(HEAD if tied_embedding else hf_name)
 
 
 def _encoded(

@@ -480,7 +480,7 @@ class _Linear:
             (y,) = self.g.node(
                 "MatMulNBits",
                 [x, *names],
-                node_name + ("/low" if i else ""),
+                _part_name(node_name, i),
                 ms=True,
                 K=packed.cols,
                 N=packed.rows,
@@ -559,7 +559,7 @@ def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear
     rows = g.constant(f"{name}/rows_shape", np.array([config.vocab_size, -1], np.int64))
     xs = []
     for i, ((packed, scales, *zero_points), bits) in enumerate(blocks.parts):
-        part = name + ("/low" if i else "")
+        part = _part_name(name, i)
         (data,) = g.node("Reshape", [packed, rows], part)  # MatMulNBits' (N, blocks, blob) → (N, K*bits/8)
         (x,) = g.node(
             "GatherBlockQuantized",
@@ -575,9 +575,14 @@ def _embedding(g: _Graph, config: ModelConfig, weights: Weights, linear: _Linear
     return linear.widened(_summed(g, xs, name), name)
 
 
+def _part_name(name: str, i: int) -> str:
+    """The node name of part i of a matrix (`matmul_nbits_parts`): the matrix's own, then `name/low`."""
+    return f"{name}/low" if i else name
+
+
 def _summed(g: _Graph, parts: list[str], name: str) -> str:
     """One part's output, or the sum of a 6-bit matrix's two (`matmul_nbits_parts`), `name/low/Add`."""
     if len(parts) == 1:
         return parts[0]
-    (y,) = g.node("Add", parts, f"{name}/low")
+    (y,) = g.node("Add", parts, _part_name(name, 1))
     return y

@@ -157,7 +157,7 @@ def output_error(
     q = quantize_matrix(w, chosen.bits, options, threads=threads)
     error = w - q.dequantize()[:, : w.shape[1]]
     if hessian is None and table_weights is None:
-        return float(np.einsum("rc,rc->", error, error)) / w.shape[0]
+        table_weights = np.ones(w.shape[1], np.float32)
     cost = 0.0
     if hessian is not None:
         per_output = np.einsum("ri,ri->r", error @ hessian, error)
